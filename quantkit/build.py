@@ -1,0 +1,116 @@
+"""The build: plan, make every artifact, evaluate each, write the reports. Resumable."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backends
+from .errors import SmokeTestFailed
+from .fsutil import check_free_space, remove_partials, sha256_text
+from .llamacpp import bindings_version
+from .manifest import Manifest
+from .plan import ArtifactResult, BuildPlan
+from .profiles import Profile, load_profile
+from .progress import Reporter
+from .report import write_reports
+from .source import Source, resolve
+
+# Vocabulary size used for the scratch estimate before the reference GGUF exists.
+_DEFAULT_VOCAB = 152_064
+
+
+@dataclass
+class BuildResult:
+    plan: BuildPlan
+    artifacts: list[ArtifactResult]
+    built: list[str]  # filenames made in this run (empty on a fully resumed run)
+    evaluated: list[str]
+    report_json: Path
+    report_md: Path
+    seconds: float
+
+
+def make_plan(source: str | Source, profile: str | Profile | None = None, out: str | Path = "builds", *,
+              revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+              llama_cpp: str | None = None) -> BuildPlan:
+    src = source if isinstance(source, Source) else resolve(
+        source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    items = []
+    for name, options in prof.backends.items():
+        items += backends.get(name).plan(src, options, llama_cpp)
+    vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
+    ev = prof.evaluation
+    tokens = ev.max_tokens or 30_000  # the bundled text is ~27k tokens
+    scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2
+    return BuildPlan(source=src, profile=prof, out_dir=Path(out) / src.name, artifacts=items, eval_scratch_bytes=scratch)
+
+
+def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
+              llama_cpp: str | None = None) -> BuildResult:
+    from .evaluate.runner import Evaluator
+
+    reporter = reporter or Reporter()
+    threads = threads or os.cpu_count() or 1
+    start = time.monotonic()
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out)
+    manifest.lock()
+    for p in remove_partials(out):
+        reporter.info(f"removed {p.name} left by an interrupted run")
+
+    source_key = _source_key(plan.source, manifest)
+    llama_version = bindings_version()
+    missing = [a for a in plan.artifacts if not (out / a.filename).exists()]
+    need = sum(a.predicted_bytes for a in missing)
+    if not (manifest.state_dir / "reference-logprobs.npy").exists():
+        need += plan.eval_scratch_bytes
+    check_free_space(out, need, f"{len(missing)} artifact(s) and evaluation scratch")
+
+    ctx = backends.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp)
+    built, keys, results = [], {}, []
+    for item in plan.artifacts:
+        path = out / item.filename
+        backend = backends.get(item.backend)
+        parent_key = keys.get(item.depends_on, "")
+        parent_sha = manifest.sha256(out / item.depends_on) if item.depends_on else source_key
+        key = sha256_text("artifact", item.backend, item.variant, repr(sorted(item.options.items())),
+                          parent_key, parent_sha, llama_version)
+        step = f"artifact:{item.filename}"
+        rec = manifest.done(step, key, path)
+        if rec is None or "result" not in rec:
+            facts = backend.build(item, ctx) if rec is None else rec.get("facts", {})
+            described = backend.describe(item, path, facts)
+            rec = manifest.record(step, key, path, facts=facts, result=described.to_dict())
+            built.append(item.filename)
+        else:
+            reporter.info(f"✓ {item.filename} (up to date)")
+        keys[item.filename] = key
+        results.append(ArtifactResult(**{k: v for k, v in rec["result"].items() if k != "evaluation"}))
+
+    reference = next(a for a in plan.artifacts if a.is_reference)
+    evaluator = Evaluator(manifest, plan.profile, out / reference.filename, reporter, threads)
+    for item, result in zip(plan.artifacts, results):
+        result.evaluation = evaluator.evaluate(out / item.filename, item.filename)
+
+    report_json, report_md = write_reports(plan, results, llama_version, manifest)
+    seconds = time.monotonic() - start
+    failures = [r for r in results if r.evaluation and not r.evaluation.smoke_passed]
+    for r in failures:
+        reporter.warn(f"smoke test failed for {r.filename}: {r.evaluation.smoke_reason}; reply: {r.evaluation.smoke_reply!r}")
+    result = BuildResult(plan, results, built, evaluator.ran, report_json, report_md, seconds)
+    if failures and not plan.profile.smoke.allow_failures:
+        raise SmokeTestFailed(
+            f"smoke test failed for {len(failures)} artifact(s): {', '.join(r.variant for r in failures)} (see {report_md})",
+            "the files and reports are written; set smoke.allow_failures: true in the profile to accept this",
+        )
+    return result
+
+
+def _source_key(source: Source, manifest: Manifest) -> str:
+    files = sorted(p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sha256_text("source", *(f"{p.name}:{manifest.sha256(p)}" for p in files))

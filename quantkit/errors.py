@@ -1,0 +1,39 @@
+"""Errors a user can act on: each carries a one-line cause and the fix."""
+
+from __future__ import annotations
+
+
+class QuantkitError(Exception):
+    """Base class: `str(err)` is the cause, `err.hint` says what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class SourceError(QuantkitError):
+    """The checkpoint cannot be used: not found, incomplete, unsafe or unsupported."""
+
+    exit_code = 3
+
+
+class ProfileError(QuantkitError):
+    """A profile names something quantkit cannot build."""
+
+    exit_code = 4
+
+
+class DiskSpaceError(QuantkitError):
+    exit_code = 5
+
+
+class ToolError(QuantkitError):
+    """llama.cpp (converter, quantizer, runtime) failed or is missing."""
+
+    exit_code = 6
+
+
+class SmokeTestFailed(QuantkitError):
+    exit_code = 7

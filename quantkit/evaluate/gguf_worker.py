@@ -1,0 +1,122 @@
+"""Child process: evaluate one GGUF with llama-cpp-python.
+
+  tokenize:  python -m quantkit.evaluate.gguf_worker tokenize MODEL TEXT_FILE OUT.npy
+  evaluate:  python -m quantkit.evaluate.gguf_worker evaluate MODEL SPEC.json OUT.json
+
+SPEC holds: tokens (path to .npy), ctx, threads, ref_write or ref_read (path to reference
+log-probabilities), smoke options. Progress goes to stderr as "progress I/N" lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .chat import render_chat
+from .metrics import Accumulator, log_softmax, scored_range, windows
+
+
+def _load(model: str, ctx: int, threads: int):
+    from llama_cpp import Llama
+
+    return Llama(model_path=model, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                 n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def tokenize(model: str, text_file: str, out: str) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, vocab_only=True, verbose=False)
+    ids = llm.tokenize(Path(text_file).read_text(encoding="utf-8").encode(), add_bos=False, special=False)
+    np.save(out, np.asarray(ids, dtype=np.int32))
+
+
+def evaluate(model: str, spec: dict) -> dict:
+    import llama_cpp
+
+    ctx = spec["ctx"]
+    llm = _load(model, ctx, spec["threads"])
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    tokens = np.load(spec["tokens"])
+    spans = windows(len(tokens), ctx)
+    first, last = scored_range(ctx)
+    per_window = last - first
+    ref = None
+    if spec.get("ref_write"):
+        ref = np.lib.format.open_memmap(spec["ref_write"], mode="w+", dtype=np.float16,
+                                        shape=(len(spans) * per_window, llm.n_vocab()))
+    elif spec.get("ref_read"):
+        ref = np.load(spec["ref_read"], mmap_mode="r")
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+    acc = Accumulator()
+    for i, (a, b) in enumerate(spans):
+        window = tokens[a:b].copy()
+        if add_bos:
+            window[0] = llm.token_bos()
+        llm.reset()
+        llm.eval(window.tolist())
+        lp = log_softmax(np.asarray(llm.scores[first:last]))
+        rows = slice(i * per_window, (i + 1) * per_window)
+        if spec.get("ref_write"):
+            ref[rows] = lp.astype(np.float16)
+            acc.add(lp, window[first + 1:b - a])
+        else:
+            acc.add(lp, window[first + 1:b - a], None if ref is None else np.asarray(ref[rows]))
+        print(f"progress {i + 1}/{len(spans)}", file=sys.stderr, flush=True)
+    if spec.get("ref_write"):
+        ref.flush()
+    result = acc.summary()
+    result["smoke"] = smoke_test(llm, vocab, spec["smoke"])
+    return result
+
+
+def smoke_test(llm, vocab, opts: dict) -> dict:
+    """Greedy ChatML-style turn: passes if the model ends its turn before the cap and the reply has the answer."""
+    import llama_cpp
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return {"passed": False, "reply": "", "reason": "the GGUF has no tokenizer.chat_template"}
+    piece = lambda t: llm.detokenize([t], special=True).decode("utf-8", errors="replace")  # noqa: E731
+    messages = [{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}]
+    prompt = render_chat(template, messages, bos_token=piece(llm.token_bos()), eos_token=piece(llm.token_eos()))
+    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    llm.reset()
+    llm.eval(ids)
+    out: list[int] = []
+    end_token = None
+    for _ in range(opts["max_tokens"]):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            end_token = piece(tok)
+            break
+        out.append(tok)
+        llm.eval([tok])
+    reply = llm.detokenize(out).decode("utf-8", errors="replace")
+    if end_token is None:
+        reason = f"no end-of-turn token within {opts['max_tokens']} tokens"
+    elif opts["expect"].lower() not in reply.lower():
+        reason = f"reply does not contain {opts['expect']!r}"
+    else:
+        reason = f"ended with {end_token}, contains {opts['expect']!r}"
+    passed = end_token is not None and opts["expect"].lower() in reply.lower()
+    return {"passed": passed, "reply": reply, "end_token": end_token, "reason": reason, "prompt": prompt}
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "tokenize":
+        tokenize(argv[1], argv[2], argv[3])
+    elif argv[0] == "evaluate":
+        result = evaluate(argv[1], json.loads(Path(argv[2]).read_text()))
+        Path(argv[3]).write_text(json.dumps(result, indent=1))
+    else:
+        print(f"unknown command {argv[0]!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+"""Scoring math shared by every evaluation runner, on numpy arrays of logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float32, copy=False)
+    m = logits.max(axis=-1, keepdims=True)
+    return logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
+
+
+def windows(n_tokens: int, ctx: int) -> list[tuple[int, int]]:
+    """llama.cpp's perplexity layout: consecutive, non-overlapping windows of `ctx` tokens."""
+    return [(i * ctx, (i + 1) * ctx) for i in range(n_tokens // ctx)]
+
+
+def scored_range(ctx: int) -> tuple[int, int]:
+    """Positions whose next-token prediction counts: the second half of each window, as llama-perplexity
+    does, so every scored token has at least ctx/2 tokens of context."""
+    return ctx // 2, ctx - 1
+
+
+@dataclass
+class Accumulator:
+    nll: float = 0.0
+    count: int = 0
+    kld: list[np.ndarray] = field(default_factory=list)
+    top1_hits: int = 0
+
+    def add(self, logprobs: np.ndarray, targets: np.ndarray, ref_logprobs: np.ndarray | None = None) -> None:
+        self.nll -= float(logprobs[np.arange(len(targets)), targets].astype(np.float64).sum())
+        self.count += len(targets)
+        if ref_logprobs is not None:
+            ref = ref_logprobs.astype(np.float32)
+            # KL(reference || artifact) per position, as llama-perplexity --kl-divergence reports it.
+            self.kld.append((np.exp(ref) * (ref - logprobs)).sum(axis=-1))
+            self.top1_hits += int((ref.argmax(axis=-1) == logprobs.argmax(axis=-1)).sum())
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll / max(self.count, 1)))
+
+    def summary(self) -> dict:
+        out = {"perplexity": self.perplexity, "tokens_scored": self.count}
+        if self.kld:
+            k = np.concatenate(self.kld)
+            out |= {"kld_mean": float(k.mean()), "kld_p99": float(np.percentile(k, 99)),
+                    "top1_agreement": self.top1_hits / max(self.count, 1)}
+        return out

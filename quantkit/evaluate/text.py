@@ -1,0 +1,61 @@
+"""The evaluation text: bundled, a local file, or a Hub dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ProfileError, SourceError
+from ..paths import DATA_DIR
+
+BUILTIN = {"botchan": DATA_DIR / "botchan-eval.txt"}
+# Kept apart from evaluation: calibration (imatrix, GPTQ, AWQ) must never see the evaluation text.
+CALIBRATION = {"botchan": DATA_DIR / "botchan-calibration.txt"}
+
+
+def load_text(spec: str) -> str:
+    """`builtin:NAME`, a path to a UTF-8 text file, or `hf:ORG/DATASET[:split[:column]]`."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise ProfileError(f"unknown built-in evaluation text {name!r}", f"use one of: {', '.join(BUILTIN)}")
+        return BUILTIN[name].read_text(encoding="utf-8")
+    if spec.startswith("hf:"):
+        return _hub_text(spec[3:])
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ProfileError(f"evaluation text {spec!r} not found", "give builtin:botchan, a text file, or hf:ORG/DATASET")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path} is not UTF-8 text", "convert it to UTF-8") from e
+
+
+def _hub_text(spec: str) -> str:
+    """Text, JSON-lines or parquet files of a dataset repo, joined; `column` picks the field (default: text)."""
+    from huggingface_hub import snapshot_download
+
+    repo, split, column = (spec.split(":") + [None, None])[:3]
+    column = column or "text"
+    try:
+        folder = Path(snapshot_download(repo, repo_type="dataset",
+                                        allow_patterns=["*.txt", "*.jsonl", "*.parquet"]))
+    except Exception as e:  # huggingface_hub raises many types; all mean "not available"
+        raise SourceError(f"cannot download dataset {repo}: {str(e).splitlines()[0]}", "check the name and HF_TOKEN") from e
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and (not split or split in p.as_posix()))
+    parts: list[str] = []
+    for p in files:
+        if p.suffix == ".txt":
+            parts.append(p.read_text(encoding="utf-8"))
+        elif p.suffix == ".jsonl":
+            parts += [json.loads(l).get(column, "") for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+        elif p.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise SourceError(f"dataset {repo} is parquet", "pip install pyarrow, or use a text file") from e
+            parts += [str(v) for v in pq.read_table(p, columns=[column]).column(column).to_pylist() if v]
+    text = "\n\n".join(t for t in parts if t)
+    if not text:
+        raise SourceError(f"dataset {repo} has no {column!r} text in .txt/.jsonl/.parquet files", "pick another column or split")
+    return text

@@ -1,0 +1,133 @@
+"""The llama.cpp source tree that matches the installed llama-cpp-python.
+
+The converter (convert_hf_to_gguf.py, conversion/, gguf-py) must come from the same llama.cpp
+commit as the quantizer and runtime compiled into the bindings, or the GGUF it writes may use
+keys or tensor layouts the runtime does not know. The llama-cpp-python sdist carries exactly
+that tree, so quantkit extracts it from there (once, into the cache) unless the user points at
+their own checkout with --llama-cpp or QUANTKIT_LLAMA_CPP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+from .errors import ToolError
+from .paths import cache_dir
+
+# Only what the converter needs; the full tree is ~300 MB of sources and tests.
+_NEEDED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+
+
+@dataclass(frozen=True)
+class LlamaCppTree:
+    root: Path
+    version: str  # llama-cpp-python version the tree came with, or "user" for a user checkout
+
+    @property
+    def converter(self) -> Path:
+        return self.root / "convert_hf_to_gguf.py"
+
+    def supported_architectures(self) -> frozenset[str]:
+        """Hugging Face `architectures` names the converter accepts, asked from the converter itself."""
+        return _supported_architectures(self.root)
+
+
+def bindings_version() -> str:
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError as e:
+        raise ToolError("llama-cpp-python is not installed", "run ./scripts/setup.sh") from e
+
+
+def find_tree(user_path: str | Path | None = None) -> LlamaCppTree:
+    user_path = user_path or os.environ.get("QUANTKIT_LLAMA_CPP")
+    if user_path:
+        root = Path(user_path).expanduser().resolve()
+        if not (root / "convert_hf_to_gguf.py").is_file():
+            raise ToolError(
+                f"{root} is not a llama.cpp checkout (no convert_hf_to_gguf.py)",
+                "point --llama-cpp at the root of a llama.cpp clone, or leave it out to use the bundled one",
+            )
+        return LlamaCppTree(root, "user")
+    version = bindings_version()
+    root = cache_dir() / "llama.cpp" / version
+    if not (root / ".complete").exists():
+        _extract(version, root)
+    return LlamaCppTree(root, version)
+
+
+def _sdist(version: str) -> Path:
+    folder = cache_dir() / "sdist"
+    path = folder / f"llama_cpp_python-{version}.tar.gz"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={version}", "-d", tmp],
+            capture_output=True, text=True,
+        )
+        got = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if proc.returncode != 0 or not got:
+            raise ToolError(
+                f"cannot download the llama-cpp-python {version} source that carries llama.cpp's converter",
+                "connect to PyPI once, or pass --llama-cpp PATH to a llama.cpp checkout",
+            )
+        os.replace(got[0], path)
+    return path
+
+
+def _extract(version: str, root: Path) -> None:
+    sdist = _sdist(version)
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+            if rel and any(rel == n or rel.startswith(n) for n in _NEEDED) and (m.isfile() or m.isdir()):
+                m.name = rel
+                members.append(m)
+        tar.extractall(tmp, members=members, filter="data")
+    if not (tmp / "convert_hf_to_gguf.py").exists():
+        raise ToolError(f"{sdist.name} has no vendor/llama.cpp/convert_hf_to_gguf.py", "pass --llama-cpp PATH")
+    (tmp / ".complete").touch()
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+
+
+@cache
+def _supported_architectures(root: Path) -> frozenset[str]:
+    marker = root / ".supported-architectures.json"
+    if marker.exists():
+        return frozenset(json.loads(marker.read_text()))
+    proc = subprocess.run(
+        [sys.executable, str(root / "convert_hf_to_gguf.py"), "--print-supported-models"],
+        capture_output=True, text=True, cwd=root,
+    )
+    names, section = set(), ""
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip().endswith("models:"):
+            section = line.strip()
+        elif line.strip().startswith("- ") and section.startswith("TEXT"):
+            names.add(line.strip()[2:].strip())
+    names = sorted(names)
+    if proc.returncode != 0 or not names:
+        raise ToolError(f"llama.cpp's converter in {root} did not list its models", proc.stderr.strip()[-300:])
+    try:
+        marker.write_text(json.dumps(names))
+    except OSError:
+        pass  # a read-only user checkout: just ask again next time
+    return frozenset(names)

@@ -1,0 +1,85 @@
+"""Typed build plans and results."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fsutil import human_size
+from .profiles import Profile
+from .source import Source
+
+
+@dataclass(frozen=True)
+class ArtifactPlan:
+    """One file (or folder) a backend will produce."""
+
+    backend: str
+    variant: str  # "Q4_K_M", "F16", "4bit-g128", ...
+    filename: str  # relative to the build folder
+    predicted_bytes: int
+    is_reference: bool = False  # the artifact others are compared against (f16 GGUF)
+    depends_on: str | None = None  # filename of the artifact this one is made from
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    source: Source
+    profile: Profile
+    out_dir: Path
+    artifacts: list[ArtifactPlan]
+    eval_scratch_bytes: int  # reference log-probabilities kept for KL-divergence
+
+    @property
+    def predicted_bytes(self) -> int:
+        return sum(a.predicted_bytes for a in self.artifacts) + self.eval_scratch_bytes
+
+    def render(self) -> str:
+        lines = [
+            f"source   {self.source.describe()}  ({self.source.architecture}, {self.source.dtype})",
+            f"profile  {self.profile.name}  ({self.profile.source_file})",
+            f"output   {self.out_dir}",
+            "artifacts:",
+        ]
+        for a in self.artifacts:
+            note = "reference" if a.is_reference else f"from {a.depends_on}" if a.depends_on else ""
+            lines.append(f"  {a.backend:5} {a.variant:8} {a.filename:48} ~{human_size(a.predicted_bytes):>9}  {note}")
+        ev = self.profile.evaluation
+        lines.append(
+            f"evaluation: perplexity, KL-divergence and top-1 vs the reference on {ev.text} "
+            f"(ctx {ev.ctx}{', max ' + str(ev.max_tokens) + ' tokens' if ev.max_tokens else ''}); "
+            f"smoke test: {self.profile.smoke.question!r} -> must contain {self.profile.smoke.expect!r}"
+        )
+        lines.append(f"disk needed: ~{human_size(self.predicted_bytes)} (artifacts + {human_size(self.eval_scratch_bytes)} evaluation scratch)")
+        return "\n".join(lines)
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    ppl_delta_pct: float | None  # vs the reference, in percent
+    kld_mean: float | None
+    kld_p99: float | None
+    top1_agreement: float | None  # fraction of scored positions whose argmax equals the reference's
+    tokens_scored: int
+    smoke_passed: bool
+    smoke_reply: str
+    smoke_reason: str
+
+
+@dataclass
+class ArtifactResult:
+    backend: str
+    variant: str
+    filename: str
+    size_bytes: int
+    sha256: str
+    bits_per_weight: float
+    tensor_types: dict[str, int]  # ggml type name -> tensor count
+    fallbacks: list[dict[str, str]]  # tensors the quantizer stored in another type than asked
+    evaluation: EvalResult | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

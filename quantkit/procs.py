@@ -1,0 +1,46 @@
+"""Run a helper process (llama.cpp converter, quantizer or evaluator) and follow its output.
+
+Heavy native work runs in child processes so that a crash in llama.cpp (or a kill) cannot
+corrupt the parent's state, and so its log can be read for progress and facts.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import ToolError
+
+
+def run_python(args: Sequence[str], *, on_line: Callable[[str], None] | None = None, cwd: Path | None = None,
+               env: dict[str, str] | None = None, what: str = "helper") -> list[str]:
+    """Run `python args...`, merging stdout and stderr; return all lines; raise ToolError on failure."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    lines: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=15)
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=cwd, env=full_env, text=True, errors="replace", bufsize=1)
+    assert proc.stdout is not None
+    try:
+        for raw in proc.stdout:
+            # tqdm redraws with \r; each redraw is a progress line of its own.
+            for line in raw.rstrip("\n").split("\r"):
+                if line:
+                    lines.append(line)
+                    tail.append(line)
+                    if on_line:
+                        on_line(line)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        cause = next((l for l in reversed(tail) if "error" in l.lower()), tail[-1] if tail else "")
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        raise ToolError(f"{what} failed ({how}): {cause.strip()[:300]}", "the last lines of its output:\n" + "\n".join(tail))
+    return lines

@@ -1,0 +1,100 @@
+"""Profiles: which backends and variants a build makes, and how artifacts are evaluated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ProfileError
+from .paths import REPO_ROOT
+
+DEFAULT_PROFILE = "gguf-standard"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    text: str = "builtin:botchan"
+    ctx: int = 512
+    max_tokens: int = 0  # 0 = all of the text
+
+
+@dataclass(frozen=True)
+class SmokeOptions:
+    system: str = "You are a helpful assistant."
+    question: str = "What is the capital of France?"
+    expect: str = "Paris"
+    max_tokens: int = 48
+    allow_failures: bool = False
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str = ""
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluation: EvalOptions = EvalOptions()
+    smoke: SmokeOptions = SmokeOptions()
+    source_file: str = ""
+
+
+def profile_dirs() -> list[Path]:
+    return [Path.cwd() / "profiles", REPO_ROOT / "profiles"]
+
+
+def available_profiles() -> list[str]:
+    names = {p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")}
+    return sorted(names)
+
+
+def load_profile(name_or_path: str | None) -> Profile:
+    name_or_path = name_or_path or DEFAULT_PROFILE
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = next((d / f"{name_or_path}.yaml" for d in profile_dirs() if (d / f"{name_or_path}.yaml").is_file()), None)
+        if path is None:
+            raise ProfileError(
+                f"unknown profile {name_or_path!r}",
+                f"use one of: {', '.join(available_profiles()) or '(none found)'}, or a path to a YAML file",
+            )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path} is not valid YAML: {str(e).splitlines()[0]}", "fix the file") from e
+    return parse_profile(data, source=str(path))
+
+
+def parse_profile(data: dict, source: str = "<dict>") -> Profile:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: a profile is a mapping", "see profiles/gguf-standard.yaml")
+    unknown = set(data) - {"name", "description", "backends", "evaluation", "smoke"}
+    if unknown:
+        raise ProfileError(f"{source}: unknown profile key(s) {sorted(unknown)}", "allowed: name, description, backends, evaluation, smoke")
+    backends = data.get("backends") or {}
+    if not isinstance(backends, dict) or not backends:
+        raise ProfileError(f"{source}: 'backends' must map backend names to options", "e.g. backends: {gguf: {types: [Q4_K_M]}}")
+    return Profile(
+        name=str(data.get("name") or Path(source).stem),
+        description=str(data.get("description") or ""),
+        backends={k: dict(v or {}) for k, v in backends.items()},
+        evaluation=_options(EvalOptions, data.get("evaluation"), f"{source}: evaluation"),
+        smoke=_options(SmokeOptions, data.get("smoke"), f"{source}: smoke"),
+        source_file=source,
+    )
+
+
+def _options(cls, data, where: str):
+    data = data or {}
+    fields = cls.__dataclass_fields__
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {sorted(unknown)}", f"allowed: {', '.join(fields)}")
+    out = {}
+    for key, value in data.items():
+        want = type(getattr(cls(), key))
+        if want is int and isinstance(value, bool) or not isinstance(value, want):
+            raise ProfileError(f"{where}.{key} must be {want.__name__}, got {value!r}", "fix the profile")
+        out[key] = value
+    return cls(**out)

@@ -1,0 +1,103 @@
+"""report.json (for machines) and report.md (for people), written from the same data."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import asdict
+
+from . import __version__
+from .evaluate.metrics import scored_range
+from .fsutil import human_size, write_json_atomic, write_text_atomic
+from .manifest import Manifest
+from .plan import ArtifactResult, BuildPlan
+
+
+def fallback_summary(result: ArtifactResult) -> str:
+    """'180 tensors: q4_K->q5_0 ×150, q6_K->q8_0 ×30 (ncols 576, 1536 not divisible by 256)'."""
+    if not result.fallbacks:
+        return ""
+    moves = Counter(f"{f['wanted']}→{f['used']}" for f in result.fallbacks)
+    cols = sorted({int(f["ncols"]) for f in result.fallbacks})
+    blocks = sorted({int(f["block"]) for f in result.fallbacks})
+    return (f"{len(result.fallbacks)} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common())
+            + f" (rows of {', '.join(map(str, cols))} are not a multiple of {', '.join(map(str, blocks))})")
+
+
+def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version: str, manifest: Manifest):
+    src = plan.source
+    ev = plan.profile.evaluation
+    tokens = manifest.steps.get("tokens", {}).get("count")
+    first, last = scored_range(ev.ctx)
+    data = {
+        "quantkit_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": src.name,
+        # Never an absolute local path: reports get published.
+        "source": {"repo_id": src.repo_id, "revision": src.revision, "local": src.repo_id is None,
+                   "architecture": src.architecture, "dtype": src.dtype, "license": src.license},
+        "profile": plan.profile.name,
+        "llama_cpp_python": llama_version,
+        "evaluation": {
+            "text": ev.text, "tokens": tokens, "ctx": ev.ctx,
+            "method": f"non-overlapping windows of {ev.ctx} tokens; positions {first}..{last - 1} of each window "
+                      "are scored (llama-perplexity's layout); KL-divergence is KL(reference || artifact) per "
+                      "scored position, averaged; top-1 is the share of positions where both argmaxes agree",
+            "reference": next(a.filename for a in plan.artifacts if a.is_reference),
+        },
+        "smoke": asdict(plan.profile.smoke),
+        "artifacts": [r.to_dict() | {"fallback_summary": fallback_summary(r)} for r in results],
+    }
+    json_path = plan.out_dir / "report.json"
+    md_path = plan.out_dir / "report.md"
+    write_json_atomic(json_path, data)
+    write_text_atomic(md_path, render_markdown(data))
+    return json_path, md_path
+
+
+def _fmt(value, spec: str, none: str = "—") -> str:
+    return none if value is None else format(value, spec)
+
+
+def render_markdown(data: dict) -> str:
+    ev = data["evaluation"]
+    src = data["source"]
+    origin = f"{src['repo_id']} @ {src['revision']}" if src["repo_id"] else "a local folder"
+    lines = [
+        f"# {data['model']}: quantization report",
+        "",
+        f"Source: {origin} ({src['architecture']}, {src['dtype']}). Profile `{data['profile']}`, "
+        f"quantkit {data['quantkit_version']}, llama-cpp-python {data['llama_cpp_python']}.",
+        "",
+        f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference `{ev['reference']}`. {ev['method']}.",
+        "",
+        "| File | Type | Size | Bits/weight | PPL | ΔPPL | KLD mean | KLD p99 | Top-1 | Smoke |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for a in data["artifacts"]:
+        e = a["evaluation"] or {}
+        lines.append(
+            f"| {a['filename']} | {a['variant']} | {human_size(a['size_bytes'])} | {a['bits_per_weight']:.2f} | "
+            f"{_fmt(e.get('perplexity'), '.3f')} | {_fmt(e.get('ppl_delta_pct'), '+.2f')}% | "
+            f"{_fmt(e.get('kld_mean'), '.4f')} | {_fmt(e.get('kld_p99'), '.4f')} | "
+            f"{_fmt(None if e.get('top1_agreement') is None else 100 * e['top1_agreement'], '.1f')}% | "
+            f"{'pass' if e.get('smoke_passed') else 'FAIL'} |"
+        )
+    smoke = data["smoke"]
+    lines += ["", f"## Smoke test", "",
+              f"System: {smoke['system']!r}; user: {smoke['question']!r}; greedy, at most {smoke['max_tokens']} tokens; "
+              f"passes when the turn ends with the end-of-turn token and the reply contains {smoke['expect']!r}.", ""]
+    for a in data["artifacts"]:
+        e = a["evaluation"] or {}
+        lines.append(f"- **{a['variant']}**: {'pass' if e.get('smoke_passed') else 'FAIL'} ({e.get('smoke_reason', '')}): "
+                     f"{e.get('smoke_reply', '')!r}")
+    fallbacks = [a for a in data["artifacts"] if a["fallback_summary"]]
+    lines += ["", "## Tensor types", ""]
+    if fallbacks:
+        lines += ["Some tensors could not take the asked type, because k-quants and i-quants pack rows in blocks of "
+                  "256 values; llama.cpp stored them in the nearest type that fits:", ""]
+        lines += [f"- **{a['variant']}**: {a['fallback_summary']}" for a in fallbacks]
+        lines.append("")
+    for a in data["artifacts"]:
+        lines.append(f"- {a['variant']}: " + ", ".join(f"{k} ×{v}" for k, v in a["tensor_types"].items()))
+    return "\n".join(lines) + "\n"

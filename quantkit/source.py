@@ -1,0 +1,146 @@
+"""Resolve what the user asked to build into a local, checked Hugging Face checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SourceError
+from .paths import cache_dir
+
+# What a conversion needs from a repo: weights as safetensors, configs, tokenizer, chat template.
+ALLOW_PATTERNS = [
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+    "*.tiktoken", "README.md", "LICENSE*",
+]
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path  # local folder with config.json and weights
+    name: str  # model name used in file names: "SmolLM2-135M-Instruct"
+    repo_id: str | None = None  # set when downloaded from the Hub
+    revision: str | None = None  # the resolved commit sha of a Hub download
+    architecture: str = ""
+    dtype: str = "float16"
+    license: str | None = None
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def describe(self) -> str:
+        if self.repo_id:
+            return f"{self.repo_id}@{(self.revision or '')[:12]}"
+        return str(self.path)
+
+
+def resolve(spec: str, *, revision: str | None = None, allow_pickle: bool = False,
+            trust_remote_code: bool = False, name: str | None = None) -> Source:
+    """`spec` is a local folder or a Hub repo id ("ORG/MODEL")."""
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise SourceError(f"{spec} is a file, not a checkpoint folder", "pass the folder that holds config.json")
+        return inspect(local, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, name=name)
+    if not _REPO_ID.match(spec):
+        raise SourceError(f"{spec!r} is neither an existing folder nor a Hub repo id", "use ORG/MODEL or a path to a folder")
+    folder, commit = download(spec, revision=revision, allow_pickle=allow_pickle)
+    src = inspect(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                  name=name or spec.split("/")[-1])
+    return Source(**{**src.__dict__, "repo_id": spec, "revision": commit})
+
+
+def download(repo_id: str, *, revision: str | None = None, allow_pickle: bool = False) -> tuple[Path, str]:
+    """snapshot_download the files a conversion needs; HF_ENDPOINT and HF_TOKEN apply as usual."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        # Pin the commit first, so the files and the report's revision are the same snapshot.
+        commit = HfApi().model_info(repo_id, revision=revision).sha
+        patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+        folder = snapshot_download(
+            repo_id, revision=commit, allow_patterns=patterns,
+            local_dir=cache_dir() / "hub" / repo_id.replace("/", "--") / commit,
+        )
+    except GatedRepoError as e:
+        raise SourceError(f"{repo_id} is gated on {endpoint}", "accept its terms on the Hub, then set HF_TOKEN") from e
+    except RepositoryNotFoundError as e:
+        raise SourceError(
+            f"repo {repo_id} not found on {endpoint}",
+            "check the name; for a private repo set HF_TOKEN to a token that can read it",
+        ) from e
+    except RevisionNotFoundError as e:
+        raise SourceError(f"revision {revision!r} not found in {repo_id}", "pass an existing branch, tag or commit") from e
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise SourceError(
+            f"cannot download {repo_id} from {endpoint}: {str(e).splitlines()[0]}",
+            "check the network and HF_ENDPOINT, or build from a local folder",
+        ) from e
+    return Path(folder), commit
+
+
+def inspect(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+            name: str | None = None) -> Source:
+    folder = folder.resolve()
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise SourceError(f"{folder} has no config.json", "pass the folder of a Hugging Face checkpoint (config.json + weights)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{cfg_path} is not valid JSON ({e.msg}, line {e.lineno})", "fix or re-download config.json") from e
+    safetensors = list(folder.glob("*.safetensors"))
+    pickles = [p for pat in PICKLE_PATTERNS for p in folder.glob(pat)]
+    if not safetensors:
+        if pickles and not allow_pickle:
+            raise SourceError(
+                f"{folder} has only pickle weights ({pickles[0].name}); loading them can run arbitrary code",
+                "convert them to safetensors, or pass --allow-pickle if you trust this checkpoint",
+            )
+        if not pickles:
+            raise SourceError(f"{folder} has no weights (*.safetensors)", "download the weights too")
+    if config.get("auto_map") and not trust_remote_code:
+        raise SourceError(
+            f"{folder.name} needs custom code from its repo (auto_map in config.json)",
+            "read that code, then pass --trust-remote-code to allow it",
+        )
+    archs = config.get("architectures") or []
+    if not archs:
+        raise SourceError(f"{cfg_path} names no architecture", "add \"architectures\" to config.json")
+    return Source(
+        path=folder,
+        name=name or _model_name(folder),
+        architecture=archs[0],
+        dtype=str(config.get("torch_dtype") or config.get("dtype") or "float16"),
+        license=_card_license(folder),
+        config=config,
+    )
+
+
+def _model_name(folder: Path) -> str:
+    # Hub cache folders are named after the commit; the repo name is further up.
+    name = folder.name
+    if re.fullmatch(r"[0-9a-f]{40}", name) and "--" in folder.parent.name:
+        name = folder.parent.name.split("--")[-1]
+    return name
+
+
+def _card_license(folder: Path) -> str | None:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    m = re.search(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+    if m:
+        lic = re.search(r"^license:\s*(\S+)", m.group(1), re.M)
+        if lic:
+            return lic.group(1).strip("'\"")
+    return None
