@@ -22,7 +22,9 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 cmake_args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF ${QUANTKIT_CMAKE_ARGS:-}"
 
-key=$( { cat pyproject.toml scripts/setup.sh; $PY --version; echo "$TORCH_SPEC $cmake_args"; } | sha256sum | cut -c1-16)
+# Bump when the way this script builds the environment changes (not for every edit of it).
+RECIPE=1
+key=$( { cat pyproject.toml; $PY --version; echo "$RECIPE $TORCH_SPEC $cmake_args"; } | sha256sum | cut -c1-16)
 venv="$CACHE/venvs/$key"
 wheels="$CACHE/wheels/llama-cpp-python-$LLAMA_VERSION-$(echo "$cmake_args" | sha256sum | cut -c1-12)"
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
@@ -58,6 +60,11 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 
-"$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e . 
+# setuptools is chatty about editable installs; show its output only if the install fails.
+log=$(mktemp)
+if ! "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e . >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"; exit 1
+fi
+rm -f "$log"
 ln -sfn "$venv" .venv
 say "ready: $(.venv/bin/quantkit --version) in .venv -> $venv"
