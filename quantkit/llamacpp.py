@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import ToolError
 from .paths import cache_dir
+from .pypi import pip_download
 
 # Only what the converter needs; the full tree is ~300 MB of sources and tests.
 _NEEDED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
@@ -73,18 +74,13 @@ def _sdist(version: str) -> Path:
         return path
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={version}", "-d", tmp],
-            capture_output=True, text=True,
-        )
-        got = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if proc.returncode != 0 or not got:
+        got = pip_download(f"llama-cpp-python=={version}", Path(tmp), sdist=True)
+        if got is None:
             raise ToolError(
                 f"cannot download the llama-cpp-python {version} source that carries llama.cpp's converter",
                 "connect to PyPI once, or pass --llama-cpp PATH to a llama.cpp checkout",
             )
-        os.replace(got[0], path)
+        os.replace(got, path)
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 
 from . import __version__
 from .evaluate.metrics import scored_range
@@ -39,7 +40,7 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version:
         "profile": plan.profile.name,
         "llama_cpp_python": llama_version,
         "evaluation": {
-            "text": ev.text, "tokens": tokens, "ctx": ev.ctx,
+            "text": _public_text_name(ev.text), "tokens": tokens, "ctx": ev.ctx,
             "method": f"non-overlapping windows of {ev.ctx} tokens; positions {first}..{last - 1} of each window "
                       "are scored (llama-perplexity's layout); KL-divergence is KL(reference || artifact) per "
                       "scored position, averaged; top-1 is the share of positions where both argmaxes agree",
@@ -53,6 +54,11 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version:
     write_json_atomic(json_path, data)
     write_text_atomic(md_path, render_markdown(data))
     return json_path, md_path
+
+
+def _public_text_name(spec: str) -> str:
+    """A user's text file is named by its file name only: reports must not carry local paths."""
+    return spec if spec.startswith(("builtin:", "hf:")) else f"file:{Path(spec).name}"
 
 
 def _fmt(value, spec: str, none: str = "—") -> str:
@@ -84,7 +90,7 @@ def render_markdown(data: dict) -> str:
             f"{'pass' if e.get('smoke_passed') else 'FAIL'} |"
         )
     smoke = data["smoke"]
-    lines += ["", f"## Smoke test", "",
+    lines += ["", "## Smoke test", "",
               f"System: {smoke['system']!r}; user: {smoke['question']!r}; greedy, at most {smoke['max_tokens']} tokens; "
               f"passes when the turn ends with the end-of-turn token and the reply contains {smoke['expect']!r}.", ""]
     for a in data["artifacts"]:

