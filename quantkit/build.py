@@ -46,7 +46,8 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     ev = prof.evaluation
     tokens = ev.max_tokens or 30_000  # the bundled text is ~27k tokens
     scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2
-    return BuildPlan(source=src, profile=prof, out_dir=Path(out) / src.name, artifacts=items, eval_scratch_bytes=scratch)
+    # Absolute: llama.cpp's converter runs with its own working directory.
+    return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items, eval_scratch_bytes=scratch)
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,

@@ -17,6 +17,7 @@ def test_plan_command_lists_every_artifact_and_builds_nothing(sample_model, tmp_
 def test_python_api_plan(sample_model, tmp_path):
     plan = make_plan(str(sample_model), "gguf-standard", tmp_path)
     assert plan.out_dir == tmp_path / "SmolLM2-135M-Instruct"
+    assert make_plan(str(sample_model), "gguf-standard", "builds").out_dir.is_absolute()
     assert [a.variant for a in plan.artifacts] == ["F16", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
     ref = plan.artifacts[0]
     assert ref.is_reference and all(a.depends_on == ref.filename for a in plan.artifacts[1:])
