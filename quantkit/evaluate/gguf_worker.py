@@ -31,7 +31,8 @@ def tokenize(model: str, text_file: str, out: str) -> None:
 
     llm = Llama(model_path=model, vocab_only=True, verbose=False)
     ids = llm.tokenize(Path(text_file).read_text(encoding="utf-8").encode(), add_bos=False, special=False)
-    np.save(out, np.asarray(ids, dtype=np.int32))
+    with open(out, "wb") as f:  # a file object: np.save would append .npy to a path
+        np.save(f, np.asarray(ids, dtype=np.int32))
 
 
 def evaluate(model: str, spec: dict) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ProfileError
 from ..fsutil import atomic_path, sha256_text
 from ..manifest import Manifest
 from ..plan import EvalResult
@@ -42,14 +43,11 @@ class Evaluator:
             text_file = self.state / "eval-text.txt"
             text_file.write_text(text, encoding="utf-8")
             with atomic_path(out) as tmp:
-                tmp_npy = tmp.with_suffix(".npy")  # np.save appends .npy to other names
-                run_python(["-m", WORKER, "tokenize", str(self.reference), str(text_file), str(tmp_npy)], what="tokenizer")
-                ids = np.load(tmp_npy)
+                run_python(["-m", WORKER, "tokenize", str(self.reference), str(text_file), str(tmp)], what="tokenizer")
                 if self.profile.evaluation.max_tokens:
-                    ids = ids[: self.profile.evaluation.max_tokens]
-                tmp_npy.unlink()
-                with open(tmp, "wb") as f:
-                    np.save(f, ids)
+                    ids = np.load(tmp)[: self.profile.evaluation.max_tokens]
+                    with open(tmp, "wb") as f:
+                        np.save(f, ids)
             text_file.unlink()
             n = len(np.load(out))
             self.m.record("tokens", key, out, count=n)
@@ -58,8 +56,6 @@ class Evaluator:
     def check_length(self, tokens: Path) -> int:
         n = len(np.load(tokens))
         if n < 2 * self.ctx:
-            from ..errors import ProfileError
-
             raise ProfileError(f"the evaluation text has {n} tokens, fewer than two windows of ctx {self.ctx}",
                                "use a longer text, a smaller evaluation.ctx, or a larger evaluation.max_tokens")
         return n
