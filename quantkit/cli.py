@@ -68,6 +68,8 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
           revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt, trust_remote_code: bool = RemoteOpt,
           llama_cpp: Optional[str] = LlamaOpt,
           threads: int = typer.Option(0, "--threads", help="CPU threads (0: all cores)."),
+          publish_: bool = typer.Option(False, "--publish", help="Publish to the Hub when the build succeeds."),
+          owner: Optional[str] = typer.Option(None, "--owner", help="Hub user or organisation to publish under."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.")) -> None:
     """Convert, quantize and evaluate every artifact of a profile; re-running resumes."""
     from .build import make_plan, run_build
@@ -80,6 +82,40 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
     result = run_build(p, reporter=reporter, threads=threads or None, llama_cpp=llama_cpp)
     typer.echo(Path(result.report_md).read_text().split("\n## ")[0].rstrip())
     typer.echo(f"\nbuilt {len(result.built)}, evaluated {len(result.evaluated)} in {result.seconds:.1f}s -> {p.out_dir}")
+    if publish_:
+        _publish(p.out_dir, owner=owner, dry_run=False, reporter=reporter)
+
+
+@app.command()
+def publish(build_dir: Path = typer.Argument(..., help="A build folder (OUT/<Model>) with report.json."),
+            owner: Optional[str] = typer.Option(None, "--owner", help="Hub user or organisation [default: the "
+                                                "profile's publish.owner, else the token's user]."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Print the commit plan; no network.")) -> None:
+    """Publish a build: model card, plot and files to one Hub repo per format (HF_TOKEN or `hf auth login`)."""
+    from .progress import Reporter
+
+    _publish(build_dir, owner=owner, dry_run=dry_run, reporter=Reporter())
+
+
+def _publish(build_dir: Path, *, owner: Optional[str], dry_run: bool, reporter) -> None:
+    from .publish.hub import PublishError, plan_publish, publish as push
+
+    if dry_run and not owner:
+        import json
+
+        report = build_dir / "report.json"
+        owner = json.loads(report.read_text()).get("publish", {}).get("owner") if report.is_file() else None
+        if not owner:
+            raise PublishError("--dry-run needs to know the owner without asking the Hub", "pass --owner NAME")
+    commits = plan_publish(build_dir, owner=owner)
+    for c in commits:
+        typer.echo(c.render())
+    if dry_run:
+        typer.echo("dry run: nothing was uploaded")
+        return
+    for r in push(commits, reporter=reporter):
+        state = f"new commit {r.commit}" if r.commit else f"up to date at {r.head}"
+        typer.echo(f"{r.repo_id}@{r.branch}: {state}")
 
 
 @app.command()

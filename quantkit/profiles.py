@@ -31,12 +31,21 @@ class SmokeOptions:
 
 
 @dataclass(frozen=True)
+class PublishOptions:
+    owner: str = ""  # user or organisation; empty: the token's user
+    repo: str = "{owner}/{model}-GGUF"  # repo name pattern for the GGUF files
+    private: bool = False
+    quantized_by: str = ""  # for the card's metadata; empty: the owner
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str = ""
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: EvalOptions = EvalOptions()
     smoke: SmokeOptions = SmokeOptions()
+    publish: PublishOptions = PublishOptions()
     source_file: str = ""
 
 
@@ -69,9 +78,10 @@ def load_profile(name_or_path: str | None) -> Profile:
 def parse_profile(data: dict, source: str = "<dict>") -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: a profile is a mapping", "see profiles/gguf-standard.yaml")
-    unknown = set(data) - {"name", "description", "backends", "evaluation", "smoke"}
+    unknown = set(data) - {"name", "description", "backends", "evaluation", "smoke", "publish"}
     if unknown:
-        raise ProfileError(f"{source}: unknown profile key(s) {sorted(unknown)}", "allowed: name, description, backends, evaluation, smoke")
+        raise ProfileError(f"{source}: unknown profile key(s) {sorted(unknown)}",
+                           "allowed: name, description, backends, evaluation, smoke, publish")
     backends = data.get("backends") or {}
     if not isinstance(backends, dict) or not backends:
         raise ProfileError(f"{source}: 'backends' must map backend names to options", "e.g. backends: {gguf: {types: [Q4_K_M]}}")
@@ -81,6 +91,7 @@ def parse_profile(data: dict, source: str = "<dict>") -> Profile:
         backends={k: dict(v or {}) for k, v in backends.items()},
         evaluation=_options(EvalOptions, data.get("evaluation"), f"{source}: evaluation"),
         smoke=_options(SmokeOptions, data.get("smoke"), f"{source}: smoke"),
+        publish=_options(PublishOptions, data.get("publish"), f"{source}: publish"),
         source_file=source,
     )
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from .evaluate.chat import render_chat
 from .evaluate.metrics import scored_range
 from .fsutil import human_size, write_json_atomic, write_text_atomic
 from .manifest import Manifest
@@ -32,11 +32,12 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version:
     first, last = scored_range(ev.ctx)
     data = {
         "quantkit_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": src.name,
         # Never an absolute local path: reports get published.
         "source": {"repo_id": src.repo_id, "revision": src.revision, "local": src.repo_id is None,
-                   "architecture": src.architecture, "dtype": src.dtype, "license": src.license},
+                   "architecture": src.architecture, "dtype": src.dtype, "license": src.license,
+                   "base_model": src.repo_id or src.base_model},
+        "prompt_format": prompt_format(src.chat_template),
         "profile": plan.profile.name,
         "llama_cpp_python": llama_version,
         "evaluation": {
@@ -47,6 +48,7 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version:
             "reference": next(a.filename for a in plan.artifacts if a.is_reference),
         },
         "smoke": asdict(plan.profile.smoke),
+        "publish": asdict(plan.profile.publish),
         "artifacts": [r.to_dict() | {"fallback_summary": fallback_summary(r)} for r in results],
     }
     json_path = plan.out_dir / "report.json"
@@ -54,6 +56,17 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version:
     write_json_atomic(json_path, data)
     write_text_atomic(md_path, render_markdown(data))
     return json_path, md_path
+
+
+def prompt_format(template: str | None) -> str | None:
+    """The chat template rendered with placeholders, as model cards show it."""
+    if not template:
+        return None
+    messages = [{"role": "system", "content": "{system_prompt}"}, {"role": "user", "content": "{prompt}"}]
+    try:
+        return render_chat(template, messages)
+    except Exception:  # a template that needs variables we cannot guess: the card says so instead
+        return None
 
 
 def _public_text_name(spec: str) -> str:

@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from .errors import SourceError
-from .paths import cache_dir
 
 # What a conversion needs from a repo: weights as safetensors, configs, tokenizer, chat template.
 ALLOW_PATTERNS = [
@@ -31,6 +32,8 @@ class Source:
     architecture: str = ""
     dtype: str = "float16"
     license: str | None = None
+    base_model: str | None = None  # what the checkpoint's own card says it derives from
+    chat_template: str | None = None
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> str:
@@ -67,10 +70,8 @@ def download(repo_id: str, *, revision: str | None = None, allow_pickle: bool = 
         # Pin the commit first, so the files and the report's revision are the same snapshot.
         commit = HfApi().model_info(repo_id, revision=revision).sha
         patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
-        folder = snapshot_download(
-            repo_id, revision=commit, allow_patterns=patterns,
-            local_dir=cache_dir() / "hub" / repo_id.replace("/", "--") / commit,
-        )
+        # The Hugging Face cache (HF_HUB_CACHE), shared with every other tool that downloads models.
+        folder = snapshot_download(repo_id, revision=commit, allow_patterns=patterns)
     except GatedRepoError as e:
         raise SourceError(f"{repo_id} is gated on {endpoint}", "accept its terms on the Hub, then set HF_TOKEN") from e
     except RepositoryNotFoundError as e:
@@ -121,26 +122,50 @@ def inspect(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool
         name=name or _model_name(folder),
         architecture=archs[0],
         dtype=str(config.get("torch_dtype") or config.get("dtype") or "float16"),
-        license=_card_license(folder),
+        license=_card_field(folder, "license"),
+        base_model=_card_field(folder, "base_model"),
+        chat_template=_chat_template(folder),
         config=config,
     )
 
 
 def _model_name(folder: Path) -> str:
-    # Hub cache folders are named after the commit; the repo name is further up.
+    # Hub cache folders are models--ORG--NAME/snapshots/<commit>; the repo name is further up.
     name = folder.name
-    if re.fullmatch(r"[0-9a-f]{40}", name) and "--" in folder.parent.name:
-        name = folder.parent.name.split("--")[-1]
+    if re.fullmatch(r"[0-9a-f]{40}", name) and folder.parent.name == "snapshots":
+        name = folder.parent.parent.name.split("--")[-1]
     return name
 
 
-def _card_license(folder: Path) -> str | None:
+def _card_field(folder: Path, key: str) -> str | None:
+    """A string field of the model card's YAML header (the first entry, if it is a list)."""
     readme = folder / "README.md"
     if not readme.is_file():
         return None
     m = re.search(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
-    if m:
-        lic = re.search(r"^license:\s*(\S+)", m.group(1), re.M)
-        if lic:
-            return lic.group(1).strip("'\"")
+    if not m:
+        return None
+    try:
+        value = yaml.safe_load(m.group(1) or "").get(key)
+    except (yaml.YAMLError, AttributeError):
+        return None
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return str(value) if value else None
+
+
+def _chat_template(folder: Path) -> str | None:
+    """The default chat template: chat_template.jinja (newer layout) or tokenizer_config.json's field."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            value = json.loads(cfg.read_text()).get("chat_template")
+        except json.JSONDecodeError:
+            return None
+        if isinstance(value, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            value = next((t["template"] for t in value if t.get("name") == "default"), None)
+        return value
     return None

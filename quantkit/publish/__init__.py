@@ -1,0 +1,1 @@
+"""Publishing a build: model cards, a quality plot, and Hub repos (one per format)."""

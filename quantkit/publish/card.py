@@ -1,0 +1,104 @@
+"""The model card of a quant repo, generated from a build's report."""
+
+from __future__ import annotations
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .. import __version__
+from ..fsutil import human_size
+
+PLOT = "size-vs-kld.png"
+
+# What each llama.cpp type is for, as quant repos usually say it.
+USE_HINTS = {
+    "F32": "full precision; only for further conversion",
+    "F16": "full quality reference; the largest file",
+    "BF16": "full quality reference; the largest file",
+    "Q8_0": "near-lossless; when memory allows",
+    "Q6_K": "very close to the reference",
+    "Q5_K_M": "high quality; recommended when it fits",
+    "Q5_K_S": "high quality, a little smaller",
+    "Q4_K_M": "the usual default: good quality for its size",
+    "Q4_K_S": "a little smaller than Q4_K_M, a little worse",
+    "IQ4_XS": "4-bit quality at a smaller size",
+    "Q3_K_L": "small; noticeable quality loss",
+    "Q3_K_M": "small; noticeable quality loss",
+    "Q3_K_S": "very small; large quality loss",
+    "Q2_K": "smallest; large quality loss, for very constrained devices",
+}
+
+
+def use_hint(variant: str, bpw: float) -> str:
+    return USE_HINTS.get(variant) or ("low-bit; check the KL-divergence before use" if bpw < 4 else "")
+
+
+def gguf_card(report: dict, repo_id: str) -> ModelCard:
+    src = report["source"]
+    base = src.get("base_model") or src.get("repo_id")
+    data = ModelCardData(
+        base_model=base,
+        license=src.get("license"),
+        pipeline_tag="text-generation",
+        tags=["gguf", "quantized", "llama.cpp", "quantkit", src.get("architecture") or ""],
+        base_model_relation="quantized" if base else None,
+        quantized_by=report.get("quantized_by") or repo_id.split("/")[0],
+    )
+    data.tags = [t for t in data.tags if t]
+    model = report["model"]
+    base_link = f"[{base}](https://huggingface.co/{base})" if base else f"`{model}`"
+    ev = report["evaluation"]
+    rows = [
+        "| File | Quant type | Bits/weight | Size | PPL | KLD vs reference | Top-1 | Smoke test | Use case |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for a in report["artifacts"]:
+        e = a["evaluation"] or {}
+        rows.append(
+            f"| [{a['filename']}](./{a['filename']}) | {a['variant']} | {a['bits_per_weight']:.2f} | "
+            f"{human_size(a['size_bytes'])} | {e.get('perplexity', 0):.3f} | {e.get('kld_mean', 0):.4f} | "
+            f"{100 * (e.get('top1_agreement') or 0):.1f}% | {'pass' if e.get('smoke_passed') else 'fail'} | "
+            f"{use_hint(a['variant'], a['bits_per_weight'])} |"
+        )
+    fallbacks = [f"- {a['variant']}: {a['fallback_summary']}" for a in report["artifacts"] if a.get("fallback_summary")]
+    pick = next((a["filename"] for a in report["artifacts"] if a["variant"] == "Q4_K_M"), report["artifacts"][-1]["filename"])
+    prompt = report.get("prompt_format")
+    sections = [
+        f"# {model} GGUF",
+        "",
+        f"GGUF quantizations of {base_link}, made with quantkit {__version__} from llama.cpp's own converter "
+        f"and quantizer (llama-cpp-python {report['llama_cpp_python']}). They load in llama.cpp, LM Studio, "
+        "Ollama and anything else built on llama.cpp.",
+        "",
+        "## Prompt format",
+        "",
+        "Rendered from the model's own chat template:" if prompt else "The model has no chat template.",
+        "",
+        *(["```", prompt.rstrip("\n"), "```", ""] if prompt else []),
+        "## Provided files",
+        "",
+        *rows,
+        "",
+        f"Every file was tested: perplexity on {ev['tokens']} tokens of `{ev['text']}` (ctx {ev['ctx']}), "
+        f"KL-divergence and top-1 agreement against `{ev['reference']}` on the same tokens, and a chat smoke test "
+        f"({report['smoke']['question']!r} must be answered with {report['smoke']['expect']!r} and the turn must end).",
+        "",
+        f"![size vs KL-divergence]({PLOT})",
+        "",
+    ]
+    if fallbacks:
+        sections += ["Some tensors could not take the asked k-quant type (their rows are not a multiple of 256 "
+                     "values) and were stored in the nearest type that fits:", "", *fallbacks, ""]
+    sections += [
+        "## Download",
+        "",
+        "```bash",
+        f"hf download {repo_id} {pick} --local-dir .",
+        "```",
+        "",
+        "## Run",
+        "",
+        "```bash",
+        f"llama-cli -m {pick} -cnv",
+        "```",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n")

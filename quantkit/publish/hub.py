@@ -1,0 +1,210 @@
+"""Push a build to the Hub: plan the commits, then make only the ones that change something.
+
+The Hub makes a commit atomic: large files are uploaded first (LFS/Xet), then one commit names
+them all, so a failure anywhere before the commit leaves the repo at its previous head. Every
+attempt re-reads the remote state first, which makes retries safe: if a commit went through but
+its answer was lost, the next attempt finds nothing to change and makes no commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import QuantkitError
+from ..fsutil import human_size, sha256_file, write_text_atomic
+from ..progress import Reporter
+from .card import PLOT, gguf_card
+from .plot import size_vs_kld
+
+
+class PublishError(QuantkitError):
+    exit_code = 8
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    path_in_repo: str
+    local_path: Path
+    size: int
+    sha256: str
+
+
+@dataclass
+class RepoCommit:
+    repo_id: str
+    branch: str
+    private: bool
+    files: list[UploadFile]
+    message: str
+
+    def render(self) -> str:
+        lines = [f"repo {self.repo_id} (branch {self.branch}{', private' if self.private else ''}): {self.message}"]
+        lines += [f"  {f.path_in_repo:52} {human_size(f.size):>10}  sha256 {f.sha256[:16]}" for f in self.files]
+        lines.append(f"  total {human_size(sum(f.size for f in self.files))} in {len(self.files)} files")
+        return "\n".join(lines)
+
+
+@dataclass
+class PublishResult:
+    repo_id: str
+    branch: str
+    commit: str | None  # the new head; None when the repo was already up to date
+    head: str
+    changed: list[str] = field(default_factory=list)
+
+
+def hub_token() -> str | None:
+    """HF_TOKEN, else the token stored by `hf auth login`. Never printed or written anywhere."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None = None) -> list[RepoCommit]:
+    """Write the card and plot into BUILD/publish/ and list what goes where; no network unless owner is unknown."""
+    build_dir = build_dir.absolute()
+    report_path = build_dir / "report.json"
+    if not report_path.is_file():
+        raise PublishError(f"{build_dir} has no report.json", "run quantkit build first, and pass its build folder")
+    report = json.loads(report_path.read_text())
+    opts = report.get("publish") or {}
+    owner = owner or opts.get("owner") or _whoami(token)
+    repo_id = opts.get("repo", "{owner}/{model}-GGUF").format(owner=owner, model=report["model"])
+    _check_repo_id(repo_id)
+    stage = build_dir / "publish"
+    stage.mkdir(exist_ok=True)
+    report = {**report, "quantized_by": opts.get("quantized_by") or owner}
+    write_text_atomic(stage / "README.md", str(gguf_card(report, repo_id)))
+    size_vs_kld(report, stage / PLOT)
+    files = [UploadFile(name, stage / name, (stage / name).stat().st_size, sha256_file(stage / name))
+             for name in ("README.md", PLOT)]
+    for a in report["artifacts"]:
+        path = build_dir / a["filename"]
+        if not path.is_file() or path.stat().st_size != a["size_bytes"]:
+            raise PublishError(f"{a['filename']} is missing or changed since the report was written",
+                               "re-run the same quantkit build command to complete the build folder")
+        files.append(UploadFile(a["filename"], path, a["size_bytes"], a["sha256"]))
+    return [RepoCommit(repo_id, "main", bool(opts.get("private")), files, f"quantkit: {report['model']} GGUF")]
+
+
+def publish(commits: list[RepoCommit], *, token: str | None = None, reporter: Reporter | None = None,
+            attempts: int = 5, backoff_s: float | None = None) -> list[PublishResult]:
+    reporter = reporter or Reporter()
+    token = token or hub_token()
+    if not token:
+        raise PublishError("no Hub token", "set HF_TOKEN, or run `hf auth login`")
+    backoff_s = float(os.environ.get("QUANTKIT_RETRY_BACKOFF_S", 2.0)) if backoff_s is None else backoff_s
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    results = []
+    for c in commits:
+        reporter.info(f"publishing {c.repo_id} ({human_size(sum(f.size for f in c.files))})")
+        _retrying(lambda: api.create_repo(c.repo_id, private=c.private, exist_ok=True), attempts, backoff_s, reporter)
+        results.append(_retrying(lambda: _commit(api, c, reporter), attempts, backoff_s, reporter))
+    return results
+
+
+def _commit(api, c: RepoCommit, reporter: Reporter) -> PublishResult:
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.hf_api import RepoFile
+
+    head = api.model_info(c.repo_id, revision=c.branch).sha
+    remote = {e.path: e for e in api.list_repo_tree(c.repo_id, revision=c.branch, recursive=True) if isinstance(e, RepoFile)}
+    changed = [f for f in c.files if not _same(remote.get(f.path_in_repo), f)]
+    if not changed:
+        reporter.info(f"✓ {c.repo_id}@{c.branch} is up to date ({head[:12]}); no commit")
+        return PublishResult(c.repo_id, c.branch, None, head)
+    ops = [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.local_path)) for f in changed]
+    # parent_commit: if someone else pushed since we looked, the Hub refuses instead of mixing the two.
+    info = api.create_commit(c.repo_id, operations=ops, commit_message=c.message, revision=c.branch, parent_commit=head)
+    reporter.info(f"✓ {c.repo_id}@{c.branch}: {len(changed)} file(s) in commit {info.oid[:12]}")
+    return PublishResult(c.repo_id, c.branch, info.oid, info.oid, [f.path_in_repo for f in changed])
+
+
+def _same(remote, f: UploadFile) -> bool:
+    if remote is None or remote.size != f.size:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == f.sha256
+    return remote.blob_id == _git_blob_sha1(f.local_path)
+
+
+def _git_blob_sha1(path: Path) -> str:
+    data = path.read_bytes()  # only small, regular (non-LFS) files get here
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _transient(e: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(e.response, "status_code", None)
+        return status is not None and (status >= 500 or status == 429)
+    # Connection resets, dropped answers, timeouts: from hf_xet, httpx or the socket layer.
+    return isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in {
+        "RemoteProtocolError", "ConnectError", "ReadError", "WriteError", "ReadTimeout", "WriteTimeout",
+        "ConnectTimeout", "PoolTimeout", "NetworkError", "TransportError"}
+
+
+def _retrying(fn: Callable, attempts: int, backoff_s: float, reporter: Reporter):
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if not _transient(e):
+                raise _explain(e) from e
+            if i == attempts - 1:
+                raise PublishError(f"the Hub kept failing after {attempts} attempts: {_short(e)}",
+                                   "the repo is unchanged; run the same command again later") from e
+            wait = backoff_s * 2 ** i
+            reporter.warn(f"{_short(e)}; retrying in {wait:.1f}s ({i + 1}/{attempts - 1})")
+            time.sleep(wait)
+
+
+def _short(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _explain(e: Exception) -> Exception:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, HfHubHTTPError) and status == 401:
+        return PublishError("the Hub rejected the token (401)", "set HF_TOKEN to a valid token with write access")
+    if isinstance(e, HfHubHTTPError) and status == 403:
+        return PublishError(f"the token may not write there (403): {_short(e)}",
+                            "use a token with write access to that user or organisation, or change --owner")
+    if isinstance(e, HfHubHTTPError) and status == 412:
+        return PublishError("the repo changed while publishing (412)", "run the same command again")
+    return e
+
+
+def _whoami(token: str | None) -> str:
+    token = token or hub_token()
+    if not token:
+        raise PublishError("cannot tell the repo owner: no --owner and no Hub token",
+                           "pass --owner NAME (and set HF_TOKEN to upload)")
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi(token=token).whoami()["name"]
+    except Exception as e:
+        raise _explain(e) if not _transient(e) else PublishError(f"cannot reach the Hub: {_short(e)}", "check the network and HF_ENDPOINT") from e
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PublishError(f"invalid repo name {repo_id!r}", "check publish.repo in the profile and --owner") from e
+    if repo_id.count("/") != 1:
+        raise PublishError(f"invalid repo name {repo_id!r}: it must be OWNER/NAME", "check publish.repo and --owner")

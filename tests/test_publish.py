@@ -1,0 +1,155 @@
+"""Publishing to a real HTTP server that speaks the Hub API (tests/hub_server.py), through the real
+huggingface_hub client in quantkit's own child process; and building from a Hub repo id."""
+
+import hashlib
+import json
+import re
+
+import pytest
+from huggingface_hub import HfApi, ModelCard, snapshot_download
+
+from conftest import PROFILES, run_cli
+from hub_server import HubServer, client_env, isolate_client
+
+TOKEN = "hf_quantkitTestToken0123456789abcdefXYZ"
+OTHER = "hf_someoneElsesToken0123456789abcdefXYZ"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    isolate_client(monkeypatch, tmp_path / "hf_home_tests")  # the test's own client: plain LFS, no ~/.cache
+    server = HubServer(tmp_path / "hub", {TOKEN: {"alice"}, OTHER: {"bob"}}, names={TOKEN: "alice", OTHER: "bob"})
+    server.start()
+    server.env = {**client_env(server.endpoint, tmp_path / "hf_home"), "HF_TOKEN": TOKEN,
+                  "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
+    yield server
+    server.stop()
+
+
+def _api(hub):
+    return HfApi(endpoint=hub.endpoint, token=TOKEN)
+
+
+def _sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _commits(hub, repo):
+    return len(_api(hub).list_repo_commits(repo))
+
+
+def test_build_publish_round_trip_card_and_idempotence(sample_build, hub, tmp_path):
+    folder = sample_build["dir"]
+    repo = "alice/SmolLM2-135M-Instruct-GGUF"
+    proc = run_cli("build", "--sample", "--profile", PROFILES / "fast.yaml", "--out", sample_build["out"], "--publish",
+                   env=hub.env, check=True)
+    assert "built 0, evaluated 0" in proc.stdout  # the build itself was resumed
+    assert f"{repo}@main: new commit" in proc.stdout
+
+    # Every file comes back byte-identical.
+    got = snapshot_download(repo, endpoint=hub.endpoint, token=TOKEN, local_dir=tmp_path / "dl")
+    for gguf in folder.glob("*.gguf"):
+        assert _sha(tmp_path / got / gguf.name) == _sha(gguf), gguf.name
+    for name in ("README.md", "size-vs-kld.png"):
+        assert _sha(tmp_path / got / name) == _sha(folder / "publish" / name)
+
+    # The card parses with huggingface_hub and carries the metadata a quant repo needs.
+    card = ModelCard.load(tmp_path / got / "README.md")
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["base_model_relation"] == "quantized"
+    assert meta["quantized_by"] == "alice" and meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "text-generation" and "gguf" in meta["tags"]
+    assert "<|im_start|>system\n{system_prompt}<|im_end|>" in card.text  # ChatML, from the model's own template
+    assert "(size-vs-kld.png)" in card.text
+    for a in sample_build["report"]["artifacts"]:
+        assert f"| [{a['filename']}](./{a['filename']}) | {a['variant']} |" in card.text
+    with open(tmp_path / got / "size-vs-kld.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # No token and no absolute local path in any published text file.
+    for path in (tmp_path / got).rglob("*"):
+        if path.is_file() and path.suffix not in (".gguf", ".png"):
+            text = path.read_text()
+            assert TOKEN not in text and OTHER not in text
+            assert not re.search(r"(/tmp/|/root/|/home/|/work/)", text), path.name
+    assert TOKEN not in proc.stdout + proc.stderr
+
+    # Publishing the same build again makes no commit.
+    commits = _commits(hub, repo)
+    assert commits == 2  # the repo's initial commit + ours
+    again = run_cli("publish", folder, env=hub.env, check=True)
+    assert "up to date" in again.stdout
+    assert _commits(hub, repo) == commits
+
+
+def test_failure_mid_upload_leaves_head_unchanged_then_retry_succeeds(sample_build, hub):
+    folder = sample_build["dir"]
+    env = {**hub.env}
+    repo = "alice/SmolLM2-135M-Instruct-GGUF"
+    _api(hub).create_repo(repo)
+    head = _api(hub).model_info(repo).sha
+    # The Hub keeps failing the commit: every retry fails, the command fails cleanly.
+    hub.fail_next("POST", r"/commit/", status=500, count=5)
+    proc = run_cli("publish", folder, env=env)
+    assert proc.returncode == 8
+    assert "error: the Hub kept failing after 5 attempts" in proc.stderr and "unchanged" in proc.stderr
+    assert _api(hub).model_info(repo).sha == head
+
+    # One 500 and one dropped large-file upload: quantkit's and the client's retries get through.
+    hub.fail_next("POST", r"/commit/", status=500, count=1)
+    hub.drop_next("PUT", r"^/_lfs/", count=1)
+    proc = run_cli("publish", folder, env=env, check=True)
+    assert "retrying" in proc.stderr
+    assert _api(hub).model_info(repo).sha != head
+    assert _commits(hub, repo) == 2
+
+    # A commit made but whose answer is lost: the retry finds everything in place and commits nothing more.
+    report_path = folder / "report.json"
+    original = report_path.read_text()
+    report = json.loads(original)
+    report["publish"]["quantized_by"] = "alice-quant-team"  # a card change to commit
+    report_path.write_text(json.dumps(report))
+    try:
+        hub.drop_next("POST", r"/commit/", count=1, after_handling=True)
+        run_cli("publish", folder, env=env, check=True)
+    finally:
+        report_path.write_text(original)
+    assert _commits(hub, repo) == 3
+    assert "alice-quant-team" in (folder / "publish" / "README.md").read_text()
+
+
+def test_dry_run_prints_the_plan_without_network(sample_build, hub):
+    hub.requests.clear()
+    proc = run_cli("publish", sample_build["dir"], "--dry-run", "--owner", "alice", env=hub.env, check=True)
+    assert not hub.requests
+    assert "repo alice/SmolLM2-135M-Instruct-GGUF (branch main)" in proc.stdout
+    for a in sample_build["report"]["artifacts"]:
+        assert a["filename"] in proc.stdout and a["sha256"][:16] in proc.stdout
+    assert "README.md" in proc.stdout and "dry run: nothing was uploaded" in proc.stdout
+
+
+def test_bad_token_and_foreign_namespace(sample_build, hub):
+    proc = run_cli("publish", sample_build["dir"], env={**hub.env, "HF_TOKEN": "hf_invalidToken000000000000000000000"})
+    assert proc.returncode == 8 and "rejected the token (401)" in proc.stderr
+    assert "hf_invalidToken" not in proc.stdout + proc.stderr
+    proc = run_cli("publish", sample_build["dir"], "--owner", "bob", env=hub.env)
+    assert proc.returncode == 8 and "may not write there (403)" in proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_build_from_a_hub_repo_id(sample_model, hub, tmp_path):
+    api = _api(hub)
+    api.create_repo("alice/SmolLM2-135M-Instruct")
+    info = api.upload_folder(repo_id="alice/SmolLM2-135M-Instruct", folder_path=sample_model)
+    proc = run_cli("build", "alice/SmolLM2-135M-Instruct", "--profile", PROFILES / "tiny.yaml", "--out", tmp_path / "out",
+                   env=hub.env, check=True)
+    report = json.loads((tmp_path / "out" / "SmolLM2-135M-Instruct" / "report.json").read_text())
+    assert report["source"]["repo_id"] == "alice/SmolLM2-135M-Instruct"
+    assert report["source"]["revision"] == info.oid
+    assert [a["variant"] for a in report["artifacts"]] == ["F16", "Q8_0"]
+    assert "built 2" in proc.stdout
