@@ -36,7 +36,7 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version:
         # Never an absolute local path: reports get published.
         "source": {"repo_id": src.repo_id, "revision": src.revision, "local": src.repo_id is None,
                    "architecture": src.architecture, "dtype": src.dtype, "license": src.license,
-                   "base_model": src.repo_id or src.base_model},
+                   "base_model": src.repo_id or src.base_model, "model_type": src.config.get("model_type")},
         "prompt_format": prompt_format(src.chat_template),
         "profile": plan.profile.name,
         "llama_cpp_python": llama_version,

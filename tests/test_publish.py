@@ -153,3 +153,26 @@ def test_build_from_a_hub_repo_id(sample_model, hub, tmp_path):
     assert report["source"]["revision"] == info.oid
     assert [a["variant"] for a in report["artifacts"]] == ["F16", "Q8_0"]
     assert "built 2" in proc.stdout
+
+
+def test_folder_variant_goes_to_its_own_branch(hub, tmp_path):
+    """The layout for folder formats (GPTQ/AWQ/EXL2): one branch per variant, main untouched."""
+    from quantkit.progress import Reporter
+    from quantkit.publish.hub import RepoCommit, folder_files, publish
+
+    variant = tmp_path / "4bit-g128"
+    (variant / "sub").mkdir(parents=True)
+    (variant / "config.json").write_text('{"quantization_config": {"bits": 4}}')
+    (variant / "sub" / "model.safetensors").write_bytes(bytes(range(256)) * 45_000)  # 11.5 MB: LFS
+    commit = RepoCommit("alice/M-GPTQ", "4bit-g128", False, folder_files(variant), "quantkit: 4bit-g128")
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    first = publish([commit], token=TOKEN, reporter=Reporter(quiet=True), backoff_s=0.01, api=api)[0]
+    assert first.commit
+    assert {b.name for b in api.list_repo_refs("alice/M-GPTQ").branches} == {"main", "4bit-g128"}
+    assert api.list_repo_files("alice/M-GPTQ") == [".gitattributes"]  # main is not touched
+    got = snapshot_download("alice/M-GPTQ", revision="4bit-g128", endpoint=hub.endpoint, token=TOKEN,
+                            local_dir=tmp_path / "dl")
+    for f in commit.files:
+        assert _sha(tmp_path / got / f.path_in_repo) == f.sha256
+    again = publish([commit], token=TOKEN, reporter=Reporter(quiet=True), backoff_s=0.01, api=api)[0]
+    assert again.commit is None and again.head == first.commit

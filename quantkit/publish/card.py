@@ -39,7 +39,7 @@ def gguf_card(report: dict, repo_id: str) -> ModelCard:
         base_model=base,
         license=src.get("license"),
         pipeline_tag="text-generation",
-        tags=["gguf", "quantized", "llama.cpp", "quantkit", src.get("architecture") or ""],
+        tags=["gguf", "quantized", "llama.cpp", "quantkit", src.get("model_type") or ""],
         base_model_relation="quantized" if base else None,
         quantized_by=report.get("quantized_by") or repo_id.split("/")[0],
     )

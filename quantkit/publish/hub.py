@@ -66,6 +66,12 @@ def hub_token() -> str | None:
     return get_token()
 
 
+def folder_files(folder: Path, prefix: str = "") -> list[UploadFile]:
+    """Every file under `folder` (a variant's folder for a branch), with sizes and hashes."""
+    return [UploadFile(prefix + p.relative_to(folder).as_posix(), p, p.stat().st_size, sha256_file(p))
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
 def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None = None) -> list[RepoCommit]:
     """Write the card and plot into BUILD/publish/ and list what goes where; no network unless owner is unknown."""
     build_dir = build_dir.absolute()
@@ -82,8 +88,7 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     report = {**report, "quantized_by": opts.get("quantized_by") or owner}
     write_text_atomic(stage / "README.md", str(gguf_card(report, repo_id)))
     size_vs_kld(report, stage / PLOT)
-    files = [UploadFile(name, stage / name, (stage / name).stat().st_size, sha256_file(stage / name))
-             for name in ("README.md", PLOT)]
+    files = folder_files(stage)
     for a in report["artifacts"]:
         path = build_dir / a["filename"]
         if not path.is_file() or path.stat().st_size != a["size_bytes"]:
@@ -94,7 +99,8 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
 
 
 def publish(commits: list[RepoCommit], *, token: str | None = None, reporter: Reporter | None = None,
-            attempts: int = 5, backoff_s: float | None = None) -> list[PublishResult]:
+            attempts: int = 5, backoff_s: float | None = None, api=None) -> list[PublishResult]:
+    """`api`: an HfApi to use (its endpoint and token); by default one from HF_ENDPOINT and the token."""
     reporter = reporter or Reporter()
     token = token or hub_token()
     if not token:
@@ -102,11 +108,14 @@ def publish(commits: list[RepoCommit], *, token: str | None = None, reporter: Re
     backoff_s = float(os.environ.get("QUANTKIT_RETRY_BACKOFF_S", 2.0)) if backoff_s is None else backoff_s
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
+    api = api or HfApi(token=token)
     results = []
     for c in commits:
         reporter.info(f"publishing {c.repo_id} ({human_size(sum(f.size for f in c.files))})")
         _retrying(lambda: api.create_repo(c.repo_id, private=c.private, exist_ok=True), attempts, backoff_s, reporter)
+        if c.branch != "main":
+            # Folder formats (GPTQ, AWQ, EXL2): one branch per variant, made from main, which holds the card.
+            _retrying(lambda: api.create_branch(c.repo_id, branch=c.branch, exist_ok=True), attempts, backoff_s, reporter)
         results.append(_retrying(lambda: _commit(api, c, reporter), attempts, backoff_s, reporter))
     return results
 
