@@ -78,6 +78,32 @@ def _fmt(value, spec: str, none: str = "—") -> str:
     return none if value is None else format(value, spec)
 
 
+# Column key -> (header, alignment, cell). One definition for the report's and the model card's tables.
+COLUMNS = {
+    "file": ("File", "---", lambda a, e: a["filename"]),
+    "file_link": ("File", "---", lambda a, e: f"[{a['filename']}](./{a['filename']})"),
+    "type": ("Quant type", "---", lambda a, e: a["variant"]),
+    "size": ("Size", "---:", lambda a, e: human_size(a["size_bytes"])),
+    "bpw": ("Bits/weight", "---:", lambda a, e: f"{a['bits_per_weight']:.2f}"),
+    "ppl": ("PPL", "---:", lambda a, e: _fmt(e.get("perplexity"), ".3f")),
+    "dppl": ("ΔPPL", "---:", lambda a, e: _fmt(e.get("ppl_delta_pct"), "+.2f") + "%"),
+    "kld": ("KLD vs reference", "---:", lambda a, e: _fmt(e.get("kld_mean"), ".4f")),
+    "kld99": ("KLD p99", "---:", lambda a, e: _fmt(e.get("kld_p99"), ".4f")),
+    "top1": ("Top-1", "---:", lambda a, e: _fmt(None if e.get("top1_agreement") is None else 100 * e["top1_agreement"], ".1f") + "%"),
+    "smoke": ("Smoke test", "---", lambda a, e: "pass" if e.get("smoke_passed") else "FAIL"),
+}
+
+
+def artifact_table(artifacts: list[dict], columns: list[str], extra: tuple[str, object] | None = None) -> list[str]:
+    """Markdown table rows; `extra` adds a last column (header, function of the artifact)."""
+    cols = [COLUMNS[c] for c in columns] + ([(extra[0], "---", lambda a, e: extra[1](a))] if extra else [])
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join(c[1] for c in cols) + "|"]
+    for a in artifacts:
+        e = a.get("evaluation") or {}
+        lines.append("| " + " | ".join(c[2](a, e) for c in cols) + " |")
+    return lines
+
+
 def render_markdown(data: dict) -> str:
     ev = data["evaluation"]
     src = data["source"]
@@ -90,18 +116,8 @@ def render_markdown(data: dict) -> str:
         "",
         f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference `{ev['reference']}`. {ev['method']}.",
         "",
-        "| File | Type | Size | Bits/weight | PPL | ΔPPL | KLD mean | KLD p99 | Top-1 | Smoke |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        *artifact_table(data["artifacts"], ["file", "type", "size", "bpw", "ppl", "dppl", "kld", "kld99", "top1", "smoke"]),
     ]
-    for a in data["artifacts"]:
-        e = a["evaluation"] or {}
-        lines.append(
-            f"| {a['filename']} | {a['variant']} | {human_size(a['size_bytes'])} | {a['bits_per_weight']:.2f} | "
-            f"{_fmt(e.get('perplexity'), '.3f')} | {_fmt(e.get('ppl_delta_pct'), '+.2f')}% | "
-            f"{_fmt(e.get('kld_mean'), '.4f')} | {_fmt(e.get('kld_p99'), '.4f')} | "
-            f"{_fmt(None if e.get('top1_agreement') is None else 100 * e['top1_agreement'], '.1f')}% | "
-            f"{'pass' if e.get('smoke_passed') else 'FAIL'} |"
-        )
     smoke = data["smoke"]
     lines += ["", "## Smoke test", "",
               f"System: {smoke['system']!r}; user: {smoke['question']!r}; greedy, at most {smoke['max_tokens']} tokens; "

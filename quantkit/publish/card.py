@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub import ModelCard, ModelCardData
 
 from .. import __version__
-from ..fsutil import human_size
+from ..report import artifact_table
 
 PLOT = "size-vs-kld.png"
 
@@ -47,18 +47,8 @@ def gguf_card(report: dict, repo_id: str) -> ModelCard:
     model = report["model"]
     base_link = f"[{base}](https://huggingface.co/{base})" if base else f"`{model}`"
     ev = report["evaluation"]
-    rows = [
-        "| File | Quant type | Bits/weight | Size | PPL | KLD vs reference | Top-1 | Smoke test | Use case |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for a in report["artifacts"]:
-        e = a["evaluation"] or {}
-        rows.append(
-            f"| [{a['filename']}](./{a['filename']}) | {a['variant']} | {a['bits_per_weight']:.2f} | "
-            f"{human_size(a['size_bytes'])} | {e.get('perplexity', 0):.3f} | {e.get('kld_mean', 0):.4f} | "
-            f"{100 * (e.get('top1_agreement') or 0):.1f}% | {'pass' if e.get('smoke_passed') else 'fail'} | "
-            f"{use_hint(a['variant'], a['bits_per_weight'])} |"
-        )
+    rows = artifact_table(report["artifacts"], ["file_link", "type", "bpw", "size", "ppl", "kld", "top1", "smoke"],
+                          extra=("Use case", lambda a: use_hint(a["variant"], a["bits_per_weight"])))
     fallbacks = [f"- {a['variant']}: {a['fallback_summary']}" for a in report["artifacts"] if a.get("fallback_summary")]
     pick = next((a["filename"] for a in report["artifacts"] if a["variant"] == "Q4_K_M"), report["artifacts"][-1]["filename"])
     prompt = report.get("prompt_format")
