@@ -39,9 +39,12 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     src = source if isinstance(source, Source) else resolve(
         source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    chosen = [(backends.get(name), options) for name, options in prof.backends.items()]
+    for backend, _ in chosen:
+        backend.check()  # every backend's needs, before any of them plans or builds
     items = []
-    for name, options in prof.backends.items():
-        items += backends.get(name).plan(src, options, llama_cpp)
+    for backend, options in chosen:
+        items += backend.plan(src, options, llama_cpp)
     vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
     ev = prof.evaluation
     tokens = ev.max_tokens or 30_000  # the bundled text is ~27k tokens
@@ -96,7 +99,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     reference = next(a for a in plan.artifacts if a.is_reference)
     evaluator = Evaluator(manifest, plan.profile, out / reference.filename, reporter, threads)
     for item, result in zip(plan.artifacts, results):
-        result.evaluation = evaluator.evaluate(out / item.filename, item.filename)
+        if backends.get(item.backend).evaluator == "gguf":
+            result.evaluation = evaluator.evaluate(out / item.filename, item.filename)
 
     report_json, report_md = write_reports(plan, results, llama_version, manifest)
     seconds = time.monotonic() - start

@@ -129,11 +129,16 @@ def sample() -> None:
 
 @app.command("backends")
 def list_backends() -> None:
-    """List the registered backends (built in and from the quantkit.backends entry point)."""
+    """List the registered backends (built in and from the quantkit.backends entry point) and what each lacks."""
     from . import backends
 
     for name in backends.names():
-        typer.echo(name)
+        reqs = backends.get(name).requirements()
+        missing = [r for r in reqs if not r.available]
+        if missing:
+            typer.echo(f"{name:10} missing: " + "; ".join(f"{r.what} ({r.hint})" if r.hint else r.what for r in missing))
+        else:
+            typer.echo(f"{name:10} available" + (f" ({', '.join(r.what for r in reqs)})" if reqs else ""))
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ COLUMNS = {
     "kld": ("KLD vs reference", "---:", lambda a, e: _fmt(e.get("kld_mean"), ".4f")),
     "kld99": ("KLD p99", "---:", lambda a, e: _fmt(e.get("kld_p99"), ".4f")),
     "top1": ("Top-1", "---:", lambda a, e: _fmt(None if e.get("top1_agreement") is None else 100 * e["top1_agreement"], ".1f") + "%"),
-    "smoke": ("Smoke test", "---", lambda a, e: "pass" if e.get("smoke_passed") else "FAIL"),
+    "smoke": ("Smoke test", "---", lambda a, e: ("pass" if e.get("smoke_passed") else "FAIL") if e else "—"),
 }
 
 
@@ -123,7 +123,9 @@ def render_markdown(data: dict) -> str:
               f"System: {smoke['system']!r}; user: {smoke['question']!r}; greedy, at most {smoke['max_tokens']} tokens; "
               f"passes when the turn ends with the end-of-turn token and the reply contains {smoke['expect']!r}.", ""]
     for a in data["artifacts"]:
-        e = a["evaluation"] or {}
+        e = a["evaluation"]
+        if not e:
+            continue
         lines.append(f"- **{a['variant']}**: {'pass' if e.get('smoke_passed') else 'FAIL'} ({e.get('smoke_reason', '')}): "
                      f"{e.get('smoke_reply', '')!r}")
     fallbacks = [a for a in data["artifacts"] if a["fallback_summary"]]

@@ -6,6 +6,7 @@ pointing at a Backend subclass (or any zero-argument callable returning a Backen
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib import metadata
@@ -29,8 +30,38 @@ class BuildContext:
     llama_cpp: str | None = None  # user llama.cpp checkout, if any
 
 
+@dataclass(frozen=True)
+class Requirement:
+    """Something a backend needs on this machine, checked before any work starts."""
+
+    what: str  # "package gptqmodel", "a CUDA GPU"
+    available: bool
+    hint: str = ""  # how to get it
+
+
+def package(dist: str, module: str, hint: str) -> Requirement:
+    """A Python package, found without importing it (heavy imports stay lazy)."""
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return Requirement(f"package {dist}", False, hint)
+    return Requirement(f"package {dist} {version}", importlib.util.find_spec(module) is not None, hint)
+
+
 class Backend(ABC):
     name: str = ""
+    # Which evaluation runner measures this backend's artifacts; None: reported without evaluation.
+    evaluator: str | None = None
+
+    def requirements(self) -> list[Requirement]:
+        """What this backend needs; `quantkit backends` lists it, and a plan refuses a backend that lacks any."""
+        return []
+
+    def check(self) -> None:
+        missing = [r for r in self.requirements() if not r.available]
+        if missing:
+            raise ProfileError(f"backend {self.name} needs {', '.join(r.what for r in missing)}",
+                               "; ".join(r.hint for r in missing if r.hint) or "install what it needs")
 
     @abstractmethod
     def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
@@ -67,8 +98,10 @@ def get(name: str) -> Backend:
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
-        raise ProfileError(f"unknown backend {name!r}", f"available: {', '.join(names())}")
-    return _REGISTRY[name]()
+        raise ProfileError(f"unknown backend {name!r}", f"registered: {', '.join(names())}")
+    backend = _REGISTRY[name]()
+    backend.name = backend.name or name
+    return backend
 
 
 def _gguf() -> Backend:

@@ -15,7 +15,7 @@ from ..llamacpp import find_tree
 from ..plan import ArtifactPlan, ArtifactResult
 from ..procs import run_python
 from ..source import Source
-from . import Backend, BuildContext
+from . import Backend, BuildContext, Requirement, package
 from .gguf_types import INTERMEDIATES, NEEDS_IMATRIX, NOMINAL_BPW, ftypes, normalize
 
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
@@ -28,6 +28,11 @@ _FALLBACK = re.compile(
 
 class GGUFBackend(Backend):
     name = "gguf"
+    evaluator = "gguf"
+
+    def requirements(self) -> list[Requirement]:
+        hint = "run ./scripts/setup.sh (it builds llama-cpp-python)"
+        return [package("llama-cpp-python", "llama_cpp", hint), package("gguf", "gguf", hint)]
 
     def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
         unknown = set(options) - {"types", "intermediate"}

@@ -85,7 +85,9 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     _check_repo_id(repo_id)
     stage = build_dir / "publish"
     stage.mkdir(exist_ok=True)
-    report = {**report, "quantized_by": opts.get("quantized_by") or owner}
+    # The GGUF repo holds the GGUF artifacts; other formats get repos of their own.
+    report = {**report, "quantized_by": opts.get("quantized_by") or owner,
+              "artifacts": [a for a in report["artifacts"] if a["backend"] == "gguf"]}
     write_text_atomic(stage / "README.md", str(gguf_card(report, repo_id)))
     size_vs_kld(report, stage / PLOT)
     files = folder_files(stage)
