@@ -96,13 +96,14 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         keys[item.filename] = key
         results.append(ArtifactResult(**{k: v for k, v in rec["result"].items() if k != "evaluation"}))
 
-    reference = next(a for a in plan.artifacts if a.is_reference)
-    evaluator = Evaluator(manifest, plan.profile, out / reference.filename, reporter, threads)
+    evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads)
+    reference = evaluator.reference()
     for item, result in zip(plan.artifacts, results):
-        if backends.get(item.backend).evaluator == "gguf":
-            result.evaluation = evaluator.evaluate(out / item.filename, item.filename)
+        runner = backends.get(item.backend).evaluator
+        if runner:
+            result.evaluation = evaluator.evaluate(out / item.filename, runner)
 
-    report_json, report_md = write_reports(plan, results, llama_version, manifest)
+    report_json, report_md = write_reports(plan, results, reference, llama_version, manifest)
     seconds = time.monotonic() - start
     failures = [r for r in results if r.evaluation and not r.evaluation.smoke_passed]
     for r in failures:

@@ -38,6 +38,10 @@ class HashCache:
         self.entries: dict[str, list] = dict(entries or {})
 
     def sha256(self, path: Path) -> str:
+        """A file's sha256; for a folder (GPTQ/AWQ variants), a hash of its files' names and hashes."""
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            return sha256_text(*(f"{p.relative_to(path).as_posix()}:{self.sha256(p)}" for p in files))
         st = path.stat()
         key = str(path.resolve())
         hit = self.entries.get(key)
@@ -59,6 +63,20 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Like atomic_path, for a folder: it appears under its final name only when complete."""
+    tmp = final.with_name(final.name + PARTIAL_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

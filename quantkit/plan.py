@@ -19,7 +19,7 @@ class ArtifactPlan:
     variant: str  # "Q4_K_M", "F16", "4bit-g128", ...
     filename: str  # relative to the build folder
     predicted_bytes: int
-    is_reference: bool = False  # the artifact others are compared against (f16 GGUF)
+    is_reference: bool = False  # the f16/bf16 GGUF the other GGUF files are quantized from
     depends_on: str | None = None  # filename of the artifact this one is made from
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -44,11 +44,11 @@ class BuildPlan:
             "artifacts:",
         ]
         for a in self.artifacts:
-            note = "reference" if a.is_reference else f"from {a.depends_on}" if a.depends_on else ""
+            note = "intermediate" if a.is_reference else f"from {a.depends_on}" if a.depends_on else ""
             lines.append(f"  {a.backend:5} {a.variant:8} {a.filename:48} ~{human_size(a.predicted_bytes):>9}  {note}")
         ev = self.profile.evaluation
         lines.append(
-            f"evaluation: perplexity, KL-divergence and top-1 vs the reference on {ev.text} "
+            f"evaluation: perplexity, KL-divergence and top-1 vs the fp16 source (transformers) on {ev.text} "
             f"(ctx {ev.ctx}{', max ' + str(ev.max_tokens) + ' tokens' if ev.max_tokens else ''}); "
             f"smoke test: {self.profile.smoke.question!r} -> must contain {self.profile.smoke.expect!r}"
         )

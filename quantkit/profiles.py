@@ -33,7 +33,7 @@ class SmokeOptions:
 @dataclass(frozen=True)
 class PublishOptions:
     owner: str = ""  # user or organisation; empty: the token's user
-    repo: str = "{owner}/{model}-GGUF"  # repo name pattern for the GGUF files
+    repo: str = "{owner}/{model}-{format}"  # one repo per format: GGUF, GPTQ, AWQ, exl2
     private: bool = False
     quantized_by: str = ""  # for the card's metadata; empty: the owner
 

@@ -11,7 +11,7 @@ from .evaluate.chat import render_chat
 from .evaluate.metrics import scored_range
 from .fsutil import human_size, write_json_atomic, write_text_atomic
 from .manifest import Manifest
-from .plan import ArtifactResult, BuildPlan
+from .plan import ArtifactResult, BuildPlan, EvalResult
 
 
 def fallback_summary(result: ArtifactResult) -> str:
@@ -25,7 +25,8 @@ def fallback_summary(result: ArtifactResult) -> str:
             + f" (rows of {', '.join(map(str, cols))} are not a multiple of {', '.join(map(str, blocks))})")
 
 
-def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version: str, manifest: Manifest):
+def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: EvalResult, llama_version: str,
+                  manifest: Manifest):
     src = plan.source
     ev = plan.profile.evaluation
     tokens = manifest.steps.get("tokens", {}).get("count")
@@ -45,7 +46,8 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], llama_version:
             "method": f"non-overlapping windows of {ev.ctx} tokens; positions {first}..{last - 1} of each window "
                       "are scored (llama-perplexity's layout); KL-divergence is KL(reference || artifact) per "
                       "scored position, averaged; top-1 is the share of positions where both argmaxes agree",
-            "reference": next(a.filename for a in plan.artifacts if a.is_reference),
+            "reference": f"{src.name} fp16 (the source checkpoint, run with transformers in float32)",
+            "reference_result": asdict(reference),
         },
         "smoke": asdict(plan.profile.smoke),
         "publish": asdict(plan.profile.publish),
@@ -78,11 +80,17 @@ def _fmt(value, spec: str, none: str = "—") -> str:
     return none if value is None else format(value, spec)
 
 
+def label(a: dict) -> str:
+    """Q4_K_M for GGUF files (the format is in the name), "GPTQ 4bit-g32" for folder formats."""
+    return a["variant"] if a["backend"] == "gguf" else f"{a['backend'].upper()} {a['variant']}"
+
+
 # Column key -> (header, alignment, cell). One definition for the report's and the model card's tables.
 COLUMNS = {
     "file": ("File", "---", lambda a, e: a["filename"]),
     "file_link": ("File", "---", lambda a, e: f"[{a['filename']}](./{a['filename']})"),
-    "type": ("Quant type", "---", lambda a, e: a["variant"]),
+    "branch": ("Branch", "---", lambda a, e: f"`{a['variant']}`"),
+    "type": ("Quant type", "---", lambda a, e: label(a)),
     "size": ("Size", "---:", lambda a, e: human_size(a["size_bytes"])),
     "bpw": ("Bits/weight", "---:", lambda a, e: f"{a['bits_per_weight']:.2f}"),
     "ppl": ("PPL", "---:", lambda a, e: _fmt(e.get("perplexity"), ".3f")),
@@ -114,7 +122,8 @@ def render_markdown(data: dict) -> str:
         f"Source: {origin} ({src['architecture']}, {src['dtype']}). Profile `{data['profile']}`, "
         f"quantkit {data['quantkit_version']}, llama-cpp-python {data['llama_cpp_python']}.",
         "",
-        f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference `{ev['reference']}`. {ev['method']}.",
+        f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference: {ev['reference']}, "
+        f"perplexity {ev['reference_result']['perplexity']:.3f}. {ev['method']}.",
         "",
         *artifact_table(data["artifacts"], ["file", "type", "size", "bpw", "ppl", "dppl", "kld", "kld99", "top1", "smoke"]),
     ]
@@ -126,7 +135,7 @@ def render_markdown(data: dict) -> str:
         e = a["evaluation"]
         if not e:
             continue
-        lines.append(f"- **{a['variant']}**: {'pass' if e.get('smoke_passed') else 'FAIL'} ({e.get('smoke_reason', '')}): "
+        lines.append(f"- **{label(a)}**: {'pass' if e.get('smoke_passed') else 'FAIL'} ({e.get('smoke_reason', '')}): "
                      f"{e.get('smoke_reply', '')!r}")
     fallbacks = [a for a in data["artifacts"] if a["fallback_summary"]]
     lines += ["", "## Tensor types", ""]
@@ -136,5 +145,5 @@ def render_markdown(data: dict) -> str:
         lines += [f"- **{a['variant']}**: {a['fallback_summary']}" for a in fallbacks]
         lines.append("")
     for a in data["artifacts"]:
-        lines.append(f"- {a['variant']}: " + ", ".join(f"{k} ×{v}" for k, v in a["tensor_types"].items()))
+        lines.append(f"- {label(a)}: " + ", ".join(f"{k} ×{v}" for k, v in a["tensor_types"].items()))
     return "\n".join(lines) + "\n"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,3 +171,21 @@ def _chat_template(folder: Path) -> str | None:
             value = next((t["template"] for t in value if t.get("name") == "default"), None)
         return value
     return None
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file: names, dtypes and shapes, without reading any weights."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
+
+
+def param_count(folder: Path) -> int:
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        for name, t in safetensors_header(f).items():
+            if name != "__metadata__":
+                total += math.prod(t["shape"])
+    if total == 0:
+        raise SourceError(f"no tensors found in {folder}/*.safetensors", "check the download")
+    return total

@@ -8,8 +8,15 @@ cd "$(dirname "$0")/.."
 PY=${QUANTKIT_PYTHON:-python3.11}
 CACHE=${QUANTKIT_CACHE:-$HOME/.cache/quantkit}
 LLAMA_VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
-# The CPU wheel of torch: without it pip would pull a multi-GB CUDA build.
-TORCH_SPEC=${QUANTKIT_TORCH:-torch==2.13.0}
+# Optional parts to install (pyproject's extras): test, and gptq (GPTQ/AWQ through GPTQModel,
+# about 6 GB with the torch it needs). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
+EXTRAS=${QUANTKIT_EXTRAS:-test,gptq}
+# GPTQModel needs torch>=2.14.1; without it, the CPU wheel of 2.13.0 (a plain `torch` would pull a
+# multi-GB CUDA build anyway).
+case ",$EXTRAS," in
+  *,gptq,*) TORCH_SPEC=${QUANTKIT_TORCH:-torch==2.14.1} ;;
+  *) TORCH_SPEC=${QUANTKIT_TORCH:-torch==2.13.0} ;;
+esac
 
 # llama.cpp's -march=native build enables AMX kernels that crash on some virtual machines
 # (seen: segfault on the first decode of a Q8_0 model); build for a fixed x86-64 level instead.
@@ -24,7 +31,7 @@ cmake_args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF ${QUAN
 
 # Bump when the way this script builds the environment changes (not for every edit of it).
 RECIPE=1
-key=$( { cat pyproject.toml; $PY --version; echo "$RECIPE $TORCH_SPEC $cmake_args"; } | sha256sum | cut -c1-16)
+key=$( { cat pyproject.toml; $PY --version; echo "$RECIPE $EXTRAS $TORCH_SPEC $cmake_args"; } | sha256sum | cut -c1-16)
 venv="$CACHE/venvs/$key"
 wheels="$CACHE/wheels/llama-cpp-python-$LLAMA_VERSION-$(echo "$cmake_args" | sha256sum | cut -c1-12)"
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
@@ -55,7 +62,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel
   "$venv/bin/pip" install --quiet "$TORCH_SPEC"
   # Dependencies only; the package itself is installed (editable) from whichever checkout runs this.
-  "$venv/bin/python" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))' > "$venv/requirements.txt"
+  EXTRAS="$EXTRAS" "$venv/bin/python" -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = [e for e in os.environ["EXTRAS"].split(",") if e]; print("\n".join(p["dependencies"] + [r for e in extras for r in p["optional-dependencies"][e]]))' > "$venv/requirements.txt"
   "$venv/bin/pip" install --quiet --find-links "$wheels" -r "$venv/requirements.txt"
   touch "$venv/.complete"
 fi

@@ -55,7 +55,7 @@ def test_build_publish_round_trip_card_and_idempotence(sample_build, hub, tmp_pa
     for gguf in folder.glob("*.gguf"):
         assert _sha(tmp_path / got / gguf.name) == _sha(gguf), gguf.name
     for name in ("README.md", "size-vs-kld.png"):
-        assert _sha(tmp_path / got / name) == _sha(folder / "publish" / name)
+        assert _sha(tmp_path / got / name) == _sha(folder / "publish" / "gguf" / name)
 
     # The card parses with huggingface_hub and carries the metadata a quant repo needs.
     card = ModelCard.load(tmp_path / got / "README.md")
@@ -120,7 +120,7 @@ def test_failure_mid_upload_leaves_head_unchanged_then_retry_succeeds(sample_bui
     finally:
         report_path.write_text(original)
     assert _commits(hub, repo) == 3
-    assert "alice-quant-team" in (folder / "publish" / "README.md").read_text()
+    assert "alice-quant-team" in (folder / "publish" / "gguf" / "README.md").read_text()
 
 
 def test_dry_run_prints_the_plan_without_network(sample_build, hub):

@@ -110,4 +110,18 @@ def _gguf() -> Backend:
     return GGUFBackend()
 
 
+def _gptq() -> Backend:
+    from .gptq import GPTQBackend
+
+    return GPTQBackend()
+
+
+def _awq() -> Backend:
+    from .gptq import AWQBackend
+
+    return AWQBackend()
+
+
 register("gguf", _gguf)
+register("gptq", _gptq)
+register("awq", _awq)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..errors import ProfileError, SourceError, ToolError
+from ..errors import ProfileError, SourceError
 from ..fsutil import atomic_path, sha256_file
 from ..llamacpp import find_tree
 from ..plan import ArtifactPlan, ArtifactResult
 from ..procs import run_python
-from ..source import Source
+from ..source import Source, param_count
 from . import Backend, BuildContext, Requirement, package
 from .gguf_types import INTERMEDIATES, NEEDS_IMATRIX, NOMINAL_BPW, ftypes, normalize
 
@@ -60,7 +58,7 @@ class GGUFBackend(Backend):
             if t in NEEDS_IMATRIX:
                 raise ProfileError(f"gguf: {t} needs an importance matrix, which this profile does not make",
                                    "pick a type of 3 bits or more, e.g. Q3_K_M or IQ4_XS")
-        params = _param_count(source)
+        params = param_count(source.path)
         ref = ArtifactPlan(
             backend=self.name, variant=inter, filename=f"{source.name}-{inter}.gguf",
             predicted_bytes=_predict(params, inter), is_reference=True,
@@ -123,24 +121,6 @@ class GGUFBackend(Backend):
             bits_per_weight=round(n_bytes * 8 / max(n_elements, 1), 3),
             tensor_types=dict(sorted(types.items())), fallbacks=facts.get("fallbacks", []),
         )
-
-
-def _param_count(source: Source) -> int:
-    """Parameters from the safetensors headers (no weights are read)."""
-    total = 0
-    for f in sorted(source.path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
-            if k != "__metadata__":
-                count = 1
-                for d in v["shape"]:
-                    count *= d
-                total += count
-    if total == 0:
-        raise ToolError(f"no tensors found in {source.path}/*.safetensors", "check the download")
-    return total
 
 
 def _predict(params: int, variant: str) -> int:

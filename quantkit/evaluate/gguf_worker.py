@@ -1,10 +1,10 @@
 """Child process: evaluate one GGUF with llama-cpp-python.
 
-  tokenize:  python -m quantkit.evaluate.gguf_worker tokenize MODEL TEXT_FILE OUT.npy
   evaluate:  python -m quantkit.evaluate.gguf_worker evaluate MODEL SPEC.json OUT.json
 
-SPEC holds: tokens (path to .npy), ctx, threads, ref_write or ref_read (path to reference
-log-probabilities), smoke options. Progress goes to stderr as "progress I/N" lines.
+SPEC holds: tokens (path to .npy), bos (id each window starts with, or null), ctx, threads,
+ref_read (path to the reference's log-probabilities), smoke options. Progress goes to stderr as
+"progress I/N" lines.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .chat import render_chat
-from .metrics import Accumulator, log_softmax, scored_range, windows
+from .metrics import score, scored_range
 
 
 def _load(model: str, ctx: int, threads: int):
@@ -26,51 +26,19 @@ def _load(model: str, ctx: int, threads: int):
                  n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
-def tokenize(model: str, text_file: str, out: str) -> None:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=model, vocab_only=True, verbose=False)
-    ids = llm.tokenize(Path(text_file).read_text(encoding="utf-8").encode(), add_bos=False, special=False)
-    with open(out, "wb") as f:  # a file object: np.save would append .npy to a path
-        np.save(f, np.asarray(ids, dtype=np.int32))
-
-
 def evaluate(model: str, spec: dict) -> dict:
     import llama_cpp
 
-    ctx = spec["ctx"]
-    llm = _load(model, ctx, spec["threads"])
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    tokens = np.load(spec["tokens"])
-    spans = windows(len(tokens), ctx)
-    first, last = scored_range(ctx)
-    per_window = last - first
-    ref = None
-    if spec.get("ref_write"):
-        ref = np.lib.format.open_memmap(spec["ref_write"], mode="w+", dtype=np.float16,
-                                        shape=(len(spans) * per_window, llm.n_vocab()))
-    elif spec.get("ref_read"):
-        ref = np.load(spec["ref_read"], mmap_mode="r")
-    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-    acc = Accumulator()
-    for i, (a, b) in enumerate(spans):
-        window = tokens[a:b].copy()
-        if add_bos:
-            window[0] = llm.token_bos()
+    first, last = scored_range(spec["ctx"])
+    llm = _load(model, spec["ctx"], spec["threads"])
+
+    def forward(window: np.ndarray) -> np.ndarray:
         llm.reset()
         llm.eval(window.tolist())
-        lp = log_softmax(np.asarray(llm.scores[first:last]))
-        rows = slice(i * per_window, (i + 1) * per_window)
-        if spec.get("ref_write"):
-            ref[rows] = lp.astype(np.float16)
-            acc.add(lp, window[first + 1:b - a])
-        else:
-            acc.add(lp, window[first + 1:b - a], None if ref is None else np.asarray(ref[rows]))
-        print(f"progress {i + 1}/{len(spans)}", file=sys.stderr, flush=True)
-    if spec.get("ref_write"):
-        ref.flush()
-    result = acc.summary()
-    result["smoke"] = smoke_test(llm, vocab, spec["smoke"])
+        return np.asarray(llm.scores[first:last])
+
+    result = score(forward, spec, llm.n_vocab())
+    result["smoke"] = smoke_test(llm, llama_cpp.llama_model_get_vocab(llm.model), spec["smoke"])
     return result
 
 
@@ -108,9 +76,7 @@ def smoke_test(llm, vocab, opts: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if argv[0] == "tokenize":
-        tokenize(argv[1], argv[2], argv[3])
-    elif argv[0] == "evaluate":
+    if argv[0] == "evaluate":
         result = evaluate(argv[1], json.loads(Path(argv[2]).read_text()))
         Path(argv[3]).write_text(json.dumps(result, indent=1))
     else:

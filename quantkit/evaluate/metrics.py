@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -37,7 +39,8 @@ class Accumulator:
         if ref_logprobs is not None:
             ref = ref_logprobs.astype(np.float32)
             # KL(reference || artifact) per position, as llama-perplexity --kl-divergence reports it.
-            self.kld.append((np.exp(ref) * (ref - logprobs)).sum(axis=-1))
+            # KL >= 0; the float16 storage of the reference can round a near-zero value below it.
+            self.kld.append(np.maximum((np.exp(ref) * (ref - logprobs)).sum(axis=-1), 0.0))
             self.top1_hits += int((ref.argmax(axis=-1) == logprobs.argmax(axis=-1)).sum())
 
     @property
@@ -51,3 +54,35 @@ class Accumulator:
             out |= {"kld_mean": float(k.mean()), "kld_p99": float(np.percentile(k, 99)),
                     "top1_agreement": self.top1_hits / max(self.count, 1)}
         return out
+
+
+def score(forward: Callable[[np.ndarray], np.ndarray], spec: dict, n_vocab: int) -> dict:
+    """Run every window of spec["tokens"] through `forward` (window ids -> logits of the scored positions)
+    and accumulate; write the log-probabilities to spec["ref_write"], or compare with spec["ref_read"]."""
+    ctx = spec["ctx"]
+    tokens = np.load(spec["tokens"])
+    spans = windows(len(tokens), ctx)
+    first, last = scored_range(ctx)
+    per_window = last - first
+    ref = None
+    if spec.get("ref_write"):
+        ref = np.lib.format.open_memmap(spec["ref_write"], mode="w+", dtype=np.float16,
+                                        shape=(len(spans) * per_window, n_vocab))
+    elif spec.get("ref_read"):
+        ref = np.load(spec["ref_read"], mmap_mode="r")
+    acc = Accumulator()
+    for i, (a, b) in enumerate(spans):
+        window = tokens[a:b].copy()
+        if spec.get("bos") is not None:
+            window[0] = spec["bos"]
+        lp = log_softmax(forward(window))
+        rows = slice(i * per_window, (i + 1) * per_window)
+        if spec.get("ref_write"):
+            ref[rows] = lp.astype(np.float16)
+            acc.add(lp, window[first + 1:b - a])
+        else:
+            acc.add(lp, window[first + 1:b - a], None if ref is None else np.asarray(ref[rows]))
+        print(f"progress {i + 1}/{len(spans)}", file=sys.stderr, flush=True)
+    if spec.get("ref_write"):
+        ref.flush()
+    return acc.summary()

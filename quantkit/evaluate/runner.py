@@ -1,4 +1,8 @@
-"""Run evaluations in child processes and keep their results in the manifest."""
+"""Run evaluations in child processes and keep their results in the manifest.
+
+Every artifact of a model, whatever its format, is scored on the same token ids (the source's
+tokenizer) against the same reference: the fp16 source checkpoint, run once through transformers.
+"""
 
 from __future__ import annotations
 
@@ -17,107 +21,108 @@ from ..plan import EvalResult
 from ..procs import run_python
 from ..profiles import Profile
 from ..progress import Reporter
-from .metrics import scored_range, windows
 from .text import load_text
 
-WORKER = "quantkit.evaluate.gguf_worker"
+WORKERS = {"gguf": "quantkit.evaluate.gguf_worker", "hf": "quantkit.evaluate.hf_worker"}
+REFERENCE = "reference"
 _PROGRESS = re.compile(r"progress (\d+)/(\d+)")
 
 
 class Evaluator:
-    """Evaluates GGUF artifacts of one build against its reference (the f16/bf16 GGUF)."""
-
-    def __init__(self, manifest: Manifest, profile: Profile, reference: Path, reporter: Reporter, threads: int) -> None:
-        self.m, self.profile, self.reference, self.reporter, self.threads = manifest, profile, reference, reporter, threads
+    def __init__(self, manifest: Manifest, profile: Profile, source: Path, source_key: str, reporter: Reporter,
+                 threads: int) -> None:
+        self.m, self.profile, self.source, self.source_key = manifest, profile, source, source_key
+        self.reporter, self.threads = reporter, threads
         self.state = manifest.state_dir
         self.ctx = profile.evaluation.ctx
-        self.ran: list[str] = []  # artifacts evaluated in this run (not taken from the manifest)
+        self.ran: list[str] = []  # what was evaluated in this run (not taken from the manifest)
 
-    def tokens(self) -> Path:
-        """The evaluation text as the reference's token ids: the same ids for every artifact."""
+    def tokens(self) -> tuple[Path, int | None]:
+        """The evaluation text as the source tokenizer's ids, and the BOS id each window starts with (if any)."""
         text = load_text(self.profile.evaluation.text)
         out = self.state / "eval-tokens.npy"
-        key = sha256_text("tokens", self.m.sha256(self.reference), sha256_text(text), str(self.profile.evaluation.max_tokens))
-        if not self.m.done("tokens", key, out):
+        key = sha256_text("tokens", self.source_key, sha256_text(text), str(self.profile.evaluation.max_tokens))
+        rec = self.m.done("tokens", key, out)
+        if not rec:
             self.state.mkdir(parents=True, exist_ok=True)
-            text_file = self.state / "eval-text.txt"
+            text_file, bos_file = self.state / "eval-text.txt", self.state / "eval-bos.json"
             text_file.write_text(text, encoding="utf-8")
             with atomic_path(out) as tmp:
-                run_python(["-m", WORKER, "tokenize", str(self.reference), str(text_file), str(tmp)], what="tokenizer")
+                run_python(["-m", WORKERS["hf"], "tokenize", str(self.source), str(text_file), str(tmp), str(bos_file)],
+                           what="tokenizer")
                 if self.profile.evaluation.max_tokens:
                     ids = np.load(tmp)[: self.profile.evaluation.max_tokens]
                     with open(tmp, "wb") as f:
                         np.save(f, ids)
+            bos = json.loads(bos_file.read_text())["bos"]
             text_file.unlink()
-            n = len(np.load(out))
-            self.m.record("tokens", key, out, count=n)
-        return out
-
-    def check_length(self, tokens: Path) -> int:
-        n = len(np.load(tokens))
+            bos_file.unlink()
+            rec = self.m.record("tokens", key, out, count=len(np.load(out)), bos=bos)
+        n = rec["count"]
         if n < 2 * self.ctx:
             raise ProfileError(f"the evaluation text has {n} tokens, fewer than two windows of ctx {self.ctx}",
                                "use a longer text, a smaller evaluation.ctx, or a larger evaluation.max_tokens")
-        return n
+        return out, rec.get("bos")
 
-    def scratch_bytes(self, n_tokens: int, n_vocab: int) -> int:
-        first, last = scored_range(self.ctx)
-        return len(windows(n_tokens, self.ctx)) * (last - first) * n_vocab * 2
-
-    def evaluate(self, artifact: Path, label: str) -> EvalResult:
-        tokens = self.tokens()
-        self.check_length(tokens)
+    def _keys(self) -> tuple[Path, str, str, dict]:
+        tokens, bos = self.tokens()
         smoke = asdict(self.profile.smoke)
-        is_ref = artifact == self.reference
+        ref_key = sha256_text(REFERENCE, self.source_key, self.m.sha256(tokens), str(self.ctx))
+        spec = {"tokens": str(tokens), "bos": bos, "ctx": self.ctx, "threads": self.threads, "smoke": smoke}
+        return tokens, ref_key, sha256_text(ref_key, json.dumps(smoke, sort_keys=True)), spec
+
+    def reference(self) -> EvalResult:
+        """The fp16 source's own scores; its log-probabilities are kept for every artifact's KL-divergence."""
+        _, ref_key, key, spec = self._keys()
         ref_path = self.state / "reference-logprobs.npy"
-        tokens_sha = self.m.sha256(tokens)
-        ref_key = sha256_text("reference", self.m.sha256(self.reference), tokens_sha, str(self.ctx))
-        key = sha256_text("eval", self.m.sha256(artifact), tokens_sha, ref_key, json.dumps(smoke, sort_keys=True))
-        step = f"eval:{artifact.name}"
-        rec = self.m.done(step, key)
-        if is_ref and rec and not self.m.done("reference", ref_key, ref_path):
-            rec = None  # the reference's log-probabilities are gone: recompute them with its evaluation
+        rec = self.m.done(f"eval:{REFERENCE}", key)
+        if rec and self.m.done(REFERENCE, ref_key, ref_path):
+            return EvalResult(**rec["result"])
+        with atomic_path(ref_path) as tmp:
+            raw = self._run("hf", self.source, {**spec, "reference": True, "ref_write": str(tmp)}, "the fp16 source (reference)")
+        self.m.record(REFERENCE, ref_key, ref_path)
+        return self._record(f"eval:{REFERENCE}", key, raw, None, REFERENCE)
+
+    def evaluate(self, artifact: Path, runner: str) -> EvalResult:
+        _, ref_key, base_key, spec = self._keys()
+        key = sha256_text("eval", runner, self.m.sha256(artifact), base_key)
+        rec = self.m.done(f"eval:{artifact.name}", key)
         if rec:
             return EvalResult(**rec["result"])
-        if not is_ref:
-            self.evaluate(self.reference, self.reference.name)  # make sure reference log-probs exist
-        spec = {"tokens": str(tokens), "ctx": self.ctx, "threads": self.threads, "smoke": smoke}
-        spec_file = self.state / f"eval-{artifact.name}.spec.json"
-        result_file = self.state / f"eval-{artifact.name}.result.json"
+        ref = self.reference()
+        raw = self._run(runner, artifact, {**spec, "ref_read": str(self.state / "reference-logprobs.npy")}, artifact.name)
+        return self._record(f"eval:{artifact.name}", key, raw, ref.perplexity, artifact.name)
+
+    def _run(self, runner: str, target: Path, spec: dict, label: str) -> dict:
+        name = re.sub(r"[^\w.-]", "_", target.name)
+        spec_file, result_file = self.state / f"eval-{name}.spec.json", self.state / f"eval-{name}.result.json"
+        spec_file.write_text(json.dumps(spec))
         with contextlib.ExitStack() as stack:
             bar = stack.enter_context(self.reporter.step(f"evaluate {label}"))
-            if is_ref:
-                spec["ref_write"] = str(stack.enter_context(atomic_path(ref_path)))
-            else:
-                spec["ref_read"] = str(ref_path)
-            spec_file.write_text(json.dumps(spec))
 
             def on_line(line: str) -> None:
                 if m := _PROGRESS.search(line):
                     bar.update(int(m.group(1)), int(m.group(2)))
 
-            run_python(["-m", WORKER, "evaluate", str(artifact), str(spec_file), str(result_file)],
-                       on_line=on_line, what=f"evaluation of {artifact.name}")
-            raw = json.loads(result_file.read_text())
+            run_python(["-m", WORKERS[runner], "evaluate", str(target), str(spec_file), str(result_file)],
+                       on_line=on_line, what=f"evaluation of {label}")
+        raw = json.loads(result_file.read_text())
         result_file.unlink()
         spec_file.unlink()
-        if is_ref:
-            self.m.record("reference", ref_key, ref_path)
-        self.ran.append(artifact.name)
-        result = self._result(raw, is_ref)
-        self.m.record(step, key, result=asdict(result), smoke_prompt=raw["smoke"].get("prompt", ""))
-        return result
+        self.ran.append(label)
+        return raw
 
-    def _result(self, raw: dict, is_ref: bool) -> EvalResult:
-        ref_rec = self.m.steps.get(f"eval:{self.reference.name}")
-        ref_ppl = raw["perplexity"] if is_ref else (ref_rec or {}).get("result", {}).get("perplexity")
+    def _record(self, step: str, key: str, raw: dict, ref_ppl: float | None, label: str) -> EvalResult:
         smoke = raw["smoke"]
-        return EvalResult(
+        is_ref = ref_ppl is None
+        result = EvalResult(
             perplexity=raw["perplexity"],
-            ppl_delta_pct=None if ref_ppl is None else 100.0 * (raw["perplexity"] / ref_ppl - 1.0),
+            ppl_delta_pct=0.0 if is_ref else 100.0 * (raw["perplexity"] / ref_ppl - 1.0),
             kld_mean=0.0 if is_ref else raw.get("kld_mean"),
             kld_p99=0.0 if is_ref else raw.get("kld_p99"),
             top1_agreement=1.0 if is_ref else raw.get("top1_agreement"),
             tokens_scored=raw["tokens_scored"],
             smoke_passed=smoke["passed"], smoke_reply=smoke["reply"], smoke_reason=smoke["reason"],
         )
+        self.m.record(step, key, result=asdict(result), smoke_prompt=smoke.get("prompt", ""))
+        return result

@@ -32,44 +32,60 @@ def use_hint(variant: str, bpw: float) -> str:
     return USE_HINTS.get(variant) or ("low-bit; check the KL-divergence before use" if bpw < 4 else "")
 
 
-def gguf_card(report: dict, repo_id: str) -> ModelCard:
+FORMATS = {"gguf": "GGUF", "gptq": "GPTQ", "awq": "AWQ", "exl2": "exl2"}
+RUNTIMES = {
+    "gguf": "They load in llama.cpp, LM Studio, Ollama and anything else built on llama.cpp.",
+    "gptq": "They load in transformers (with optimum and GPTQModel installed), vLLM and exllama.",
+    "awq": "They load in transformers (with GPTQModel installed) and vLLM.",
+    "exl2": "They load in exllamav2 and TabbyAPI.",
+}
+
+
+def model_card(report: dict, repo_id: str, backend: str) -> ModelCard:
+    """The card of one format's repo. GGUF variants are files on main; folder formats are one branch
+    per variant, and main holds this card."""
     src = report["source"]
+    fmt = FORMATS.get(backend, backend)
     base = src.get("base_model") or src.get("repo_id")
     data = ModelCardData(
         base_model=base,
         license=src.get("license"),
         pipeline_tag="text-generation",
-        tags=["gguf", "quantized", "llama.cpp", "quantkit", src.get("model_type") or ""],
+        tags=[t for t in [backend, "quantized", "llama.cpp" if backend == "gguf" else "", "quantkit",
+                          src.get("model_type") or ""] if t],
         base_model_relation="quantized" if base else None,
         quantized_by=report.get("quantized_by") or repo_id.split("/")[0],
     )
-    data.tags = [t for t in data.tags if t]
     model = report["model"]
     base_link = f"[{base}](https://huggingface.co/{base})" if base else f"`{model}`"
     ev = report["evaluation"]
-    rows = artifact_table(report["artifacts"], ["file_link", "type", "bpw", "size", "ppl", "kld", "top1", "smoke"],
+    arts = report["artifacts"]
+    folders = backend != "gguf"
+    first = "branch" if folders else "file_link"
+    rows = artifact_table(arts, [first, "type", "bpw", "size", "ppl", "kld", "top1", "smoke"],
                           extra=("Use case", lambda a: use_hint(a["variant"], a["bits_per_weight"])))
-    fallbacks = [f"- {a['variant']}: {a['fallback_summary']}" for a in report["artifacts"] if a.get("fallback_summary")]
-    pick = next((a["filename"] for a in report["artifacts"] if a["variant"] == "Q4_K_M"), report["artifacts"][-1]["filename"])
+    fallbacks = [f"- {a['variant']}: {a['fallback_summary']}" for a in arts if a.get("fallback_summary")]
+    pick = next((a for a in arts if a["variant"] in ("Q4_K_M", "4bit-g32", "4bit-g128")), arts[-1])
     prompt = report.get("prompt_format")
+    tool = ("llama.cpp's own converter and quantizer (llama-cpp-python " + report["llama_cpp_python"] + ")"
+            if backend == "gguf" else "GPTQModel" if backend in ("gptq", "awq") else backend)
     sections = [
-        f"# {model} GGUF",
+        f"# {model} {fmt}",
         "",
-        f"GGUF quantizations of {base_link}, made with quantkit {__version__} from llama.cpp's own converter "
-        f"and quantizer (llama-cpp-python {report['llama_cpp_python']}). They load in llama.cpp, LM Studio, "
-        "Ollama and anything else built on llama.cpp.",
+        f"{fmt} quantizations of {base_link}, made with quantkit {__version__} using {tool}. {RUNTIMES.get(backend, '')}",
         "",
         "## Prompt format",
         "",
         "Rendered from the model's own chat template:" if prompt else "The model has no chat template.",
         "",
         *(["```", prompt.rstrip("\n"), "```", ""] if prompt else []),
-        "## Provided files",
+        "## Provided variants" if folders else "## Provided files",
         "",
+        *(["Each variant is a branch of this repo; `main` holds only this card.", ""] if folders else []),
         *rows,
         "",
-        f"Every file was tested: perplexity on {ev['tokens']} tokens of `{ev['text']}` (ctx {ev['ctx']}), "
-        f"KL-divergence and top-1 agreement against `{ev['reference']}` on the same tokens, and a chat smoke test "
+        f"Every variant was tested: perplexity on {ev['tokens']} tokens of `{ev['text']}` (ctx {ev['ctx']}), "
+        f"KL-divergence and top-1 agreement against the {ev['reference']} on the same tokens, and a chat smoke test "
         f"({report['smoke']['question']!r} must be answered with {report['smoke']['expect']!r} and the turn must end).",
         "",
         f"![size vs KL-divergence]({PLOT})",
@@ -78,17 +94,17 @@ def gguf_card(report: dict, repo_id: str) -> ModelCard:
     if fallbacks:
         sections += ["Some tensors could not take the asked k-quant type (their rows are not a multiple of 256 "
                      "values) and were stored in the nearest type that fits:", "", *fallbacks, ""]
-    sections += [
-        "## Download",
-        "",
-        "```bash",
-        f"hf download {repo_id} {pick} --local-dir .",
-        "```",
-        "",
-        "## Run",
-        "",
-        "```bash",
-        f"llama-cli -m {pick} -cnv",
-        "```",
-    ]
+    sections += ["## Download", "", "```bash"]
+    if folders:
+        sections += [f"hf download {repo_id} --revision {a['variant']} --local-dir {model}-{fmt}-{a['variant']}"
+                     for a in arts]
+    else:
+        sections.append(f"hf download {repo_id} {pick['filename']} --local-dir .")
+    sections += ["```", "", "## Run", ""]
+    if folders:
+        sections += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                     f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", revision="{pick["variant"]}")',
+                     f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision="{pick["variant"]}")', "```"]
+    else:
+        sections += ["```bash", f"llama-cli -m {pick['filename']} -cnv", "```"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n")

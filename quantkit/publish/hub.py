@@ -19,7 +19,7 @@ from typing import Callable
 from ..errors import QuantkitError
 from ..fsutil import human_size, sha256_file, write_text_atomic
 from ..progress import Reporter
-from .card import PLOT, gguf_card
+from .card import FORMATS, PLOT, model_card
 from .plot import size_vs_kld
 
 
@@ -73,7 +73,9 @@ def folder_files(folder: Path, prefix: str = "") -> list[UploadFile]:
 
 
 def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None = None) -> list[RepoCommit]:
-    """Write the card and plot into BUILD/publish/ and list what goes where; no network unless owner is unknown."""
+    """Write each format's card and plot into BUILD/publish/<format>/ and list the commits: GGUF files
+    on main; GPTQ/AWQ/EXL2 variants on a branch each, with the card on main. No network unless the
+    owner must be asked of the Hub."""
     build_dir = build_dir.absolute()
     report_path = build_dir / "report.json"
     if not report_path.is_file():
@@ -81,23 +83,33 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     report = json.loads(report_path.read_text())
     opts = report.get("publish") or {}
     owner = owner or opts.get("owner") or _whoami(token)
-    repo_id = opts.get("repo", "{owner}/{model}-GGUF").format(owner=owner, model=report["model"])
-    _check_repo_id(repo_id)
-    stage = build_dir / "publish"
-    stage.mkdir(exist_ok=True)
-    # The GGUF repo holds the GGUF artifacts; other formats get repos of their own.
-    report = {**report, "quantized_by": opts.get("quantized_by") or owner,
-              "artifacts": [a for a in report["artifacts"] if a["backend"] == "gguf"]}
-    write_text_atomic(stage / "README.md", str(gguf_card(report, repo_id)))
-    size_vs_kld(report, stage / PLOT)
-    files = folder_files(stage)
-    for a in report["artifacts"]:
-        path = build_dir / a["filename"]
-        if not path.is_file() or path.stat().st_size != a["size_bytes"]:
-            raise PublishError(f"{a['filename']} is missing or changed since the report was written",
-                               "re-run the same quantkit build command to complete the build folder")
-        files.append(UploadFile(a["filename"], path, a["size_bytes"], a["sha256"]))
-    return [RepoCommit(repo_id, "main", bool(opts.get("private")), files, f"quantkit: {report['model']} GGUF")]
+    private = bool(opts.get("private"))
+    commits = []
+    for backend in dict.fromkeys(a["backend"] for a in report["artifacts"]):
+        arts = [a for a in report["artifacts"] if a["backend"] == backend]
+        fmt = FORMATS.get(backend, backend)
+        repo_id = opts.get("repo", "{owner}/{model}-{format}").format(owner=owner, model=report["model"], format=fmt)
+        _check_repo_id(repo_id)
+        for a in arts:
+            path = build_dir / a["filename"]
+            if not path.exists() or (path.is_file() and path.stat().st_size != a["size_bytes"]):
+                raise PublishError(f"{a['filename']} is missing or changed since the report was written",
+                                   "re-run the same quantkit build command to complete the build folder")
+        stage = build_dir / "publish" / backend
+        stage.mkdir(parents=True, exist_ok=True)
+        sub = {**report, "quantized_by": opts.get("quantized_by") or owner, "artifacts": arts}
+        write_text_atomic(stage / "README.md", str(model_card(sub, repo_id, backend)))
+        size_vs_kld(sub, stage / PLOT)
+        card = folder_files(stage)
+        message = f"quantkit: {report['model']} {fmt}"
+        if backend == "gguf":
+            files = card + [UploadFile(a["filename"], build_dir / a["filename"], a["size_bytes"], a["sha256"]) for a in arts]
+            commits.append(RepoCommit(repo_id, "main", private, files, message))
+        else:
+            commits.append(RepoCommit(repo_id, "main", private, card, message + " (card)"))
+            commits += [RepoCommit(repo_id, a["variant"], private, folder_files(build_dir / a["filename"]),
+                                   f"{message} {a['variant']}") for a in arts]
+    return commits
 
 
 def publish(commits: list[RepoCommit], *, token: str | None = None, reporter: Reporter | None = None,

@@ -1,0 +1,122 @@
+"""GPTQ and AWQ backends through GPTQModel (it writes the standard `quant_method: gptq` / `awq`
+checkpoints that transformers, vLLM and exllama load). Each variant is a folder."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ProfileError
+from ..evaluate.text import CALIBRATION
+from ..fsutil import atomic_dir
+from ..plan import ArtifactPlan, ArtifactResult
+from ..procs import run_python
+from ..source import Source, param_count, safetensors_header
+from . import Backend, BuildContext, Requirement, package
+
+INSTALL_HINT = "install the gptq extra: QUANTKIT_EXTRAS=test,gptq ./scripts/setup.sh (or pip install 'quantkit[gptq]')"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # gptq | awq
+    suffix: str  # in folder names: {Model}-GPTQ-4bit-g32
+    bits: tuple[int, ...]
+
+
+class GPTQModelBackend(Backend):
+    """Shared by the gptq and awq backends: plan-time checks, the worker process, the folder's facts."""
+
+    method = Method("gptq", "GPTQ", (2, 3, 4, 8))
+    evaluator = "hf"
+
+    def requirements(self) -> list[Requirement]:
+        return [package("gptqmodel", "gptqmodel", INSTALL_HINT), package("optimum", "optimum", INSTALL_HINT)]
+
+    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+        where = f"{self.name}"
+        unknown = set(options) - {"variants", "calibration"}
+        if unknown:
+            raise ProfileError(f"{where}: unknown option(s) {sorted(unknown)}", "allowed: variants, calibration")
+        calib = {"text": "builtin:botchan", "samples": 64, "seq_len": 512, **(options.get("calibration") or {})}
+        name = calib["text"].split(":", 1)[1] if calib["text"].startswith("builtin:") else None
+        if name is not None and name not in CALIBRATION:
+            raise ProfileError(f"{where}: unknown built-in calibration text {calib['text']!r}",
+                               f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, or a text file")
+        widths = _linear_widths(source)
+        params = param_count(source.path)
+        items = []
+        for v in options.get("variants") or [{}]:
+            v = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, **v}
+            if v["bits"] not in self.method.bits:
+                raise ProfileError(f"{where}: {v['bits']}-bit is not supported", f"use bits in {list(self.method.bits)}")
+            g = v["group_size"]
+            bad = sorted({w for w in widths if g != -1 and w % g})
+            if bad:
+                ok = [c for c in (32, 64, 128) if all(w % c == 0 for w in widths)]
+                raise ProfileError(
+                    f"{where}: group size {g} does not divide the layer widths {bad} of {source.name}",
+                    f"use a group size that divides all of {sorted(widths)}: {ok + [-1]} (-1: one group per row)")
+            variant = f"{v['bits']}bit-g{g if g != -1 else 'row'}" + ("-actorder" if v["desc_act"] else "")
+            predicted = int(params * (v["bits"] + 16 / (g if g > 0 else 4096) * 2) / 8)
+            items.append(ArtifactPlan(
+                backend=self.name, variant=variant, filename=f"{source.name}-{self.method.suffix}-{variant}",
+                predicted_bytes=predicted, options={**v, "calibration": calib},
+            ))
+        return items
+
+    def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
+        out = ctx.out_dir / item.filename
+        spec = {"method": self.method.name, "source": str(ctx.source.path), **item.options}
+        with ctx.reporter.step(f"quantize {item.filename} ({self.method.name}, on CPU this takes minutes)") as step, \
+                atomic_dir(out) as tmp:
+            spec["out"] = str(tmp)
+            spec_file = ctx.out_dir / ".quantkit" / f"{item.filename}.spec.json"
+            spec_file.parent.mkdir(parents=True, exist_ok=True)
+            spec_file.write_text(json.dumps(spec))
+
+            def on_line(line: str) -> None:
+                if line.startswith("progress "):
+                    done, total = line.split()[1].split("/")
+                    step.update(int(done), int(total))
+
+            run_python(["-m", "quantkit.backends.gptq_worker", str(spec_file)], on_line=on_line,
+                       env={"GPTQMODEL_CPU_WORKERS": str(ctx.threads)}, what=f"GPTQModel ({self.method.name})")
+            spec_file.unlink()
+        return {"source_params": param_count(ctx.source.path)}
+
+    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
+        from ..fsutil import HashCache
+
+        files = [p for p in path.rglob("*") if p.is_file()]
+        dtypes: Counter[str] = Counter()
+        weight_bytes = 0
+        for f in path.glob("*.safetensors"):
+            weight_bytes += f.stat().st_size
+            dtypes.update(t["dtype"] for k, t in safetensors_header(f).items() if k != "__metadata__")
+        params = facts.get("source_params") or 0
+        return ArtifactResult(
+            backend=self.name, variant=item.variant, filename=item.filename,
+            size_bytes=sum(p.stat().st_size for p in files), sha256=HashCache().sha256(path),
+            bits_per_weight=round(weight_bytes * 8 / params, 3) if params else 0.0,
+            tensor_types=dict(sorted(dtypes.items())), fallbacks=[],
+        )
+
+
+class GPTQBackend(GPTQModelBackend):
+    name = "gptq"
+
+
+class AWQBackend(GPTQModelBackend):
+    name = "awq"
+    method = Method("awq", "AWQ", (4,))
+
+
+def _linear_widths(source: Source) -> set[int]:
+    """Input widths of the quantized linear layers: hidden size and MLP width (group sizes must divide them)."""
+    cfg = source.config
+    widths = {cfg.get("hidden_size"), cfg.get("intermediate_size")}
+    return {int(w) for w in widths if w}

@@ -1,0 +1,77 @@
+"""Child process: quantize one GPTQ or AWQ variant with GPTQModel.
+
+Usage: python -m quantkit.backends.gptq_worker SPEC.json
+SPEC: method (gptq|awq), source, out, bits, group_size, desc_act, sym, calibration {text, samples, seq_len}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+
+def calibration_texts(source: str, spec: dict) -> list[str]:
+    """`samples` consecutive slices of `seq_len` tokens of the calibration text (never the evaluation text)."""
+    from transformers import AutoTokenizer
+
+    from ..evaluate.text import CALIBRATION, load_text
+
+    text_spec = spec["text"]
+    if text_spec.startswith("builtin:"):
+        text = CALIBRATION[text_spec.split(":", 1)[1]].read_text(encoding="utf-8")
+    else:
+        text = load_text(text_spec)
+    tok = AutoTokenizer.from_pretrained(source)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    n, size = spec["samples"], spec["seq_len"]
+    if len(ids) < size:
+        raise SystemExit(f"error: the calibration text has {len(ids)} tokens, fewer than seq_len {size}")
+    return [tok.decode(ids[i * size:(i + 1) * size]) for i in range(min(n, len(ids) // size))]
+
+
+def clean_quantize_config(folder: Path) -> None:
+    """GPTQModel records its temporary offload folder (a local path) in quantize_config.json; drop it."""
+    for name in ("quantize_config.json", "config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+
+        def scrub(node):
+            if isinstance(node, dict):
+                return {k: scrub(v) for k, v in node.items()
+                        if not (isinstance(v, str) and re.match(r"^(/|[A-Za-z]:\\)", v))}
+            if isinstance(node, list):
+                return [scrub(v) for v in node]
+            return node
+
+        path.write_text(json.dumps(scrub(data), indent=2) + "\n")
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization.config import FORMAT, METHOD
+
+    texts = calibration_texts(spec["source"], spec["calibration"])
+    if spec["method"] == "awq":
+        qc = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], quant_method=METHOD.AWQ, format=FORMAT.GEMM)
+    else:
+        qc = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["desc_act"], sym=spec["sym"])
+    print(f"progress 0/3 calibrating on {len(texts)} samples", flush=True)
+    model = GPTQModel.load(spec["source"], qc, device="cpu")
+    print("progress 1/3", flush=True)
+    model.quantize(texts, batch_size=1)
+    print("progress 2/3", flush=True)
+    model.save(spec["out"])
+    clean_quantize_config(Path(spec["out"]))
+    print("progress 3/3", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
