@@ -66,4 +66,4 @@ def test_third_party_artifact_is_built_and_reported(plugin_path, sample_model, t
     assert (folder / tiny["filename"]).read_text() == (sample_model / "config.json").read_text()
     assert tiny["evaluation"] is None  # no evaluation runner for it; the GGUF ones were evaluated
     assert all(a["evaluation"] for a in report["artifacts"] if a["backend"] == "gguf")
-    assert f"| {tiny['filename']} | COPY |" in (folder / "report.md").read_text()
+    assert f"| {tiny['filename']} | TINY COPY |" in (folder / "report.md").read_text()

@@ -28,7 +28,9 @@ def test_all_artifacts_and_both_reports(sample_build):
 
 def test_quality_orders_sensibly(sample_build):
     by = {a["variant"]: a for a in sample_build["report"]["artifacts"]}
-    assert by["F16"]["evaluation"]["kld_mean"] == 0
+    # The reference is the fp16 source run by transformers; llama.cpp's F16 file computes the same model.
+    assert by["F16"]["evaluation"]["kld_mean"] < 0.001
+    assert by["F16"]["evaluation"]["kld_mean"] < by["Q8_0"]["evaluation"]["kld_mean"]
     # Fewer bits lose more of the reference's distribution.
     assert by["Q8_0"]["evaluation"]["kld_mean"] < by["Q4_K_M"]["evaluation"]["kld_mean"] < by["Q2_K"]["evaluation"]["kld_mean"]
     assert by["Q8_0"]["evaluation"]["top1_agreement"] > by["Q2_K"]["evaluation"]["top1_agreement"]
