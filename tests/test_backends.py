@@ -1,5 +1,7 @@
 """The backend registry: built-in backends, and third-party ones through the `quantkit.backends` entry point."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -12,8 +14,10 @@ from conftest import TESTS, run_cli
 def plugin_path(tmp_path_factory):
     """The tiny plugin really installed (pip, from its folder) into a directory put on PYTHONPATH."""
     target = tmp_path_factory.mktemp("plugin")
+    source = tmp_path_factory.mktemp("plugin-src") / "tinybackend"
+    shutil.copytree(TESTS / "fixtures" / "tinybackend", source)  # pip writes build/ next to the sources
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(TESTS / "fixtures" / "tinybackend")], check=True)
+                    "--target", str(target), str(source)], check=True)
     return {"PYTHONPATH": str(target)}
 
 
@@ -59,8 +63,6 @@ def test_third_party_artifact_is_built_and_reported(plugin_path, sample_model, t
                        "evaluation:\n  ctx: 256\n  max_tokens: 512\n")
     run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out", env=plugin_path, check=True)
     folder = tmp_path / "out" / sample_model.name
-    import json
-
     report = json.loads((folder / "report.json").read_text())
     tiny = next(a for a in report["artifacts"] if a["backend"] == "tiny")
     assert (folder / tiny["filename"]).read_text() == (sample_model / "config.json").read_text()

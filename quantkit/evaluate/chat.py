@@ -15,3 +15,16 @@ def render_chat(template: str, messages: list[dict[str, str]], *, bos_token: str
     return env.from_string(template).render(
         messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token,
     )
+
+
+def smoke_verdict(reply: str, end_token: str | None, prompt: str, opts: dict) -> dict:
+    """Pass when the turn ended (an end-of-generation token) within the cap and the reply has the answer."""
+    has_answer = opts["expect"].lower() in reply.lower()
+    if end_token is None:
+        reason = f"no end-of-turn token within {opts['max_tokens']} tokens"
+    elif not has_answer:
+        reason = f"reply does not contain {opts['expect']!r}"
+    else:
+        reason = f"ended with {end_token}, contains {opts['expect']!r}"
+    return {"passed": end_token is not None and has_answer, "reply": reply, "end_token": end_token,
+            "reason": reason, "prompt": prompt}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import render_chat
+from .chat import render_chat, smoke_verdict
 from .metrics import score, scored_range
 
 
@@ -65,14 +65,7 @@ def smoke_test(llm, vocab, opts: dict) -> dict:
         out.append(tok)
         llm.eval([tok])
     reply = llm.detokenize(out).decode("utf-8", errors="replace")
-    if end_token is None:
-        reason = f"no end-of-turn token within {opts['max_tokens']} tokens"
-    elif opts["expect"].lower() not in reply.lower():
-        reason = f"reply does not contain {opts['expect']!r}"
-    else:
-        reason = f"ended with {end_token}, contains {opts['expect']!r}"
-    passed = end_token is not None and opts["expect"].lower() in reply.lower()
-    return {"passed": passed, "reply": reply, "end_token": end_token, "reason": reason, "prompt": prompt}
+    return smoke_verdict(reply, end_token, prompt, opts)
 
 
 def main(argv: list[str]) -> int:

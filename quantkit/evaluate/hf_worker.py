@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat import smoke_verdict
 from .metrics import score, scored_range
 
 
@@ -70,14 +71,7 @@ def smoke_test(model, tok, opts: dict) -> dict:
     new = out[0][ids.shape[1]:].tolist()
     end_token = tok.convert_ids_to_tokens(new[-1]) if new and new[-1] in eos else None
     reply = tok.decode(new[:-1] if end_token else new, skip_special_tokens=True)
-    if end_token is None:
-        reason = f"no end-of-turn token within {opts['max_tokens']} tokens"
-    elif opts["expect"].lower() not in reply.lower():
-        reason = f"reply does not contain {opts['expect']!r}"
-    else:
-        reason = f"ended with {end_token}, contains {opts['expect']!r}"
-    passed = end_token is not None and opts["expect"].lower() in reply.lower()
-    return {"passed": passed, "reply": reply, "end_token": end_token, "reason": reason, "prompt": prompt}
+    return smoke_verdict(reply, end_token, prompt, opts)
 
 
 def main(argv: list[str]) -> int:
