@@ -43,7 +43,9 @@ class HashCache:
             files = sorted(p for p in path.rglob("*") if p.is_file())
             return sha256_text(*(f"{p.relative_to(path).as_posix()}:{self.sha256(p)}" for p in files))
         st = path.stat()
-        key = str(path.resolve())
+        # Keyed by a hash of the absolute path: the manifest lives in the build folder, which must
+        # not name local paths.
+        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
         hit = self.entries.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]

@@ -61,7 +61,7 @@ def test_gptq_and_awq_folders_load_with_plain_transformers(formats_build):
 def test_no_output_file_holds_an_absolute_local_path(formats_build):
     folder = formats_build["dir"]
     for path in folder.rglob("*"):
-        if path.is_file() and ".quantkit" not in path.parts and path.suffix not in (".gguf", ".safetensors", ".png"):
+        if path.is_file() and path.suffix not in (".gguf", ".safetensors", ".png", ".npy"):  # .quantkit/ too
             text = path.read_text(errors="replace")
             assert not re.search(r"(/tmp/|/root/|/home/|/work/)", text), path
 
