@@ -12,7 +12,7 @@ from hub_server import HubServer, client_env, isolate_client
 
 pytest.importorskip("gptqmodel", reason="the gptq extra is not installed (QUANTKIT_EXTRAS without gptq)")
 
-TOKEN = "hf_formatsTestToken0123456789abcdefXYZ"
+TOKEN = "qk-test-token-formats-0123456789"
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from conftest import PROFILES, run_cli
 from hub_server import HubServer, client_env, isolate_client
 
-TOKEN = "hf_quantkitTestToken0123456789abcdefXYZ"
-OTHER = "hf_someoneElsesToken0123456789abcdefXYZ"
+TOKEN = "qk-test-token-alice-0123456789"
+OTHER = "qk-test-token-bob-0123456789"
 
 
 @pytest.fixture
@@ -134,9 +134,9 @@ def test_dry_run_prints_the_plan_without_network(sample_build, hub):
 
 
 def test_bad_token_and_foreign_namespace(sample_build, hub):
-    proc = run_cli("publish", sample_build["dir"], env={**hub.env, "HF_TOKEN": "hf_invalidToken000000000000000000000"})
+    proc = run_cli("publish", sample_build["dir"], env={**hub.env, "HF_TOKEN": "qk-test-token-invalid-000000"})
     assert proc.returncode == 8 and "rejected the token (401)" in proc.stderr
-    assert "hf_invalidToken" not in proc.stdout + proc.stderr
+    assert "qk-test-token-invalid" not in proc.stdout + proc.stderr
     proc = run_cli("publish", sample_build["dir"], "--owner", "bob", env=hub.env)
     assert proc.returncode == 8 and "may not write there (403)" in proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr

@@ -9,14 +9,12 @@ ref_read (path to the reference's log-probabilities), smoke options. Progress go
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from .chat import render_chat, smoke_verdict
-from .metrics import score, scored_range
+from .metrics import score, scored_range, worker_main
 
 
 def _load(model: str, ctx: int, threads: int):
@@ -68,15 +66,5 @@ def smoke_test(llm, vocab, opts: dict) -> dict:
     return smoke_verdict(reply, end_token, prompt, opts)
 
 
-def main(argv: list[str]) -> int:
-    if argv[0] == "evaluate":
-        result = evaluate(argv[1], json.loads(Path(argv[2]).read_text()))
-        Path(argv[3]).write_text(json.dumps(result, indent=1))
-    else:
-        print(f"unknown command {argv[0]!r}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(worker_main(sys.argv[1:], {"evaluate": evaluate}))

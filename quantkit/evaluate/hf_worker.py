@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .chat import smoke_verdict
-from .metrics import score, scored_range
+from .metrics import score, scored_range, worker_main
 
 
 def tokenize(folder: str, text_file: str, out: str, bos_out: str) -> None:
@@ -74,17 +74,5 @@ def smoke_test(model, tok, opts: dict) -> dict:
     return smoke_verdict(reply, end_token, prompt, opts)
 
 
-def main(argv: list[str]) -> int:
-    if argv[0] == "tokenize":
-        tokenize(*argv[1:5])
-    elif argv[0] == "evaluate":
-        result = evaluate(argv[1], json.loads(Path(argv[2]).read_text()))
-        Path(argv[3]).write_text(json.dumps(result, indent=1))
-    else:
-        print(f"unknown command {argv[0]!r}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(worker_main(sys.argv[1:], {"evaluate": evaluate, "tokenize": tokenize}))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -86,3 +88,17 @@ def score(forward: Callable[[np.ndarray], np.ndarray], spec: dict, n_vocab: int)
     if spec.get("ref_write"):
         ref.flush()
     return acc.summary()
+
+
+def worker_main(argv: list[str], commands: dict[str, Callable]) -> int:
+    """The command line of an evaluation worker: `evaluate TARGET SPEC.json OUT.json`, plus its own commands."""
+    if argv and argv[0] == "evaluate":
+        result = commands["evaluate"](argv[1], json.loads(Path(argv[2]).read_text()))
+        Path(argv[3]).write_text(json.dumps(result, indent=1))
+        return 0
+    if argv and argv[0] in commands:
+        commands[argv[0]](*argv[1:])
+        return 0
+    print(f"usage: evaluate TARGET SPEC.json OUT.json | {' | '.join(c for c in commands if c != 'evaluate')}",
+          file=sys.stderr)
+    return 2
