@@ -19,7 +19,10 @@ from .errors import ToolError
 def run_python(args: Sequence[str], *, on_line: Callable[[str], None] | None = None, cwd: Path | None = None,
                env: dict[str, str] | None = None, what: str = "helper") -> list[str]:
     """Run `python args...`, merging stdout and stderr; return all lines; raise ToolError on failure."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # Children import the same quantkit as this process, whatever their working directory.
+    here = str(Path(__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}
     lines: list[str] = []
     tail: collections.deque[str] = collections.deque(maxlen=15)
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -83,7 +83,8 @@ class GPTQModelBackend(Backend):
                     done, total = line.split()[1].split("/")
                     step.update(int(done), int(total))
 
-            run_python(["-m", "quantkit.backends.gptq_worker", str(spec_file)], on_line=on_line,
+            # cwd: GPTQModel writes a logs/ folder into the working directory; keep it with the build's state.
+            run_python(["-m", "quantkit.backends.gptq_worker", str(spec_file)], on_line=on_line, cwd=spec_file.parent,
                        env={"GPTQMODEL_CPU_WORKERS": str(ctx.threads)}, what=f"GPTQModel ({self.method.name})")
             spec_file.unlink()
         return {"source_params": param_count(ctx.source.path)}

@@ -105,7 +105,7 @@ class Evaluator:
                     bar.update(int(m.group(1)), int(m.group(2)))
 
             run_python(["-m", WORKERS[runner], "evaluate", str(target), str(spec_file), str(result_file)],
-                       on_line=on_line, what=f"evaluation of {label}")
+                       on_line=on_line, cwd=self.state, what=f"evaluation of {label}")
         raw = json.loads(result_file.read_text())
         result_file.unlink()
         spec_file.unlink()
