@@ -47,7 +47,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         items += backend.plan(src, options, llama_cpp)
     vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
     ev = prof.evaluation
-    tokens = ev.max_tokens or 30_000  # the bundled text is ~27k tokens
+    tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
     scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2
     # Absolute: llama.cpp's converter runs with its own working directory.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items, eval_scratch_bytes=scratch)
