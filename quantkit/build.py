@@ -89,6 +89,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         if rec is None or "result" not in rec:
             facts = backend.build(item, ctx) if rec is None else rec.get("facts", {})
             described = backend.describe(item, path, facts)
+            described.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
             rec = manifest.record(step, key, path, facts=facts, result=described.to_dict())
             built.append(item.filename)
         else:

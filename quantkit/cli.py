@@ -98,16 +98,9 @@ def publish(build_dir: Path = typer.Argument(..., help="A build folder (OUT/<Mod
 
 
 def _publish(build_dir: Path, *, owner: Optional[str], dry_run: bool, reporter) -> None:
-    from .publish.hub import PublishError, plan_publish, publish as push
+    from .publish.hub import plan_publish, publish as push
 
-    if dry_run and not owner:
-        import json
-
-        report = build_dir / "report.json"
-        owner = json.loads(report.read_text()).get("publish", {}).get("owner") if report.is_file() else None
-        if not owner:
-            raise PublishError("--dry-run needs to know the owner without asking the Hub", "pass --owner NAME")
-    commits = plan_publish(build_dir, owner=owner)
+    commits = plan_publish(build_dir, owner=owner, offline=dry_run)
     for c in commits:
         typer.echo(c.render())
     if dry_run:

@@ -75,7 +75,7 @@ class ArtifactResult:
     variant: str
     filename: str
     size_bytes: int
-    sha256: str
+    sha256: str  # filled in by the build from the manifest's hash
     bits_per_weight: float
     tensor_types: dict[str, int]  # ggml type name -> tensor count
     fallbacks: list[dict[str, str]]  # tensors the quantizer stored in another type than asked

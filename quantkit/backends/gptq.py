@@ -90,8 +90,6 @@ class GPTQModelBackend(Backend):
         return {"source_params": param_count(ctx.source.path)}
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
-        from ..fsutil import HashCache
-
         files = [p for p in path.rglob("*") if p.is_file()]
         dtypes: Counter[str] = Counter()
         weight_bytes = 0
@@ -101,7 +99,7 @@ class GPTQModelBackend(Backend):
         params = facts.get("source_params") or 0
         return ArtifactResult(
             backend=self.name, variant=item.variant, filename=item.filename,
-            size_bytes=sum(p.stat().st_size for p in files), sha256=HashCache().sha256(path),
+            size_bytes=sum(p.stat().st_size for p in files), sha256="",
             bits_per_weight=round(weight_bytes * 8 / params, 3) if params else 0.0,
             tensor_types=dict(sorted(dtypes.items())), fallbacks=[],
         )

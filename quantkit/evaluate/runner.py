@@ -36,9 +36,15 @@ class Evaluator:
         self.state = manifest.state_dir
         self.ctx = profile.evaluation.ctx
         self.ran: list[str] = []  # what was evaluated in this run (not taken from the manifest)
+        self._tokens: tuple[Path, int | None] | None = None
 
     def tokens(self) -> tuple[Path, int | None]:
         """The evaluation text as the source tokenizer's ids, and the BOS id each window starts with (if any)."""
+        if self._tokens is None:
+            self._tokens = self._make_tokens()
+        return self._tokens
+
+    def _make_tokens(self) -> tuple[Path, int | None]:
         text = load_text(self.profile.evaluation.text)
         out = self.state / "eval-tokens.npy"
         key = sha256_text("tokens", self.source_key, sha256_text(text), str(self.profile.evaluation.max_tokens))

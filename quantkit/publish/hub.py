@@ -72,7 +72,8 @@ def folder_files(folder: Path, prefix: str = "") -> list[UploadFile]:
             for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
-def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None = None) -> list[RepoCommit]:
+def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None = None,
+                 offline: bool = False) -> list[RepoCommit]:
     """Write each format's card and plot into BUILD/publish/<format>/ and list the commits: GGUF files
     on main; GPTQ/AWQ/EXL2 variants on a branch each, with the card on main. No network unless the
     owner must be asked of the Hub."""
@@ -82,7 +83,11 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
         raise PublishError(f"{build_dir} has no report.json", "run quantkit build first, and pass its build folder")
     report = json.loads(report_path.read_text())
     opts = report.get("publish") or {}
-    owner = owner or opts.get("owner") or _whoami(token)
+    owner = owner or opts.get("owner")
+    if not owner:
+        if offline:
+            raise PublishError("--dry-run needs to know the owner without asking the Hub", "pass --owner NAME")
+        owner = _whoami(token)
     private = bool(opts.get("private"))
     commits = []
     for backend in dict.fromkeys(a["backend"] for a in report["artifacts"]):
@@ -219,7 +224,9 @@ def _whoami(token: str | None) -> str:
     try:
         return HfApi(token=token).whoami()["name"]
     except Exception as e:
-        raise _explain(e) if not _transient(e) else PublishError(f"cannot reach the Hub: {_short(e)}", "check the network and HF_ENDPOINT") from e
+        if _transient(e):
+            raise PublishError(f"cannot reach the Hub: {_short(e)}", "check the network and HF_ENDPOINT") from e
+        raise _explain(e) from e
 
 
 def _check_repo_id(repo_id: str) -> None:
