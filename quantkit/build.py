@@ -75,7 +75,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         need += plan.eval_scratch_bytes
     check_free_space(out, need, f"{len(missing)} artifact(s) and evaluation scratch")
 
-    ctx = backends.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp)
+    ctx = backends.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp,
+                                evaluation_text=plan.profile.evaluation.text)
     built, keys, results = [], {}, []
     for item in plan.artifacts:
         path = out / item.filename
@@ -83,25 +84,28 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         parent_key = keys.get(item.depends_on, "")
         parent_sha = manifest.sha256(out / item.depends_on) if item.depends_on else source_key
         key = sha256_text("artifact", item.backend, item.variant, repr(sorted(item.options.items())),
-                          parent_key, parent_sha, llama_version)
+                          parent_key, parent_sha, *(keys[u] for u in item.uses), llama_version)
         step = f"artifact:{item.filename}"
         rec = manifest.done(step, key, path)
         if rec is None or "result" not in rec:
             facts = backend.build(item, ctx) if rec is None else rec.get("facts", {})
             described = backend.describe(item, path, facts)
             described.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
+            described.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
             rec = manifest.record(step, key, path, facts=facts, result=described.to_dict())
             built.append(item.filename)
         else:
             reporter.info(f"✓ {item.filename} (up to date)")
         keys[item.filename] = key
-        results.append(ArtifactResult(**{k: v for k, v in rec["result"].items() if k != "evaluation"}))
+        result = ArtifactResult(**{k: v for k, v in rec["result"].items() if k != "evaluation"})
+        result.role, result.uses, result.predicted_bytes = item.role, list(item.uses), item.predicted_bytes  # plan facts
+        results.append(result)
 
     evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads)
     reference = evaluator.reference()
     for item, result in zip(plan.artifacts, results):
         runner = backends.get(item.backend).evaluator
-        if runner:
+        if runner and item.role != "imatrix":
             result.evaluation = evaluator.evaluate(out / item.filename, runner)
 
     report_json, report_md = write_reports(plan, results, reference, llama_version, manifest)

@@ -43,6 +43,21 @@ class LlamaCppTree:
         return _supported_architectures(self.root)
 
 
+def find_tool(name: str) -> Path:
+    """A llama.cpp program (llama-imatrix, llama-gguf-split, llama-perplexity) built from the same tree as
+    the bindings: QUANTKIT_LLAMA_TOOLS, else the ones ./scripts/setup.sh built for this environment, else PATH."""
+    folders = [Path(p) for p in (os.environ.get("QUANTKIT_LLAMA_TOOLS"),) if p] + [Path(sys.prefix) / "llama-tools"]
+    for folder in folders:
+        if os.access(folder / name, os.X_OK):
+            return folder / name
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise ToolError(f"{name} (from llama.cpp) is not installed",
+                    "run ./scripts/setup.sh (it builds llama.cpp's tools from the llama-cpp-python source), "
+                    "or set QUANTKIT_LLAMA_TOOLS to a folder holding them")
+
+
 def bindings_version() -> str:
     try:
         return metadata.version("llama-cpp-python")

@@ -19,9 +19,12 @@ class ArtifactPlan:
     variant: str  # "Q4_K_M", "F16", "4bit-g128", ...
     filename: str  # relative to the build folder
     predicted_bytes: int
-    is_reference: bool = False  # the f16/bf16 GGUF the other GGUF files are quantized from
+    role: str = "model"  # model | intermediate (a model the others are made from) | imatrix (not a model)
     depends_on: str | None = None  # filename of the artifact this one is made from
+    uses: tuple[str, ...] = ()  # other artifacts it needs (the importance matrix)
     options: dict[str, Any] = field(default_factory=dict)
+    predicted_peak_bytes: int = 0  # the backend's estimate of the build step's peak memory (0: no estimate)
+    note: str = ""  # what the plan should say of it: "3 shards", "180 tensors fall back"
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,10 @@ class BuildPlan:
             "artifacts:",
         ]
         for a in self.artifacts:
-            note = "intermediate" if a.is_reference else f"from {a.depends_on}" if a.depends_on else ""
-            lines.append(f"  {a.backend:5} {a.variant:8} {a.filename:48} ~{human_size(a.predicted_bytes):>9}  {note}")
+            note = "intermediate" if a.role == "intermediate" else f"from {a.depends_on}" if a.depends_on else ""
+            note += "".join(f" + {u}" for u in a.uses) + (f"; {a.note}" if a.note else "")
+            mem = f"  peak memory ~{human_size(a.predicted_peak_bytes)}" if a.predicted_peak_bytes else ""
+            lines.append(f"  {a.backend:5} {a.variant:14} {a.filename:48} {human_size(a.predicted_bytes):>9}{mem}  {note}")
         ev = self.profile.evaluation
         lines.append(
             f"evaluation: perplexity, KL-divergence and top-1 vs the fp16 source (transformers) on {ev.text} "
@@ -77,9 +82,14 @@ class ArtifactResult:
     size_bytes: int
     sha256: str  # filled in by the build from the manifest's hash
     bits_per_weight: float
-    tensor_types: dict[str, int]  # ggml type name -> tensor count
+    tensor_types: dict[str, int]  # ggml type name -> tensor count (dtype -> count for folder formats)
     fallbacks: list[dict[str, str]]  # tensors the quantizer stored in another type than asked
     evaluation: EvalResult | None = None
+    role: str = "model"  # as in ArtifactPlan: reports and cards list models, and name the imatrix apart
+    uses: list[str] = field(default_factory=list)  # as in ArtifactPlan
+    details: dict[str, Any] = field(default_factory=dict)  # what else the backend reports (imatrix: chunks, text)
+    predicted_bytes: int = 0
+    peak_rss_bytes: int = 0  # measured peak memory of the process that built it (0: not measured)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,22 +10,34 @@ import collections
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import ToolError
 
 
-def run_python(args: Sequence[str], *, on_line: Callable[[str], None] | None = None, cwd: Path | None = None,
-               env: dict[str, str] | None = None, what: str = "helper") -> list[str]:
-    """Run `python args...`, merging stdout and stderr; return all lines; raise ToolError on failure."""
+@dataclass(frozen=True)
+class Finished:
+    lines: list[str]  # stdout and stderr, merged, one entry per line (or per tqdm redraw)
+    peak_rss_bytes: int  # the child's own peak resident memory, from the kernel's accounting
+
+
+def run_python(args: Sequence[str], **kwargs) -> Finished:
+    """Run `python args...` (this interpreter); see run_program."""
+    return run_program(sys.executable, args, **kwargs)
+
+
+def run_program(program: str | Path, args: Sequence[str], *, on_line: Callable[[str], None] | None = None,
+                cwd: Path | None = None, env: dict[str, str] | None = None, what: str = "helper") -> Finished:
+    """Run `program args...`, merging stdout and stderr; raise ToolError on failure."""
     # Children import the same quantkit as this process, whatever their working directory.
     here = str(Path(__file__).resolve().parent.parent)
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}
     lines: list[str] = []
     tail: collections.deque[str] = collections.deque(maxlen=15)
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([str(program), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             cwd=cwd, env=full_env, text=True, errors="replace", bufsize=1)
     assert proc.stdout is not None
     try:
@@ -37,7 +49,9 @@ def run_python(args: Sequence[str], *, on_line: Callable[[str], None] | None = N
                     tail.append(line)
                     if on_line:
                         on_line(line)
-        code = proc.wait()
+        # wait4, not wait: it gives this child's own rusage (peak RSS), which backends report as measured memory.
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = proc.returncode = os.waitstatus_to_exitcode(status)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -46,4 +60,4 @@ def run_python(args: Sequence[str], *, on_line: Callable[[str], None] | None = N
         cause = next((l for l in reversed(tail) if "error" in l.lower()), tail[-1] if tail else "")
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         raise ToolError(f"{what} failed ({how}): {cause.strip()[:300]}", "the last lines of its output:\n" + "\n".join(tail))
-    return lines
+    return Finished(lines, usage.ru_maxrss * 1024)

@@ -112,6 +112,24 @@ def artifact_table(artifacts: list[dict], columns: list[str], extra: tuple[str, 
     return lines
 
 
+def models(artifacts: list[dict]) -> list[dict]:
+    """The artifacts that are models (tables, plots); the importance matrix is named apart."""
+    return [a for a in artifacts if a.get("role") != "imatrix"]
+
+
+def imatrix_lines(artifacts: list[dict]) -> list[str]:
+    """What the importance matrix is, how it was made, and which files used it."""
+    lines = []
+    for im in (a for a in artifacts if a.get("role") == "imatrix"):
+        d = im.get("details") or {}
+        users = [label(a) for a in artifacts if im["filename"] in (a.get("uses") or [])]
+        lines.append(f"`{im['filename']}` ({human_size(im['size_bytes'])}) is the importance matrix, computed by "
+                     f"llama.cpp's llama-imatrix on {d.get('chunks', '?')} chunks of {d.get('chunk_tokens', '?')} "
+                     f"tokens of `{_public_text_name(d.get('text', '?'))}` (calibration text, disjoint from the evaluation "
+                     f"text). Quantized with it: {', '.join(users) or 'none'}; the others without.")
+    return lines
+
+
 def render_markdown(data: dict) -> str:
     ev = data["evaluation"]
     src = data["source"]
@@ -125,8 +143,10 @@ def render_markdown(data: dict) -> str:
         f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference: {ev['reference']}, "
         f"perplexity {ev['reference_result']['perplexity']:.3f}. {ev['method']}.",
         "",
-        *artifact_table(data["artifacts"], ["file", "type", "size", "bpw", "ppl", "dppl", "kld", "kld99", "top1", "smoke"]),
+        *artifact_table(models(data["artifacts"]), ["file", "type", "size", "bpw", "ppl", "dppl", "kld", "kld99", "top1", "smoke"]),
     ]
+    if imatrix := imatrix_lines(data["artifacts"]):
+        lines += ["", "## Importance matrix", "", *imatrix]
     smoke = data["smoke"]
     lines += ["", "## Smoke test", "",
               f"System: {smoke['system']!r}; user: {smoke['question']!r}; greedy, at most {smoke['max_tokens']} tokens; "
@@ -144,6 +164,6 @@ def render_markdown(data: dict) -> str:
                   "256 values; llama.cpp stored them in the nearest type that fits:", ""]
         lines += [f"- **{a['variant']}**: {a['fallback_summary']}" for a in fallbacks]
         lines.append("")
-    for a in data["artifacts"]:
+    for a in models(data["artifacts"]):
         lines.append(f"- {label(a)}: " + ", ".join(f"{k} ×{v}" for k, v in a["tensor_types"].items()))
     return "\n".join(lines) + "\n"

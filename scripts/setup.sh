@@ -38,17 +38,22 @@ sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
 
 say() { echo "[setup] $*" >&2; }
 
-if [ ! -f "$venv/.complete" ]; then
-  say "creating the environment $venv (first run on this machine: about 10 minutes)"
-  rm -rf "$venv"
-  mkdir -p "$CACHE/sdist" "$wheels"
+ensure_sdist() {
   if [ ! -f "$sdist" ]; then
     say "downloading the llama-cpp-python $LLAMA_VERSION source (it carries llama.cpp and its converter)"
+    mkdir -p "$CACHE/sdist"
     tmp=$(mktemp -d "$CACHE/sdist/.dl.XXXXXX")
     pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$tmp"
     mv "$tmp"/llama_cpp_python-"$LLAMA_VERSION".tar.gz "$sdist"
     rm -rf "$tmp"
   fi
+}
+
+if [ ! -f "$venv/.complete" ]; then
+  say "creating the environment $venv (first run on this machine: about 10 minutes)"
+  rm -rf "$venv"
+  mkdir -p "$wheels"
+  ensure_sdist
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     say "building llama-cpp-python $LLAMA_VERSION (about 7 minutes on 2 cores)"
     tmp=$(mktemp -d "$wheels/.build.XXXXXX")
@@ -66,6 +71,33 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install --quiet --find-links "$wheels" -r "$venv/requirements.txt"
   touch "$venv/.complete"
 fi
+
+# llama.cpp's own programs, from the same source and flags as the bindings: llama-imatrix (importance
+# matrices), llama-gguf-split (shards) and llama-perplexity (the benchmark's baseline). Static, so
+# they need nothing from the build folder; linked into the environment, where quantkit looks first.
+tools="$CACHE/llama-tools/$LLAMA_VERSION-$(echo "$cmake_args" | sha256sum | cut -c1-12)"
+if [ ! -f "$tools/.complete" ]; then
+  say "building llama.cpp's tools (llama-imatrix, llama-gguf-split, llama-perplexity): about 5 minutes on 2 cores"
+  ensure_sdist
+  mkdir -p "$CACHE/llama-tools"
+  work=$(mktemp -d "$CACHE/llama-tools/.build.XXXXXX")
+  tar xzf "$sdist" -C "$work" "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp"
+  command -v cmake >/dev/null || "$venv/bin/pip" install --quiet cmake ninja
+  PATH="$venv/bin:$PATH"
+  gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+  # shellcheck disable=SC2086  # cmake_args is a list of flags
+  cmake -S "$work/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" -B "$work/build" "${gen[@]}" \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF $cmake_args >"$work/cmake.log" 2>&1 \
+    || { cat "$work/cmake.log" >&2; exit 1; }
+  cmake --build "$work/build" --target llama-imatrix llama-gguf-split llama-perplexity -j "$(nproc)" >"$work/build.log" 2>&1 \
+    || { tail -30 "$work/build.log" >&2; exit 1; }
+  rm -rf "$tools" && mkdir -p "$tools"
+  cp "$work"/build/bin/llama-{imatrix,gguf-split,perplexity} "$tools"/
+  touch "$tools/.complete"
+  rm -rf "$work"
+fi
+ln -sfn "$tools" "$venv/llama-tools"
 
 # setuptools is chatty about editable installs; show its output only if the install fails.
 log=$(mktemp)

@@ -9,6 +9,7 @@ from huggingface_hub import HfApi, ModelCard
 
 from conftest import PROFILES, run_cli
 from hub_server import HubServer, client_env, isolate_client
+from quantkit.evaluate.text import CALIBRATION
 
 pytest.importorskip("gptqmodel", reason="the gptq extra is not installed (QUANTKIT_EXTRAS without gptq)")
 
@@ -17,10 +18,37 @@ TOKEN = "qk-test-token-formats-0123456789"
 
 @pytest.fixture(scope="module")
 def formats_build(sample_model, tmp_path_factory):
+    """The formats profile, with GPTQ calibrated on a Hub dataset (`hf:`) served by the test Hub."""
     out = tmp_path_factory.mktemp("formats")
-    run_cli("build", sample_model, "--profile", PROFILES / "formats.yaml", "--out", out, check=True)
+    tmp = tmp_path_factory.mktemp("calib-hub")
+    server = HubServer(tmp / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        isolate_client(mp, tmp / "hf_home_tests")
+        api = HfApi(endpoint=server.endpoint, token=TOKEN)
+        api.create_repo("alice/calibration", repo_type="dataset")
+        api.upload_file(path_or_fileobj=str(CALIBRATION["botchan"]), path_in_repo="calibration.txt",
+                        repo_id="alice/calibration", repo_type="dataset")
+    try:
+        env = {**client_env(server.endpoint, tmp / "hf_home"), "HF_TOKEN": TOKEN}
+        profile = tmp / "formats-hf.yaml"
+        profile.write_text((PROFILES / "formats.yaml").read_text().replace(
+            "calibration: {text: builtin:botchan, samples: 4", "calibration: {text: 'hf:alice/calibration', samples: 4"))
+        assert "hf:alice/calibration" in profile.read_text()
+        run_cli("build", sample_model, "--profile", profile, "--out", out, env=env, check=True)
+        calibration_downloads = [r for r in server.requests if "calibration.txt" in r.path and r.method == "GET"]
+    finally:
+        server.stop()
     folder = out / sample_model.name
-    return {"dir": folder, "out": out, "report": json.loads((folder / "report.json").read_text())}
+    return {"dir": folder, "out": out, "report": json.loads((folder / "report.json").read_text()),
+            "calibration_downloads": calibration_downloads}
+
+
+def test_gptq_calibrates_on_a_hub_dataset(formats_build):
+    assert formats_build["calibration_downloads"], "the GPTQ worker did not fetch the hf: calibration text"
+    assert all(r.status == 200 for r in formats_build["calibration_downloads"])
+    gptq = next(a for a in formats_build["report"]["artifacts"] if a["backend"] == "gptq")
+    assert gptq["peak_rss_bytes"] > 100e6  # measured, for the memory estimates in docs/profiles.md
 
 
 def test_one_table_across_formats(formats_build):

@@ -28,6 +28,7 @@ class BuildContext:
     reporter: Reporter
     threads: int
     llama_cpp: str | None = None  # user llama.cpp checkout, if any
+    evaluation_text: str = "builtin:botchan"  # calibration must not contain it
 
 
 @dataclass(frozen=True)

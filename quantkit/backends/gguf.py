@@ -1,20 +1,28 @@
-"""GGUF backend: llama.cpp's own converter to f16/bf16, then llama_model_quantize per type."""
+"""GGUF backend: llama.cpp's own converter to f16/bf16, an optional importance matrix (llama-imatrix),
+then llama_model_quantize per variant, with per-tensor overrides, and llama.cpp shards for large files."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import ProfileError, SourceError
-from ..fsutil import atomic_path
-from ..llamacpp import find_tree
+from ..errors import SourceError
+from ..fsutil import atomic_dir, atomic_path, human_size
+from ..llamacpp import find_tool, find_tree
 from ..plan import ArtifactPlan, ArtifactResult
 from ..procs import run_python
-from ..source import Source, param_count
+from ..source import Source
 from . import Backend, BuildContext, Requirement, package
-from .gguf_types import INTERMEDIATES, NEEDS_IMATRIX, NOMINAL_BPW, ftypes, normalize
+from .gguf_options import GGUFVariant, parse_options
+from .gguf_predict import predict_sizes, quantize_spec
+from .gguf_shards import gguf_files, model_file, split
+from .gguf_types import INTERMEDIATES
+from .imatrix import compute_imatrix
 
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 _FALLBACK = re.compile(
@@ -33,95 +41,115 @@ class GGUFBackend(Backend):
         return [package("llama-cpp-python", "llama_cpp", hint), package("gguf", "gguf", hint)]
 
     def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
-        unknown = set(options) - {"types", "intermediate"}
-        if unknown:
-            raise ProfileError(f"gguf: unknown option(s) {sorted(unknown)}", "allowed: types, intermediate")
+        opts = parse_options(options, source.dtype)
         tree = find_tree(ctx_llama_cpp)
         if source.architecture not in tree.supported_architectures():
             raise SourceError(
                 f"architecture {source.architecture} is not supported by llama.cpp's converter ({tree.version})",
                 "use a model whose architecture llama.cpp supports, or --llama-cpp with a newer llama.cpp checkout",
             )
-        inter = normalize(options.get("intermediate", "f16"))
-        if inter == "AUTO":
-            inter = "BF16" if "bfloat16" in source.dtype else "F16"
-        if inter not in INTERMEDIATES:
-            raise ProfileError(f"gguf: intermediate {inter!r} is not supported", "use f16, bf16 or auto")
-        known = ftypes()
-        types = [normalize(t) for t in options.get("types", [])]
-        for t in types:
-            if t not in known or t.startswith("GUESSED"):
-                raise ProfileError(
-                    f"gguf: unknown quant type {t!r}",
-                    "use one of: " + ", ".join(sorted(k for k in known if not k.startswith("GUESSED"))),
-                )
-            if t in NEEDS_IMATRIX:
-                raise ProfileError(f"gguf: {t} needs an importance matrix, which this profile does not make",
-                                   "pick a type of 3 bits or more, e.g. Q3_K_M or IQ4_XS")
-        params = param_count(source.path)
-        ref = ArtifactPlan(
-            backend=self.name, variant=inter, filename=f"{source.name}-{inter}.gguf",
-            predicted_bytes=_predict(params, inter), is_reference=True,
-        )
-        items = [ref]
-        for t in dict.fromkeys(types):
-            if t == inter:
-                continue
-            items.append(ArtifactPlan(
-                backend=self.name, variant=t, filename=f"{source.name}-{t}.gguf",
-                predicted_bytes=_predict(params, t), depends_on=ref.filename,
-            ))
+        sizes = predict_sizes(source, tree, opts)
+        if opts.imatrix:
+            find_tool("llama-imatrix")  # missing tools fail now, not after the conversion
+        inter = self._artifact(source, opts.intermediate, sizes.files[opts.intermediate], opts.split_max_bytes,
+                               role="intermediate", peak=sizes.peak_convert)
+        items = [inter]
+        imatrix = None
+        if opts.imatrix:
+            imatrix = ArtifactPlan(
+                backend=self.name, variant="imatrix", filename=f"{source.name}.imatrix.gguf", role="imatrix",
+                predicted_bytes=sizes.imatrix_bytes, depends_on=inter.filename, options=asdict(opts.imatrix),
+                predicted_peak_bytes=sizes.peak_run, note=f"{opts.imatrix.chunks} chunks of {opts.imatrix.text}",
+            )
+            items.append(imatrix)
+        for v in opts.variants:
+            items.append(self._artifact(source, v.name, sizes.files[v.name], v.split_max_bytes, variant=v,
+                                        depends_on=inter.filename, peak=sizes.peak_quantize,
+                                        uses=(imatrix.filename,) if v.imatrix and imatrix else ()))
         return items
+
+    def _artifact(self, source: Source, name: str, size, limit: int, *, role: str = "model", peak: int = 0,
+                  variant: GGUFVariant | None = None, depends_on: str | None = None, uses: tuple[str, ...] = ()):
+        options = variant.options() if variant else {}
+        notes = [f"{size.fallbacks} tensors fall back to other types"] if size.fallbacks else []
+        if variant and variant.type != variant.name:
+            notes.insert(0, variant.type)
+        stem = f"{source.name}-{name}"
+        filename = f"{stem}.gguf"
+        if limit and size.file_bytes > limit:
+            filename = stem  # a folder of llama.cpp shards
+            options["split_max_bytes"] = limit
+            notes.append(f"{math.ceil(size.file_bytes / limit)} shards of at most {human_size(limit)}")
+        else:
+            options.pop("split_max_bytes", None)  # the limit only matters to files it splits
+        return ArtifactPlan(backend=self.name, variant=name, filename=filename, predicted_bytes=size.file_bytes,
+                            role=role, depends_on=depends_on, uses=uses, options=options,
+                            predicted_peak_bytes=peak, note="; ".join(notes))
 
     def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
         out = ctx.out_dir / item.filename
-        if item.depends_on is None:
+        if item.role == "intermediate":
             return self._convert(item, ctx, out)
-        return self._quantize(item, ctx, ctx.out_dir / item.depends_on, out)
+        src = model_file(ctx.out_dir / item.depends_on)
+        if item.role == "imatrix":
+            return compute_imatrix(src, out, item.options, ctx)
+        return self._quantize(item, ctx, src, out)
 
     def _convert(self, item: ArtifactPlan, ctx: BuildContext, out: Path) -> dict[str, Any]:
         tree = find_tree(ctx.llama_cpp)
         args = [str(tree.converter), str(ctx.source.path), "--outtype", INTERMEDIATES[item.variant]]
         if ctx.source.repo_id:
             args += ["--model-name", ctx.source.name]
-        with ctx.reporter.step(f"convert to {item.filename}", total=100) as step, atomic_path(out) as tmp:
+        limit = item.options.get("split_max_bytes")
+        if limit:
+            args += ["--split-max-size", f"{max(1, limit // 1_000_000)}M"]
+        with ctx.reporter.step(f"convert to {item.filename}", total=100) as step, \
+                (atomic_dir(out) if limit else atomic_path(out)) as tmp:
             def on_line(line: str) -> None:
                 m = re.search(r"Writing:\s+(\d+)%", line)
                 if m:
                     step.update(int(m.group(1)))
 
-            run_python(args + ["--outfile", str(tmp)], on_line=on_line, cwd=tree.root, what="llama.cpp converter")
-        return {}
+            target = tmp / f"{out.name}.gguf" if limit else tmp  # shards are named after it: NAME-00001-of-0000N.gguf
+            done = run_python(args + ["--outfile", str(target)], on_line=on_line, cwd=tree.root, what="llama.cpp converter")
+        return {"peak_rss_bytes": done.peak_rss_bytes}
 
     def _quantize(self, item: ArtifactPlan, ctx: BuildContext, src: Path, out: Path) -> dict[str, Any]:
-        ftype = ftypes()[item.variant]
-        with ctx.reporter.step(f"quantize {item.filename}") as step, atomic_path(out) as tmp:
+        limit = item.options.get("split_max_bytes")
+        imatrix = ctx.out_dir / item.uses[0] if item.uses else None
+        with ctx.reporter.step(f"quantize {item.filename}") as step, \
+                (atomic_dir(out) if limit else atomic_path(out)) as tmp:
             def on_line(line: str) -> None:
                 m = _TENSOR_LINE.search(line)
                 if m:
                     step.update(int(m.group(1)), int(m.group(2)))
 
-            lines = run_python(
-                ["-m", "quantkit.backends.gguf_quantize_worker", str(src), str(tmp), str(ftype), str(ctx.threads)],
-                on_line=on_line, what=f"llama.cpp quantizer ({item.variant})",
-            )
+            whole = tmp / f"{out.name}.whole.gguf" if limit else tmp
+            spec = quantize_spec(item.options, src, whole, ctx.threads, imatrix=imatrix)
+            done = run_python(["-m", "quantkit.backends.gguf_quantize_worker", json.dumps(spec)],
+                              on_line=on_line, what=f"llama.cpp quantizer ({item.variant})")
+            if limit:
+                step.update(0, None, note="splitting into shards")
+                split(whole, tmp, out.name, limit)
+                whole.unlink()
         # The quantizer's own log is the only record of which tensors could not take the asked type.
-        return {"fallbacks": [m.groupdict() for line in lines if (m := _FALLBACK.search(line))]}
+        return {"fallbacks": [m.groupdict() for line in done.lines if (m := _FALLBACK.search(line))],
+                "peak_rss_bytes": done.peak_rss_bytes}
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
         from gguf import GGUFReader
 
-        reader = GGUFReader(path)
-        types = Counter(t.tensor_type.name for t in reader.tensors)
-        n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-        n_elements = sum(int(t.n_elements) for t in reader.tensors)
+        types: Counter[str] = Counter()
+        n_bytes = n_elements = 0
+        for f in gguf_files(path):
+            for t in GGUFReader(f).tensors:
+                types[t.tensor_type.name] += 1
+                n_bytes += int(t.n_bytes)
+                n_elements += int(t.n_elements)
         return ArtifactResult(
             backend=self.name, variant=item.variant, filename=item.filename,
-            size_bytes=path.stat().st_size, sha256="",
-            bits_per_weight=round(n_bytes * 8 / max(n_elements, 1), 3),
+            size_bytes=sum(f.stat().st_size for f in gguf_files(path)), sha256="",
+            bits_per_weight=round(n_bytes * 8 / max(n_elements, 1), 3) if item.role != "imatrix" else 0.0,
             tensor_types=dict(sorted(types.items())), fallbacks=facts.get("fallbacks", []),
+            details={k: facts[k] for k in ("chunks", "chunk_tokens", "text") if k in facts},
         )
-
-
-def _predict(params: int, variant: str) -> int:
-    return int(params * NOMINAL_BPW.get(variant, 16.0) / 8) + 8 * 1024 * 1024  # + metadata and vocab

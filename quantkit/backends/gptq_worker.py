@@ -17,13 +17,9 @@ def calibration_texts(source: str, spec: dict) -> list[str]:
     """`samples` consecutive slices of `seq_len` tokens of the calibration text (never the evaluation text)."""
     from transformers import AutoTokenizer
 
-    from ..evaluate.text import CALIBRATION, load_text
+    from ..evaluate.text import calibration_text
 
-    text_spec = spec["text"]
-    if text_spec.startswith("builtin:"):
-        text = CALIBRATION[text_spec.split(":", 1)[1]].read_text(encoding="utf-8")
-    else:
-        text = load_text(text_spec)
+    text = calibration_text(spec["text"], spec["evaluation_text"])
     tok = AutoTokenizer.from_pretrained(source)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     n, size = spec["samples"], spec["seq_len"]

@@ -18,9 +18,13 @@ from .metrics import score, scored_range, worker_main
 
 
 def _load(model: str, ctx: int, threads: int):
+    from pathlib import Path
+
     from llama_cpp import Llama
 
-    return Llama(model_path=model, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+    from ..backends.gguf_shards import model_file
+
+    return Llama(model_path=str(model_file(Path(model))), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
                  n_threads=threads, n_threads_batch=threads, verbose=False)
 
 

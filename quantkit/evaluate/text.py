@@ -31,6 +31,27 @@ def load_text(spec: str) -> str:
         raise ProfileError(f"{path} is not UTF-8 text", "convert it to UTF-8") from e
 
 
+def calibration_text(spec: str, evaluation_spec: str) -> str:
+    """The calibration text (imatrix, GPTQ, AWQ): `builtin:NAME` is the calibration half of a bundled
+    text, anything else loads as load_text does. Refused when it contains the evaluation text, which
+    would make the evaluation measure what calibration was tuned on."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in CALIBRATION:
+            raise ProfileError(f"unknown built-in calibration text {name!r}", f"use one of: {', '.join(CALIBRATION)}")
+        text = CALIBRATION[name].read_text(encoding="utf-8")
+    else:
+        text = load_text(spec)
+    evaluation = load_text(evaluation_spec)
+    # 40 passages of 200 characters spread over the evaluation text: any of them verbatim means overlap.
+    step = max(1, (len(evaluation) - 200) // 40)
+    probes = [evaluation[i:i + 200] for i in range(0, max(1, len(evaluation) - 200), step)][:40]
+    if any(len(p) == 200 and p in text for p in probes):
+        raise ProfileError(f"the calibration text {spec} contains parts of the evaluation text {evaluation_spec}",
+                           "calibrate on other text than you evaluate on (the built-in texts are disjoint halves)")
+    return text
+
+
 def _hub_text(spec: str) -> str:
     """Text, JSON-lines or parquet files of a dataset repo, joined; `column` picks the field (default: text)."""
     from huggingface_hub import snapshot_download

@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub import ModelCard, ModelCardData
 
 from .. import __version__
-from ..report import artifact_table
+from ..report import artifact_table, imatrix_lines, models
 
 PLOT = "size-vs-kld.png"
 
@@ -21,6 +21,10 @@ USE_HINTS = {
     "Q4_K_M": "the usual default: good quality for its size",
     "Q4_K_S": "a little smaller than Q4_K_M, a little worse",
     "IQ4_XS": "4-bit quality at a smaller size",
+    "IQ4_NL": "4-bit; for runtimes without k-quant support",
+    "IQ3_M": "small; better than Q3_K at its size with an imatrix",
+    "IQ3_XXS": "very small; needs the imatrix it was made with to be good",
+    "IQ2_M": "tiny; large quality loss",
     "Q3_K_L": "small; noticeable quality loss",
     "Q3_K_M": "small; noticeable quality loss",
     "Q3_K_S": "very small; large quality loss",
@@ -59,7 +63,8 @@ def model_card(report: dict, repo_id: str, backend: str) -> ModelCard:
     model = report["model"]
     base_link = f"[{base}](https://huggingface.co/{base})" if base else f"`{model}`"
     ev = report["evaluation"]
-    arts = report["artifacts"]
+    everything = report["artifacts"]
+    arts = models(everything)
     folders = backend != "gguf"
     first = "branch" if folders else "file_link"
     rows = artifact_table(arts, [first, "type", "bpw", "size", "ppl", "kld", "top1", "smoke"],
@@ -90,6 +95,7 @@ def model_card(report: dict, repo_id: str, backend: str) -> ModelCard:
         "",
         f"![size vs KL-divergence]({PLOT})",
         "",
+        *[line for text in imatrix_lines(everything) for line in (text, "")],
     ]
     if fallbacks:
         sections += ["Some tensors could not take the asked k-quant type (their rows are not a multiple of 256 "

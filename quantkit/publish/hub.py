@@ -108,7 +108,11 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
         card = folder_files(stage)
         message = f"quantkit: {report['model']} {fmt}"
         if backend == "gguf":
-            files = card + [UploadFile(a["filename"], build_dir / a["filename"], a["size_bytes"], a["sha256"]) for a in arts]
+            files = list(card)
+            for a in arts:  # a file, or a folder of shards that keeps its name in the repo
+                path = build_dir / a["filename"]
+                files += folder_files(path, a["filename"] + "/") if path.is_dir() else [
+                    UploadFile(a["filename"], path, a["size_bytes"], a["sha256"])]
             commits.append(RepoCommit(repo_id, "main", private, files, message))
         else:
             commits.append(RepoCommit(repo_id, "main", private, card, message + " (card)"))

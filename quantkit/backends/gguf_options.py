@@ -1,0 +1,166 @@
+"""The GGUF backend's profile options, checked and turned into typed variants.
+
+    gguf:
+      intermediate: f16            # f16 | bf16 | q8_0 | auto (bf16 when the source is bf16)
+      split_max_size: 48G          # larger artifacts are written as llama.cpp shards
+      imatrix: {text: builtin:botchan, chunks: 64, ctx: 512}   # compute an importance matrix
+      types:
+        - Q4_K_M                                             # a plain llama.cpp type
+        - {type: Q4_K_M, name: Q4_K_L, embeddings: Q8_0, output: Q8_0}
+        - {type: Q3_K_M, imatrix: false, name: Q3_K_M-noimat}
+        - {type: Q4_K_M, overrides: {"ffn_down": Q6_K}}     # tensor-name regex -> type
+        - {type: Q8_0, split_max_size: 100M}
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ProfileError
+from ..evaluate.text import CALIBRATION
+from .gguf_types import INTERMEDIATES, NEEDS_IMATRIX, ftypes, ggml_types, normalize
+
+DEFAULT_SPLIT = "48G"
+_BACKEND_KEYS = {"types", "intermediate", "imatrix", "split_max_size"}
+_ENTRY_KEYS = {"type", "name", "imatrix", "embeddings", "output", "overrides", "split_max_size"}
+_IMATRIX_KEYS = {"text", "chunks", "ctx"}
+
+
+@dataclass(frozen=True)
+class ImatrixOptions:
+    text: str = "builtin:botchan"  # calibration text; never the evaluation text
+    chunks: int = 64  # chunks of `ctx` tokens fed through the model (llama-imatrix --chunks)
+    ctx: int = 512
+
+
+@dataclass(frozen=True)
+class GGUFVariant:
+    type: str  # llama.cpp file type: Q4_K_M
+    name: str  # label and file name part: Q4_K_L
+    imatrix: bool = False
+    embeddings: str | None = None  # ggml type for token_embd.weight
+    output: str | None = None  # ggml type for output.weight
+    overrides: tuple[tuple[str, str], ...] = ()  # (tensor-name regex, ggml type), first match wins
+    split_max_bytes: int = 0
+
+    def options(self) -> dict[str, Any]:
+        """What the quantize step depends on (part of its resume key)."""
+        return {"type": self.type, "imatrix": self.imatrix, "embeddings": self.embeddings, "output": self.output,
+                "overrides": [list(o) for o in self.overrides], "split_max_bytes": self.split_max_bytes}
+
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    intermediate: str  # F16 | BF16 | Q8_0
+    variants: list[GGUFVariant] = field(default_factory=list)
+    imatrix: ImatrixOptions | None = None  # None: no variant uses one
+    split_max_bytes: int = 0
+
+
+def parse_size(value: Any, where: str) -> int:
+    """'48G', '100M', '1.5G' (decimal units, as llama.cpp's --split-max-size) or a byte count."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value).upper())
+        if not m:
+            raise ProfileError(f"{where}: {value!r} is not a size", "write it like 48G, 500M or a number of bytes")
+        n = int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+    if n < 1_000_000:
+        raise ProfileError(f"{where}: {value!r} is below 1M", "llama.cpp's shards are sized in whole megabytes")
+    return n
+
+
+def parse_options(options: dict[str, Any], source_dtype: str) -> GGUFOptions:
+    unknown = set(options) - _BACKEND_KEYS
+    if unknown:
+        raise ProfileError(f"gguf: unknown option(s) {sorted(unknown)}", f"allowed: {', '.join(sorted(_BACKEND_KEYS))}")
+    inter = normalize(options.get("intermediate", "f16"))
+    if inter == "AUTO":
+        inter = "BF16" if "bfloat16" in source_dtype else "F16"
+    if inter not in INTERMEDIATES:
+        raise ProfileError(f"gguf: intermediate {inter!r} is not supported", "use f16, bf16, q8_0 or auto")
+    split = parse_size(options.get("split_max_size", DEFAULT_SPLIT), "gguf.split_max_size")
+    imatrix_spec = options.get("imatrix")
+    imatrix = _imatrix_options(imatrix_spec) if imatrix_spec not in (None, False) else None
+
+    variants = [_variant(e, imatrix is not None, split) for e in options.get("types") or []]
+    variants = [v for v in variants if v.name != inter or v.type != inter]  # the intermediate is always made
+    seen: dict[str, GGUFVariant] = {}
+    for v in variants:
+        if v.name in seen:
+            raise ProfileError(f"gguf: two entries are named {v.name!r}", "give one of them its own `name:`")
+        seen[v.name] = v
+    if inter == "Q8_0" and variants:
+        raise ProfileError("gguf: with intermediate q8_0 no other type can be made (llama.cpp does not requantize)",
+                           "use intermediate f16 or bf16, or drop `types`")
+    if any(v.imatrix for v in variants) and imatrix is None:
+        imatrix = ImatrixOptions()
+    if imatrix is not None and not any(v.imatrix for v in variants):
+        imatrix = None  # asked for, but every entry opted out
+    return GGUFOptions(inter, variants, imatrix, split)
+
+
+def _imatrix_options(spec: Any) -> ImatrixOptions:
+    spec = {} if spec is True else spec
+    if not isinstance(spec, dict) or set(spec) - _IMATRIX_KEYS:
+        raise ProfileError(f"gguf.imatrix: expected a mapping with keys {sorted(_IMATRIX_KEYS)}, got {spec!r}",
+                           "e.g. imatrix: {text: builtin:botchan, chunks: 64, ctx: 512}")
+    opts = ImatrixOptions(**spec)
+    if opts.text.startswith("builtin:") and opts.text.split(":", 1)[1] not in CALIBRATION:
+        raise ProfileError(f"gguf.imatrix.text: unknown built-in calibration text {opts.text!r}",
+                           f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, a text file or hf:ORG/DATASET")
+    if not (isinstance(opts.chunks, int) and opts.chunks > 0 and isinstance(opts.ctx, int) and opts.ctx >= 64):
+        raise ProfileError(f"gguf.imatrix: chunks must be > 0 and ctx >= 64, got {opts.chunks} and {opts.ctx}",
+                           "fix the profile")
+    return opts
+
+
+def _variant(entry: Any, imatrix_default: bool, split_default: int) -> GGUFVariant:
+    entry = {"type": entry} if isinstance(entry, str) else entry
+    if not isinstance(entry, dict) or "type" not in entry:
+        raise ProfileError(f"gguf.types: {entry!r} is neither a type name nor a mapping with `type`",
+                           "e.g. - Q4_K_M, or - {type: Q4_K_M, embeddings: Q8_0, output: Q8_0}")
+    unknown = set(entry) - _ENTRY_KEYS
+    if unknown:
+        raise ProfileError(f"gguf.types: unknown key(s) {sorted(unknown)} in {entry!r}", f"allowed: {', '.join(sorted(_ENTRY_KEYS))}")
+    t = normalize(entry["type"])
+    known = ftypes()
+    if t not in known or t.startswith("GUESSED"):
+        raise ProfileError(f"gguf: unknown quant type {t!r}",
+                           "use one of: " + ", ".join(sorted(k for k in known if not k.startswith("GUESSED"))))
+    name = str(entry.get("name") or t)
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise ProfileError(f"gguf: name {name!r} cannot be part of a file name", "use letters, digits, _ . + -")
+    use_imatrix = bool(entry.get("imatrix", imatrix_default))
+    if t in NEEDS_IMATRIX and not use_imatrix:
+        raise ProfileError(f"gguf: {t} needs an importance matrix, and {name} has none",
+                           "add `imatrix: {text: builtin:botchan}` to the gguf backend (or `imatrix: true` to this entry)")
+    overrides = entry.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ProfileError(f"gguf: overrides of {name} must map tensor-name patterns to types", 'e.g. {"ffn_down": Q6_K}')
+    for pattern in overrides:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ProfileError(f"gguf: override pattern {pattern!r} of {name} is not a regular expression: {e}",
+                               "fix the pattern") from e
+    return GGUFVariant(
+        type=t, name=name, imatrix=use_imatrix,
+        embeddings=_tensor_type(entry.get("embeddings"), name), output=_tensor_type(entry.get("output"), name),
+        overrides=tuple((str(p), _tensor_type(v, name)) for p, v in overrides.items()),
+        split_max_bytes=parse_size(entry["split_max_size"], f"gguf: {name}.split_max_size")
+        if "split_max_size" in entry else split_default,
+    )
+
+
+def _tensor_type(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    t = normalize(value)
+    if t not in ggml_types():
+        raise ProfileError(f"gguf: {name}: unknown tensor type {value!r}",
+                           "use a ggml tensor type: " + ", ".join(sorted(ggml_types())))
+    return t

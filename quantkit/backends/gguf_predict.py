@@ -1,0 +1,137 @@
+"""What a GGUF build will write, before it runs: exact file sizes, tensor types and fallbacks.
+
+The converter writes a skeleton of the intermediate file (gguf_skeleton: real metadata and tensor
+list, no data), and the quantizer's dry run picks every tensor's type for each variant, overrides
+included. The result is cached per source files, options and llama.cpp version, so re-planning a
+build is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..fsutil import sha256_text, write_json_atomic
+from ..llamacpp import LlamaCppTree
+from ..paths import cache_dir
+from ..procs import run_python
+from ..source import Source
+from .gguf_options import GGUFOptions
+from .gguf_sizes import SizePrediction, predict_from_dry_run
+from .gguf_types import INTERMEDIATES, ftypes, ggml_types
+
+# Peak memory of a step: a fixed part (Python, torch, llama.cpp) plus f32 working copies of the largest
+# tensor, because the converter and the quantizer stream tensors one at a time (lazy tensors,
+# memory-mapped input) instead of loading the model. Measured on the sample (135M parameters, largest
+# tensor 28.3M values), as the child process's peak RSS: converter 836-879 MB, quantizer 263-270 MB,
+# llama-imatrix 519 MB (it holds the whole intermediate model: 271 MB). RSS also
+# counts pages of the memory-mapped input, which the kernel can drop under pressure.
+_FIXED = {"convert": 750_000_000, "quantize": 100_000_000, "run": 250_000_000}
+_PER_LARGEST_VALUE = {"convert": 4, "quantize": 8}
+_VERSION = 1  # bump when what is cached changes
+
+
+@dataclass
+class SizePlan:
+    files: dict[str, SizePrediction] = field(default_factory=dict)  # variant name -> prediction
+    imatrix_bytes: int = 0
+    peak_convert: int = 0
+    peak_quantize: int = 0
+    peak_run: int = 0  # llama-imatrix: the whole intermediate file mapped, plus activations
+
+
+def quantize_spec(options: dict[str, Any], src: Path, dst: Path, threads: int, *, imatrix: Path | None = None,
+                  dry_run: bool = False) -> dict[str, Any]:
+    """The quantize worker's spec for one variant's options (GGUFVariant.options())."""
+    types = ggml_types()
+    spec: dict[str, Any] = {"src": str(src), "dst": str(dst), "ftype": ftypes()[options["type"]], "threads": threads,
+                            "dry_run": dry_run, "overrides": [[p, types[t]] for p, t in options.get("overrides", [])]}
+    for key in ("embeddings", "output"):
+        if options.get(key):
+            spec[key] = types[options[key]]
+    if dry_run:
+        spec["assume_imatrix"] = bool(options.get("imatrix"))
+    elif imatrix is not None:
+        spec["imatrix"] = str(imatrix)
+        # What llama.cpp's quantize tool records, so runtimes and readers can tell an imatrix quant.
+        spec["metadata"] = {"quantize.imatrix.file": imatrix.name}
+    return spec
+
+
+def predict_sizes(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
+    files = sorted(p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("."))
+    key = sha256_text("gguf-sizes", str(_VERSION), tree.version, str(tree.root), opts.intermediate,
+                      *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files),
+                      json.dumps([v.options() for v in opts.variants], sort_keys=True), str(opts.imatrix))
+    cached = cache_dir() / "sizes" / f"{key[:32]}.json"
+    if cached.exists():
+        data = json.loads(cached.read_text())
+        data["files"] = {k: SizePrediction(**v) for k, v in data["files"].items()}
+        return SizePlan(**data)
+    plan = _predict(source, tree, opts)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cached, {**asdict(plan), "files": {k: asdict(v) for k, v in plan.files.items()}})
+    return plan
+
+
+def _predict(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
+    from gguf import GGUFReader
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".skeleton-") as tmp:
+        skeleton = Path(tmp) / "skeleton.gguf"
+        run_python(["-m", "quantkit.backends.gguf_skeleton", str(tree.root), str(source.path),
+                    "--outtype", INTERMEDIATES[opts.intermediate], "--outfile", str(skeleton)],
+                   what="llama.cpp converter (planning sizes)")
+        reader = GGUFReader(skeleton)
+        tensors = list(reader.tensors)
+        types: dict[str, int] = {}
+        for t in tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        plan = SizePlan(files={opts.intermediate: SizePrediction(skeleton.stat().st_size, dict(sorted(types.items())))})
+        if opts.variants:
+            specs = [quantize_spec(v.options(), skeleton, Path(tmp) / "dry.gguf", 1, dry_run=True) for v in opts.variants]
+            lines = run_python(["-m", "quantkit.backends.gguf_quantize_worker", json.dumps(specs)],
+                               what="llama.cpp quantizer (dry run)").lines
+            chunks = _per_spec(lines)
+            for v, chunk in zip(opts.variants, chunks):
+                plan.files[v.name] = predict_from_dry_run(skeleton, chunk)
+        largest = max(int(t.n_elements) for t in tensors)
+        plan.peak_convert = _FIXED["convert"] + _PER_LARGEST_VALUE["convert"] * largest
+        plan.peak_quantize = _FIXED["quantize"] + _PER_LARGEST_VALUE["quantize"] * largest
+        plan.peak_run = _FIXED["run"] + skeleton.stat().st_size  # llama-imatrix holds the whole model
+        plan.imatrix_bytes = _imatrix_bytes(tensors)
+    return plan
+
+
+def _per_spec(lines: list[str]) -> list[list[str]]:
+    chunks: list[list[str]] = []
+    for line in lines:
+        if line.startswith("=== spec "):
+            chunks.append([])
+        elif chunks:
+            chunks[-1].append(line)
+    return chunks
+
+
+def _imatrix_bytes(tensors) -> int:
+    """Size of llama-imatrix's GGUF: for each matrix a matmul multiplies activations with (the layers'
+    weights; not the embeddings, not the output head), an f32 sum per input column (NAME.in_sum2)
+    and an f32 token count (NAME.counts), each tensor's data padded to 32 bytes."""
+    def info(name: str, dims: int) -> int:  # name string, dims, shape, type, offset
+        return 8 + len(name) + 4 + 8 * dims + 4 + 8
+
+    def padded(n: int) -> int:
+        return -(-n // 32) * 32
+
+    header, data = 400, 0  # GGUF header and the general.type / imatrix.* keys
+    for t in tensors:
+        if t.name.startswith("blk.") and len(t.shape) >= 2:
+            experts = int(t.shape[2]) if len(t.shape) > 2 else 1
+            dims = 1 if experts == 1 else 2
+            header += info(t.name + ".in_sum2", dims) + info(t.name + ".counts", 1)
+            data += padded(4 * int(t.shape[0]) * experts) + padded(4 * experts)
+    return padded(header) + data
