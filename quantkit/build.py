@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backends
-from .errors import SmokeTestFailed
+from .errors import ProfileError, SmokeTestFailed
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .llamacpp import bindings_version
 from .manifest import Manifest
@@ -39,9 +39,21 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     src = source if isinstance(source, Source) else resolve(
         source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    chosen = [(backends.get(name), options) for name, options in prof.backends.items()]
-    for backend, _ in chosen:
-        backend.check()  # every backend's needs, before any of them plans or builds
+    chosen, skipped = [], []
+    for name, options in prof.backends.items():
+        options = dict(options)
+        when = options.pop("if_unavailable", "fail")
+        if when not in ("fail", "skip"):
+            raise ProfileError(f"{name}.if_unavailable must be fail or skip, got {when!r}", "fix the profile")
+        backend = backends.get(name)
+        try:
+            backend.check()  # every backend's needs, before any of them plans or builds
+        except ProfileError as e:
+            if when == "fail":
+                raise
+            skipped.append(f"{name}: {e}; skipped (if_unavailable: skip)")
+            continue
+        chosen.append((backend, options))
     items = []
     for backend, options in chosen:
         items += backend.plan(src, options, llama_cpp)
@@ -50,7 +62,8 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
     scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2
     # Absolute: llama.cpp's converter runs with its own working directory.
-    return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items, eval_scratch_bytes=scratch)
+    return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
+                     eval_scratch_bytes=scratch, skipped=skipped)
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
@@ -58,6 +71,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     from .evaluate.runner import Evaluator
 
     reporter = reporter or Reporter()
+    for line in plan.skipped:
+        reporter.warn(line)
     threads = threads or os.cpu_count() or 1
     start = time.monotonic()
     out = plan.out_dir
@@ -105,7 +120,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     reference = evaluator.reference()
     for item, result in zip(plan.artifacts, results):
         runner = backends.get(item.backend).evaluator
-        if runner and item.role != "imatrix":
+        if runner and item.is_model:
             result.evaluation = evaluator.evaluate(out / item.filename, runner)
 
     report_json, report_md = write_reports(plan, results, reference, llama_version, manifest)

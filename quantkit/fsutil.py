@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -101,6 +102,22 @@ def remove_partials(folder: Path) -> list[Path]:
                 p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def drop_local_paths(path: Path) -> None:
+    """Remove every value that is an absolute local path from a JSON file that gets published (tools
+    record their temporary folders and calibration files in configs); a missing file is left alone."""
+    if not path.exists():
+        return
+
+    def scrub(node):
+        if isinstance(node, dict):
+            return {k: scrub(v) for k, v in node.items() if not (isinstance(v, str) and re.match(r"^(/|[A-Za-z]:\\)", v))}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    write_text_atomic(path, json.dumps(scrub(json.loads(path.read_text())), indent=2) + "\n")
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:

@@ -11,6 +11,11 @@ from .profiles import Profile
 from .source import Source
 
 
+# Artifacts that are not models: evaluated never, listed apart in reports and cards, published
+# next to the models (the importance matrix with the GGUF files, exl2's measurement on main).
+AUX_ROLES = frozenset({"imatrix", "measurement"})
+
+
 @dataclass(frozen=True)
 class ArtifactPlan:
     """One file (or folder) a backend will produce."""
@@ -19,12 +24,16 @@ class ArtifactPlan:
     variant: str  # "Q4_K_M", "F16", "4bit-g128", ...
     filename: str  # relative to the build folder
     predicted_bytes: int
-    role: str = "model"  # model | intermediate (a model the others are made from) | imatrix (not a model)
+    role: str = "model"  # model | intermediate (a model the others are made from) | imatrix | measurement
     depends_on: str | None = None  # filename of the artifact this one is made from
     uses: tuple[str, ...] = ()  # other artifacts it needs (the importance matrix)
     options: dict[str, Any] = field(default_factory=dict)
     predicted_peak_bytes: int = 0  # the backend's estimate of the build step's peak memory (0: no estimate)
     note: str = ""  # what the plan should say of it: "3 shards", "180 tensors fall back"
+
+    @property
+    def is_model(self) -> bool:
+        return self.role not in AUX_ROLES
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class BuildPlan:
     out_dir: Path
     artifacts: list[ArtifactPlan]
     eval_scratch_bytes: int  # reference log-probabilities kept for KL-divergence
+    skipped: list[str] = field(default_factory=list)  # backends left out (if_unavailable: skip), and why
 
     @property
     def predicted_bytes(self) -> int:
@@ -57,6 +67,7 @@ class BuildPlan:
             f"(ctx {ev.ctx}{', max ' + str(ev.max_tokens) + ' tokens' if ev.max_tokens else ''}); "
             f"smoke test: {self.profile.smoke.question!r} -> must contain {self.profile.smoke.expect!r}"
         )
+        lines += [f"skipped  {line}" for line in self.skipped]
         lines.append(f"disk needed: ~{human_size(self.predicted_bytes)} (artifacts + {human_size(self.eval_scratch_bytes)} evaluation scratch)")
         return "\n".join(lines)
 

@@ -11,7 +11,7 @@ from .evaluate.chat import render_chat
 from .evaluate.metrics import scored_range
 from .fsutil import human_size, write_json_atomic, write_text_atomic
 from .manifest import Manifest
-from .plan import ArtifactResult, BuildPlan, EvalResult
+from .plan import AUX_ROLES, ArtifactResult, BuildPlan, EvalResult
 
 
 def fallback_summary(result: ArtifactResult) -> str:
@@ -113,8 +113,8 @@ def artifact_table(artifacts: list[dict], columns: list[str], extra: tuple[str, 
 
 
 def models(artifacts: list[dict]) -> list[dict]:
-    """The artifacts that are models (tables, plots); the importance matrix is named apart."""
-    return [a for a in artifacts if a.get("role") != "imatrix"]
+    """The artifacts that are models (tables, plots); the importance matrix and exl2's measurement are named apart."""
+    return [a for a in artifacts if a.get("role") not in AUX_ROLES]
 
 
 def imatrix_lines(artifacts: list[dict]) -> list[str]:
@@ -157,6 +157,11 @@ def render_markdown(data: dict) -> str:
             continue
         lines.append(f"- **{label(a)}**: {'pass' if e.get('smoke_passed') else 'FAIL'} ({e.get('smoke_reason', '')}): "
                      f"{e.get('smoke_reply', '')!r}")
+    lines += ["", "## Build", "", "| File | Planned size | Size | Peak memory (measured) |", "|---|---:|---:|---:|"]
+    lines += [f"| {a['filename']} | {human_size(a.get('predicted_bytes') or 0)} | {human_size(a['size_bytes'])} | "
+              f"{human_size(a['peak_rss_bytes']) if a.get('peak_rss_bytes') else '—'} |" for a in data["artifacts"]]
+    lines += ["", "Peak memory is the building process's peak resident set; it includes pages of memory-mapped "
+              "inputs, which the system can reclaim. It is measured only when the file is built, not on a resumed run."]
     fallbacks = [a for a in data["artifacts"] if a["fallback_summary"]]
     lines += ["", "## Tensor types", ""]
     if fallbacks:

@@ -123,6 +123,13 @@ def _awq() -> Backend:
     return AWQBackend()
 
 
+def _exl2() -> Backend:
+    from .exl2 import EXL2Backend
+
+    return EXL2Backend()
+
+
 register("gguf", _gguf)
 register("gptq", _gptq)
 register("awq", _awq)
+register("exl2", _exl2)

@@ -27,7 +27,8 @@ class Method:
     bits: tuple[int, ...]
     # Peak memory on CPU: GPTQModel holds the whole model in float32 plus per-layer work buffers
     # (Hessians, activations of the calibration samples), on top of torch itself. Fitted to the
-    # worker's peak RSS on the sample (135M parameters): GPTQ 32 x 512 tokens 1.56 GB.
+    # worker's peak RSS on the sample (135M parameters): GPTQ 32 x 512 tokens 1.56 GB, GPTQ 4 x 128
+    # 1.45 GB, AWQ 2 x 128 1.41 GB. One model size only: the per-parameter part is an estimate.
     peak_fixed: int = 900_000_000
     peak_per_param: int = 5
 

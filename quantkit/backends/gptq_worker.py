@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
+
+from ..fsutil import drop_local_paths
 
 
 def calibration_texts(source: str, spec: dict) -> list[str]:
@@ -26,25 +27,6 @@ def calibration_texts(source: str, spec: dict) -> list[str]:
     if len(ids) < size:
         raise SystemExit(f"error: the calibration text has {len(ids)} tokens, fewer than seq_len {size}")
     return [tok.decode(ids[i * size:(i + 1) * size]) for i in range(min(n, len(ids) // size))]
-
-
-def clean_quantize_config(folder: Path) -> None:
-    """GPTQModel records its temporary offload folder (a local path) in quantize_config.json; drop it."""
-    for name in ("quantize_config.json", "config.json"):
-        path = folder / name
-        if not path.exists():
-            continue
-        data = json.loads(path.read_text())
-
-        def scrub(node):
-            if isinstance(node, dict):
-                return {k: scrub(v) for k, v in node.items()
-                        if not (isinstance(v, str) and re.match(r"^(/|[A-Za-z]:\\)", v))}
-            if isinstance(node, list):
-                return [scrub(v) for v in node]
-            return node
-
-        path.write_text(json.dumps(scrub(data), indent=2) + "\n")
 
 
 def main(spec_path: str) -> int:
@@ -64,7 +46,9 @@ def main(spec_path: str) -> int:
     model.quantize(texts, batch_size=1)
     print("progress 2/3", flush=True)
     model.save(spec["out"])
-    clean_quantize_config(Path(spec["out"]))
+    # GPTQModel records its temporary offload folder (a local path) in quantize_config.json.
+    for name in ("quantize_config.json", "config.json"):
+        drop_local_paths(Path(spec["out"]) / name)
     print("progress 3/3", flush=True)
     return 0
 

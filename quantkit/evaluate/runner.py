@@ -23,7 +23,8 @@ from ..profiles import Profile
 from ..progress import Reporter
 from .text import load_text
 
-WORKERS = {"gguf": "quantkit.evaluate.gguf_worker", "hf": "quantkit.evaluate.hf_worker"}
+WORKERS = {"gguf": "quantkit.evaluate.gguf_worker", "hf": "quantkit.evaluate.hf_worker",
+           "exl2": "quantkit.evaluate.exl2_worker"}
 REFERENCE = "reference"
 _PROGRESS = re.compile(r"progress (\d+)/(\d+)")
 

@@ -70,10 +70,11 @@ def model_card(report: dict, repo_id: str, backend: str) -> ModelCard:
     rows = artifact_table(arts, [first, "type", "bpw", "size", "ppl", "kld", "top1", "smoke"],
                           extra=("Use case", lambda a: use_hint(a["variant"], a["bits_per_weight"])))
     fallbacks = [f"- {a['variant']}: {a['fallback_summary']}" for a in arts if a.get("fallback_summary")]
-    pick = next((a for a in arts if a["variant"] in ("Q4_K_M", "4bit-g32", "4bit-g128")), arts[-1])
+    pick = next((a for a in arts if a["variant"] in ("Q4_K_M", "4bit-g32", "4bit-g128", "4.0bpw-h6")), arts[-1])
     prompt = report.get("prompt_format")
     tool = ("llama.cpp's own converter and quantizer (llama-cpp-python " + report["llama_cpp_python"] + ")"
-            if backend == "gguf" else "GPTQModel" if backend in ("gptq", "awq") else backend)
+            if backend == "gguf" else "GPTQModel" if backend in ("gptq", "awq")
+            else "exllamav2's converter" if backend == "exl2" else backend)
     sections = [
         f"# {model} {fmt}",
         "",
@@ -107,7 +108,12 @@ def model_card(report: dict, repo_id: str, backend: str) -> ModelCard:
     else:
         sections.append(f"hf download {repo_id} {pick['filename']} --local-dir .")
     sections += ["```", "", "## Run", ""]
-    if folders:
+    if backend == "exl2":
+        sections += ["With TabbyAPI, put the downloaded folder in its `models/` folder; with exllamav2:", "",
+                     "```python", "from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config", "",
+                     f'config = ExLlamaV2Config("{model}-{fmt}-{pick["variant"]}")',
+                     "model = ExLlamaV2(config)", "model.load_autosplit(ExLlamaV2Cache(model, lazy=True))", "```"]
+    elif folders:
         sections += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                      f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", revision="{pick["variant"]}")',
                      f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision="{pick["variant"]}")', "```"]

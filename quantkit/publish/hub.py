@@ -18,6 +18,7 @@ from typing import Callable
 
 from ..errors import QuantkitError
 from ..fsutil import human_size, sha256_file, write_text_atomic
+from ..plan import AUX_ROLES
 from ..progress import Reporter
 from .card import FORMATS, PLOT, model_card
 from .plot import size_vs_kld
@@ -114,10 +115,12 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
                 files += folder_files(path, a["filename"] + "/") if path.is_dir() else [
                     UploadFile(a["filename"], path, a["size_bytes"], a["sha256"])]
             commits.append(RepoCommit(repo_id, "main", private, files, message))
-        else:
-            commits.append(RepoCommit(repo_id, "main", private, card, message + " (card)"))
+        else:  # main: the card and auxiliary files (exl2's measurement); a branch per variant
+            aux = [UploadFile(a["filename"], build_dir / a["filename"], a["size_bytes"], a["sha256"])
+                   for a in arts if a.get("role") in AUX_ROLES]
+            commits.append(RepoCommit(repo_id, "main", private, card + aux, message + " (card)"))
             commits += [RepoCommit(repo_id, a["variant"], private, folder_files(build_dir / a["filename"]),
-                                   f"{message} {a['variant']}") for a in arts]
+                                   f"{message} {a['variant']}") for a in arts if a.get("role") not in AUX_ROLES]
     return commits
 
 

@@ -1,0 +1,131 @@
+"""EXL2 backend: exllamav2's own converter. One measurement pass per model (measurement.json, an
+artifact of its own), reused by every bitrate; each bitrate is a folder, published as a branch
+(`4.0bpw-h6`). exllamav2 needs a CUDA GPU: without one the plan refuses, or skips EXL2 when the
+profile says `if_unavailable: skip`. exllamav2 is never imported in this process (on import it
+compiles its CUDA extension); its work runs in child processes."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import ProfileError, ToolError
+from ..evaluate.text import calibration_text
+from ..fsutil import atomic_dir, atomic_path, drop_local_paths, write_text_atomic
+from ..plan import ArtifactPlan, ArtifactResult
+from ..procs import Finished, run_python
+from ..source import Source, param_count
+from . import Backend, BuildContext, Requirement, package
+
+INSTALL_HINT = "install the exl2 extra: QUANTKIT_EXTRAS=test,gptq,exl2 ./scripts/setup.sh (or pip install 'quantkit[exl2]')"
+_KEYS = {"bits", "head_bits", "calibration", "measurement"}  # and if_unavailable, read by the plan
+
+
+@cache
+def cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class EXL2Backend(Backend):
+    name = "exl2"
+    evaluator = "exl2"
+
+    def requirements(self) -> list[Requirement]:
+        return [package("exllamav2", "exllamav2", INSTALL_HINT),
+                Requirement("a CUDA GPU", cuda_devices() > 0,
+                            "EXL2 needs a CUDA GPU; run on a machine with one, or set `if_unavailable: skip` "
+                            "under exl2 in the profile to build the other formats without it")]
+
+    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+        unknown = set(options) - _KEYS
+        if unknown:
+            raise ProfileError(f"exl2: unknown option(s) {sorted(unknown)}", f"allowed: {', '.join(sorted(_KEYS))}")
+        bits = options.get("bits", [3.0, 4.0, 5.0, 6.0, 8.0])
+        head = options.get("head_bits", 6)
+        if head not in (6, 8):
+            raise ProfileError(f"exl2: head_bits {head!r} is not supported", "use 6 or 8")
+        for b in bits:
+            if not isinstance(b, (int, float)) or isinstance(b, bool) or not 2.0 <= b <= 8.0:
+                raise ProfileError(f"exl2: {b!r} bits per weight is out of range", "use values from 2.0 to 8.0")
+        calib = {"text": "builtin:botchan", "rows": 100, "length": 2048, **(options.get("calibration") or {})}
+        measure = {"rows": 16, "length": 2048, **(options.get("measurement") or {})}
+        params = param_count(source.path)
+        measurement = ArtifactPlan(
+            backend=self.name, variant="measurement", filename=f"{source.name}-exl2-measurement.json",
+            role="measurement", predicted_bytes=200_000, options={"calibration": calib["text"], **measure},
+            predicted_peak_bytes=2 * 2 * params, note="exllamav2's measurement pass, shared by every bitrate",
+        )
+        items = [measurement]
+        for b in sorted(set(float(x) for x in bits)):
+            variant = f"{b:.1f}bpw-h{head}"
+            items.append(ArtifactPlan(
+                backend=self.name, variant=variant, filename=f"{source.name}-exl2-{variant}",
+                predicted_bytes=int(params * b / 8) + 20_000_000, depends_on=measurement.filename,
+                options={"bits": b, "head_bits": head, "calibration": calib}, predicted_peak_bytes=2 * 2 * params,
+            ))
+        return items
+
+    def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
+        state = ctx.out_dir / ".quantkit"
+        out = ctx.out_dir / item.filename
+        text = item.options["calibration"] if item.role == "measurement" else item.options["calibration"]["text"]
+        parquet = self._calibration_parquet(text, ctx)
+        work = state / f"exl2-work-{item.variant}"
+        args = ["-m", "exllamav2.conversion.convert_exl2", "-i", str(ctx.source.path), "-o", str(work), "-nr",
+                "-c", str(parquet)]
+        with ctx.reporter.step(f"exl2 {item.variant} (exllamav2)") as step:
+            if item.role == "measurement":
+                with atomic_path(out) as tmp:
+                    done = run_python(args + ["-om", str(tmp), "-mr", str(item.options["rows"]),
+                                              "-ml", str(item.options["length"])], what="exllamav2 (measurement)")
+                    _check(done, tmp)
+                    drop_local_paths(tmp)
+            else:
+                cal = item.options["calibration"]
+                with atomic_dir(out) as tmp:
+                    done = run_python(args + ["-m", str(ctx.out_dir / item.depends_on), "-cf", str(tmp),
+                                              "-b", str(item.options["bits"]), "-hb", str(item.options["head_bits"]),
+                                              "-r", str(cal["rows"]), "-l", str(cal["length"])],
+                                      what=f"exllamav2 ({item.variant})")
+                    _check(done, tmp / "config.json")
+                    drop_local_paths(tmp / "config.json")  # quantization_config names the calibration file
+            step.update(1, 1)
+        return {"peak_rss_bytes": done.peak_rss_bytes, "source_params": param_count(ctx.source.path)}
+
+    def _calibration_parquet(self, text_spec: str, ctx: BuildContext) -> Path:
+        """exllamav2 reads calibration rows from a parquet file; ours, so it never sees the evaluation text."""
+        path = ctx.out_dir / ".quantkit" / "exl2-calibration.parquet"
+        source = path.with_suffix(".txt")
+        write_text_atomic(source, calibration_text(text_spec, ctx.evaluation_text))
+        run_python(["-m", "quantkit.backends.exl2_worker", "parquet", str(source), str(path)], what="calibration parquet")
+        return path
+
+    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
+        if item.role == "measurement":
+            return ArtifactResult(backend=self.name, variant=item.variant, filename=item.filename,
+                                  size_bytes=path.stat().st_size, sha256="", bits_per_weight=0.0, tensor_types={},
+                                  fallbacks=[])
+        files = [p for p in path.rglob("*") if p.is_file()]
+        weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        params = facts.get("source_params") or 0
+        cfg = json.loads((path / "config.json").read_text()).get("quantization_config", {})
+        return ArtifactResult(
+            backend=self.name, variant=item.variant, filename=item.filename,
+            size_bytes=sum(p.stat().st_size for p in files), sha256="",
+            bits_per_weight=round(weights * 8 / params, 3) if params else 0.0,
+            tensor_types={"exl2": 1}, fallbacks=[], details={k: cfg[k] for k in ("bits", "head_bits") if k in cfg},
+        )
+
+
+def _check(done: Finished, expected: Path) -> None:
+    """exllamav2's converter reports many errors (" ## Error: ...") and still exits 0."""
+    if not expected.exists():
+        errors = [line.strip() for line in done.lines if line.lstrip().startswith("##")]
+        raise ToolError(f"exllamav2 did not write {expected.name}: {(errors or done.lines[-1:] or ['no output'])[-1]}",
+                        "the last lines of its output:\n" + "\n".join(done.lines[-15:]))

@@ -1,0 +1,96 @@
+"""EXL2 through exllamav2: refused, or skipped when the profile says so, on a machine without CUDA,
+without breaking the other backends; on a CUDA machine, the sample's bitrate ladder end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROFILES, REPO, run_cli
+from quantkit.backends.exl2 import cuda_devices
+
+CUDA = cuda_devices() > 0
+no_cuda_only = pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU; these tests are for machines without one")
+
+
+def _profile(tmp_path, when):
+    path = tmp_path / f"exl2-{when}.yaml"
+    path.write_text("backends:\n  gguf: {types: [Q8_0]}\n"
+                    f"  exl2: {{bits: [4.0], if_unavailable: {when}}}\n"
+                    "evaluation: {ctx: 256, max_tokens: 512}\nsmoke: {allow_failures: true}\n")
+    return path
+
+
+@no_cuda_only
+def test_exl2_is_refused_without_cuda_and_nothing_is_built(sample_model, tmp_path):
+    proc = run_cli("build", sample_model, "--profile", _profile(tmp_path, "fail"), "--out", tmp_path / "out")
+    assert proc.returncode == 4, proc.stderr
+    err, fix = [l for l in proc.stderr.splitlines() if l.startswith(("error:", "  fix:"))]
+    assert err.startswith("error: backend exl2 needs") and "a CUDA GPU" in err
+    assert "EXL2 needs a CUDA GPU" in fix and "if_unavailable: skip" in fix
+    assert not (tmp_path / "out").exists()
+
+
+@no_cuda_only
+def test_exl2_is_skipped_when_the_profile_says_so(sample_model, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("build", sample_model, "--profile", _profile(tmp_path, "skip"), "--out", out, check=True)
+    assert "warning: exl2: backend exl2 needs" in proc.stderr and "skipped (if_unavailable: skip)" in proc.stderr
+    report = json.loads((out / sample_model.name / "report.json").read_text())
+    assert {a["backend"] for a in report["artifacts"]} == {"gguf"}
+    assert all(a["evaluation"]["perplexity"] > 1 for a in report["artifacts"])
+    plan = run_cli("plan", sample_model, "--profile", _profile(tmp_path, "skip"), check=True)
+    assert "skipped  exl2: backend exl2 needs" in plan.stdout
+
+
+def test_exl2_backend_lists_what_it_needs():
+    line = next(l for l in run_cli("backends", check=True).stdout.splitlines() if l.startswith("exl2"))
+    assert ("available" if CUDA else "missing: ") in line
+    if not CUDA:
+        assert "a CUDA GPU" in line
+
+
+def test_planning_never_imports_exllamav2(sample_model, tmp_path):
+    """exllamav2 compiles its CUDA extension on import; quantkit imports it only in EXL2's child processes."""
+    code = ("import sys; from quantkit.build import make_plan; "
+            f"make_plan({str(sample_model)!r}, {str(_profile(tmp_path, 'skip'))!r}, {str(tmp_path)!r}); "
+            "from quantkit import backends; [backends.get(n).requirements() for n in backends.names()]; "
+            "assert 'exllamav2' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine: the EXL2 ladder runs only where a GPU is lent")
+def test_exl2_ladder_on_a_gpu(sample_model, tmp_path):
+    out = tmp_path / "out"
+    run_cli("build", sample_model, "--profile", PROFILES / "exl2.yaml", "--out", out, check=True)
+    folder = out / sample_model.name
+    report = json.loads((folder / "report.json").read_text())
+    exl2 = [a for a in report["artifacts"] if a["backend"] == "exl2" and a["role"] == "model"]
+    assert [a["variant"] for a in exl2] == ["3.0bpw-h6", "4.0bpw-h6", "6.0bpw-h6", "8.0bpw-h6"]
+    assert (folder / f"{sample_model.name}-exl2-measurement.json").exists()
+    for a in exl2:
+        cfg = json.loads((folder / a["filename"] / "config.json").read_text())
+        assert cfg["quantization_config"]["quant_method"] == "exl2"
+        assert (folder / a["filename"] / "tokenizer_config.json").exists()
+    klds = [a["evaluation"]["kld_mean"] for a in exl2]
+    assert klds[0] > klds[-1] and all(k >= 0 for k in klds)
+    assert exl2[-1]["evaluation"]["smoke_passed"], exl2[-1]["evaluation"]["smoke_reply"]
+    sizes = [a["size_bytes"] for a in exl2]
+    assert sizes == sorted(sizes)
+    print(json.dumps([{k: a[k] for k in ("variant", "size_bytes", "bits_per_weight")} | {
+        "ppl": a["evaluation"]["perplexity"], "kld": a["evaluation"]["kld_mean"]} for a in exl2], indent=1))
+
+
+def test_calibration_parquet_is_what_exllamav2_reads(tmp_path):
+    """The part of the EXL2 build that runs anywhere: our calibration text as exllamav2's parquet rows."""
+    pandas = pytest.importorskip("pandas")
+    from quantkit.evaluate.text import CALIBRATION
+
+    out = tmp_path / "cal.parquet"
+    subprocess.run([sys.executable, "-m", "quantkit.backends.exl2_worker", "parquet", str(CALIBRATION["botchan"]),
+                    str(out)], check=True, cwd=REPO)
+    df = pandas.read_parquet(out, engine="fastparquet")  # exactly how exllamav2's tokenize.py reads it
+    text = CALIBRATION["botchan"].read_text(encoding="utf-8")
+    assert list(df.columns) == ["text"] and len(df) > 50
+    assert df["text"].iloc[0] in text and df["text"].iloc[-1] in text
