@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backends
-from .errors import ProfileError, SmokeTestFailed
+from .errors import DiskSpaceError, ProfileError, SmokeTestFailed
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .llamacpp import bindings_version
 from .manifest import Manifest
@@ -46,6 +46,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         if when not in ("fail", "skip"):
             raise ProfileError(f"{name}.if_unavailable must be fail or skip, got {when!r}", "fix the profile")
         backend = backends.get(name)
+        backend.validate(options)
         try:
             backend.check()  # every backend's needs, before any of them plans or builds
         except ProfileError as e:
@@ -59,6 +60,9 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         items += backend.plan(src, options, llama_cpp)
     vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
     ev = prof.evaluation
+    if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:
+        raise ProfileError(f"evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
+                           f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
     tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
     scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2
     # Absolute: llama.cpp's converter runs with its own working directory.
@@ -76,7 +80,14 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     threads = threads or os.cpu_count() or 1
     start = time.monotonic()
     out = plan.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".quantkit-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DiskSpaceError(f"cannot write to the output folder {out}: {e.strerror or e}",
+                             "pass --out to a folder you can write to") from e
     manifest = Manifest(out)
     manifest.lock()
     for p in remove_partials(out):
@@ -90,6 +101,9 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         need += plan.eval_scratch_bytes
     check_free_space(out, need, f"{len(missing)} artifact(s) and evaluation scratch")
 
+    # The evaluation text is tokenized first: one too short for the context fails before any build.
+    evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads)
+    evaluator.tokens()
     ctx = backends.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp,
                                 evaluation_text=plan.profile.evaluation.text)
     built, keys, results = [], {}, []
@@ -116,7 +130,6 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         result.role, result.uses, result.predicted_bytes = item.role, list(item.uses), item.predicted_bytes  # plan facts
         results.append(result)
 
-    evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads)
     reference = evaluator.reference()
     for item, result in zip(plan.artifacts, results):
         runner = backends.get(item.backend).evaluator

@@ -26,6 +26,8 @@ class ProfileError(QuantkitError):
 
 
 class DiskSpaceError(QuantkitError):
+    """The output folder cannot take the build: not enough space, or not writable."""
+
     exit_code = 5
 
 

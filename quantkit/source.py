@@ -91,6 +91,10 @@ def download(repo_id: str, *, revision: str | None = None, allow_pickle: bool = 
     return Path(folder), commit
 
 
+# Any of these makes a tokenizer transformers and llama.cpp's converter can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
 def inspect(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
             name: str | None = None) -> Source:
     folder = folder.resolve()
@@ -119,6 +123,11 @@ def inspect(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool
     archs = config.get("architectures") or []
     if not archs:
         raise SourceError(f"{cfg_path} names no architecture", "add \"architectures\" to config.json")
+    for f in sorted(safetensors):
+        check_safetensors(f)
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise SourceError(f"{folder.name} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])})",
+                          "download the tokenizer files of the model too")
     return Source(
         path=folder,
         name=name or _model_name(folder),
@@ -178,6 +187,26 @@ def safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         return json.loads(f.read(n))
+
+
+def check_safetensors(path: Path) -> None:
+    """A readable header, and a file long enough for every tensor it lists (downloads get cut short)."""
+    size = path.stat().st_size
+    try:
+        if size < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
+        raise SourceError(f"{path.name} has a corrupt safetensors header ({str(e).splitlines()[0][:120]})",
+                          "re-download the file") from e
+    if size < 8 + n + end:
+        raise SourceError(f"{path.name} is truncated: {size} bytes, its header needs {8 + n + end}",
+                          "re-download the file (the download was cut short)")
 
 
 def param_count(folder: Path) -> int:

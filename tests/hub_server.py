@@ -19,6 +19,7 @@ Usage (see tests/test_hub_server.py for a full fixture):
     HfApi(endpoint=endpoint, token="tok-alice").create_repo("alice/m")
     server.fail_next("POST", r"/commit/", status=500)
     server.drop_next("PUT", r"^/_lfs/")
+    server.hold_next("PUT", r"^/_lfs/", seconds=60)   # a stalled upload; returns an Event set when it stalls
     server.requests                    # [Logged(method, path, status), ...]; status 0 = connection dropped
     server.stop()
 
@@ -36,6 +37,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -145,6 +147,15 @@ class HubServer:
         `after_handling`, the request takes effect first (e.g. a commit is created) and only the answer is lost."""
         with self._lock:
             self._faults.append(_Fault("drop", method, path_regex, count, after=after_handling))
+
+    def hold_next(self, method: str, path_regex: str, seconds: float, count: int = 1) -> threading.Event:
+        """Read the next `count` matching requests, then wait `seconds` before handling them (a stalled upload:
+        time for a test to kill the client mid-request). The returned event is set when a hold begins."""
+        fault = _Fault("hold", method, path_regex, count)
+        fault.seconds, fault.started = seconds, threading.Event()
+        with self._lock:
+            self._faults.append(fault)
+        return fault.started
 
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         with self._lock:
@@ -624,6 +635,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = hub._take_fault(self.command, path)
         if fault and fault.kind == "drop" and not fault.after:
             return self._drop(path)
+        if fault and fault.kind == "hold":
+            fault.started.set()
+            time.sleep(fault.seconds)
         try:
             if fault and fault.kind == "fail":
                 raise HubError(fault.status, f"Injected failure ({fault.status})")

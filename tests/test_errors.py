@@ -139,3 +139,95 @@ def test_not_enough_disk_space(sample_model, small_disk):
     err, fix = _error_lines(proc)
     assert "not enough disk space" in err and "MB free" in err and "--out" in fix
     _assert_nothing_written(small_disk)
+
+
+# More bad input, each with its one-line cause, its exit code, and nothing written. Sources are
+# copies of the sample with one thing broken.
+
+def _broken(sample_model, tmp_path, how):
+    src = _copy_sample(sample_model, tmp_path / "m")
+    weights = src / "model.safetensors"
+    if how == "corrupt-header":
+        weights.unlink()
+        data = (sample_model / "model.safetensors").read_bytes()
+        weights.write_bytes(data[:8] + b"{not json" + data[17:])
+    elif how == "truncated":
+        weights.unlink()
+        with open(sample_model / "model.safetensors", "rb") as f:
+            weights.write_bytes(f.read(50_000_000))
+    elif how == "config-invalid":
+        (src / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    elif how == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+            (src / name).unlink(missing_ok=True)
+    return src
+
+
+@pytest.mark.parametrize("how, message", [
+    ("corrupt-header", "model.safetensors has a corrupt safetensors header"),
+    ("truncated", "model.safetensors is truncated: 50000000 bytes, its header needs 269"),
+    ("config-invalid", "config.json is not valid JSON (Expecting"),
+    ("no-tokenizer", "has no tokenizer (tokenizer.json or tokenizer.model)"),
+])
+def test_broken_checkpoints(sample_model, tmp_path, how, message):
+    src = _broken(sample_model, tmp_path, how)
+    proc = run_cli("build", src, "--profile", PROFILES / "tiny.yaml", "--out", tmp_path / "out")
+    assert proc.returncode == 3, proc.stderr
+    err, fix = _error_lines(proc)
+    assert message in err and fix.strip() != "fix:", (err, fix)
+    _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("profile, code, message", [
+    ("backends: {gptq: {variants: [{bits: 4, group_size: 128}]}}", 4, "group size 128 does not divide the layer widths [576]"),
+    ("backends: {exl2: {bits: [4.0, 9.5]}}", 4, "exl2: 9.5 bits per weight is out of range"),
+    ("backends: {gguf: {types: [Q8_0]}}\nevaluation: {ctx: 512, max_tokens: 600}", 4,
+     "evaluation.max_tokens 600 is less than two windows of ctx 512"),
+    ("backends: {gguf: {types: [Q8_0]}\n", 4, "is not valid YAML"),
+    ("backends: {gguf: {types: [Q8_0]}}\nevaluaton: {ctx: 512}", 4, "unknown profile key(s) ['evaluaton']"),
+])
+def test_bad_profiles(sample_model, tmp_path, profile, code, message):
+    if "gptq" in profile:
+        pytest.importorskip("gptqmodel", reason="the gptq extra is not installed")
+    path = tmp_path / "bad.yaml"
+    path.write_text(profile + "\n")
+    proc = run_cli("build", sample_model, "--profile", path, "--out", tmp_path / "out")
+    assert proc.returncode == code, proc.stderr
+    assert message in _error_lines(proc)[0]
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_output_folder_not_writable(sample_model, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_cli("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", blocker / "builds")
+    assert proc.returncode == 5
+    err, fix = _error_lines(proc)
+    assert err.startswith("error: cannot write to the output folder") and "--out" in fix
+
+
+def test_evaluation_text_too_short_fails_before_building(sample_model, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("A short text of a few words. " * 20)
+    profile = tmp_path / "short.yaml"
+    profile.write_text(f"backends: {{gguf: {{types: [Q8_0]}}}}\nevaluation: {{text: {text}, ctx: 512, max_tokens: 0}}\n")
+    proc = run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out")
+    assert proc.returncode == 4
+    err, fix = _error_lines(proc)
+    assert "fewer than two windows of ctx 512" in err and "longer text" in fix
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_missing_chat_template_is_reported_by_the_smoke_test(sample_model, tmp_path):
+    src = _copy_sample(sample_model, tmp_path / "m")
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    profile = tmp_path / "tiny-allow.yaml"
+    profile.write_text((PROFILES / "tiny.yaml").read_text() + "smoke:\n  allow_failures: true\n")
+    proc = run_cli("build", src, "--profile", profile, "--out", tmp_path / "out", check=True)
+    report = json.loads((tmp_path / "out" / "m" / "report.json").read_text())
+    reasons = {a["variant"]: a["evaluation"]["smoke_reason"] for a in report["artifacts"]}
+    assert reasons == {"F16": "the GGUF has no tokenizer.chat_template", "Q8_0": "the GGUF has no tokenizer.chat_template"}
+    assert report["prompt_format"] is None and "smoke test failed" in proc.stderr

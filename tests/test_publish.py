@@ -155,6 +155,33 @@ def test_build_from_a_hub_repo_id(sample_model, hub, tmp_path):
     assert "built 2" in proc.stdout
 
 
+def test_gated_repo_without_a_token(sample_model, hub, tmp_path):
+    api = _api(hub)
+    api.create_repo("alice/Gated-Model")
+    api.upload_folder(repo_id="alice/Gated-Model", folder_path=sample_model)
+    api.update_repo_settings("alice/Gated-Model", gated="auto")
+    env = {k: v for k, v in hub.env.items() if k != "HF_TOKEN"}
+    proc = run_cli("build", "alice/Gated-Model", "--profile", PROFILES / "tiny.yaml", "--out", tmp_path / "out", env=env)
+    assert proc.returncode == 3, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith(("error:", "  fix:"))]
+    assert lines == [f"error: alice/Gated-Model is gated on {hub.endpoint}",
+                     "  fix: accept its terms on the Hub, then set HF_TOKEN"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_repo_name_and_no_token_leak(sample_build, hub):
+    proc = run_cli("publish", sample_build["dir"], "--owner", "bad owner!", "--dry-run", env=hub.env)
+    assert proc.returncode == 8
+    assert "error: invalid repo name 'bad owner!/SmolLM2-135M-Instruct-GGUF'" in proc.stderr
+    # A token the Hub refuses: the failure names the problem, never the token, here or in any file written.
+    secret = "qk-test-token-secret-5f3a9c0d1e"
+    proc = run_cli("publish", sample_build["dir"], env={**hub.env, "HF_TOKEN": secret})
+    assert proc.returncode == 8 and secret not in proc.stdout + proc.stderr
+    for path in sample_build["dir"].rglob("*"):
+        if path.is_file() and path.suffix not in (".gguf", ".npy", ".png"):
+            assert secret not in path.read_text(errors="replace"), path
+
+
 def test_folder_variant_goes_to_its_own_branch(hub, tmp_path):
     """The layout for folder formats (GPTQ/AWQ/EXL2): one branch per variant, main untouched."""
     from quantkit.progress import Reporter

@@ -58,6 +58,10 @@ class Backend(ABC):
         """What this backend needs; `quantkit backends` lists it, and a plan refuses a backend that lacks any."""
         return []
 
+    def validate(self, options: dict[str, Any]) -> None:
+        """Check the profile's options without the source or this machine's means, so a mistake in them is
+        reported even where the backend cannot run (plan() validates again, with the source)."""
+
     def check(self) -> None:
         missing = [r for r in self.requirements() if not r.available]
         if missing:

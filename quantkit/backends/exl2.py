@@ -42,7 +42,11 @@ class EXL2Backend(Backend):
                             "EXL2 needs a CUDA GPU; run on a machine with one, or set `if_unavailable: skip` "
                             "under exl2 in the profile to build the other formats without it")]
 
-    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+    def validate(self, options: dict[str, Any]) -> None:
+        self._parse(options)
+
+    @staticmethod
+    def _parse(options: dict[str, Any]):
         unknown = set(options) - _KEYS
         if unknown:
             raise ProfileError(f"exl2: unknown option(s) {sorted(unknown)}", f"allowed: {', '.join(sorted(_KEYS))}")
@@ -50,11 +54,17 @@ class EXL2Backend(Backend):
         head = options.get("head_bits", 6)
         if head not in (6, 8):
             raise ProfileError(f"exl2: head_bits {head!r} is not supported", "use 6 or 8")
+        if not isinstance(bits, list) or not bits:
+            raise ProfileError(f"exl2: bits must be a list of bits per weight, got {bits!r}", "e.g. bits: [4.0, 6.0]")
         for b in bits:
             if not isinstance(b, (int, float)) or isinstance(b, bool) or not 2.0 <= b <= 8.0:
                 raise ProfileError(f"exl2: {b!r} bits per weight is out of range", "use values from 2.0 to 8.0")
         calib = {"text": "builtin:botchan", "rows": 100, "length": 2048, **(options.get("calibration") or {})}
         measure = {"rows": 16, "length": 2048, **(options.get("measurement") or {})}
+        return bits, head, calib, measure
+
+    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+        bits, head, calib, measure = self._parse(options)
         params = param_count(source.path)
         measurement = ArtifactPlan(
             backend=self.name, variant="measurement", filename=f"{source.name}-exl2-measurement.json",

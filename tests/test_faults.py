@@ -1,0 +1,82 @@
+"""kill -9 at each kind of step (conversion is in test_resume.py): during a quantization, during an
+evaluation, during an upload to the test Hub. The rerun completes, no file under a final name is
+partial, and finished work is not redone."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from huggingface_hub import HfApi
+
+from conftest import PROFILES, REPO, run_cli
+from hub_server import HubServer, client_env, isolate_client
+
+TOKEN = "qk-test-token-faults-0123456789"
+
+
+def _start(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "quantkit", *map(str, args)], cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill_when(proc, ready, timeout=600):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the process ended before the point to kill it at"
+        assert time.monotonic() < deadline, "the point to kill at never came"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the process group: the worker child dies with it
+    proc.wait()
+
+
+def _finals(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.gguf")}
+
+
+@pytest.mark.parametrize("point", ["quantization", "evaluation"])
+def test_kill_9_mid_step_then_resume(sample_model, tmp_path, point):
+    folder = tmp_path / sample_model.name
+    q8 = folder / f"{sample_model.name}-Q8_0.gguf"
+    state = folder / ".quantkit"
+    ready = {
+        "quantization": lambda: q8.with_name(q8.name + ".partial").exists(),
+        # The fp16 reference's log-probabilities are being written: every GGUF file is final by then.
+        "evaluation": lambda: (state / "reference-logprobs.npy.partial").exists(),
+    }[point]
+    _kill_when(_start("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", tmp_path), ready)
+    before = _finals(folder)
+    assert q8.name not in before if point == "quantization" else q8.name in before
+    proc = run_cli("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", tmp_path, check=True)
+    assert not list(folder.rglob("*.partial"))
+    after = _finals(folder)
+    assert all(after[name] == mtime for name, mtime in before.items()), "a finished file was made again"
+    assert f"built {2 - len(before)}, evaluated 3" in proc.stdout
+
+
+def test_kill_9_mid_upload_then_publish_again(sample_model, tmp_path, monkeypatch):
+    run_cli("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", tmp_path, check=True)
+    folder = tmp_path / sample_model.name
+    isolate_client(monkeypatch, tmp_path / "hf_home_tests")
+    server = HubServer(tmp_path / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
+    server.start()
+    try:
+        env = {**client_env(server.endpoint, tmp_path / "hf_home"), "HF_TOKEN": TOKEN}
+        stalled = server.hold_next("PUT", r"^/_lfs/", seconds=20)
+        _kill_when(_start("publish", folder, env=env), stalled.is_set)
+        api = HfApi(endpoint=server.endpoint, token=TOKEN)
+        repo = f"alice/{sample_model.name}-GGUF"
+        # Killed before its commit: the repo has no model files (it may exist, created first).
+        assert not any(f.endswith(".gguf") for f in (api.list_repo_files(repo) if api.repo_exists(repo) else []))
+        uploaded_before = {r.path for r in server.requests if r.method == "PUT" and r.path.startswith("/_lfs/") and r.status == 200}
+        proc = run_cli("publish", folder, env=env, check=True)
+        assert f"{repo}@main: new commit" in proc.stdout
+        files = api.list_repo_files(repo)
+        assert {f"{sample_model.name}-F16.gguf", f"{sample_model.name}-Q8_0.gguf", "README.md"} <= set(files)
+        puts = [r.path for r in server.requests if r.method == "PUT" and r.path.startswith("/_lfs/") and r.status == 200]
+        assert not uploaded_before & set(puts[len(uploaded_before):]), "an object stored before the kill was sent again"
+    finally:
+        server.stop()
