@@ -12,8 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class Step:
-    def __init__(self, progress: Progress | None, task, label: str, total: float | None) -> None:
-        self._progress, self._task, self.label, self.total = progress, task, label, total
+    def __init__(self, progress: Progress | None, task, label: str, total: float | None, quiet: bool = False) -> None:
+        self._progress, self._task, self.label, self.total, self.quiet = progress, task, label, total, quiet
         self._last_print = 0.0
 
     def update(self, completed: float, total: float | None = None, note: str = "") -> None:
@@ -22,7 +22,7 @@ class Step:
         if self._progress is not None:
             self._progress.update(self._task, completed=completed, total=self.total,
                                   description=f"{self.label} {note}".strip())
-        elif time.monotonic() - self._last_print > 10:  # plain output: a line every 10 s at most
+        elif not self.quiet and time.monotonic() - self._last_print > 10:  # plain output: a line every 10 s at most
             self._last_print = time.monotonic()
             frac = f" {completed:.0f}/{self.total:.0f}" if self.total else ""
             print(f"  … {self.label}{frac} {note}".rstrip(), file=sys.stderr, flush=True)
@@ -48,7 +48,7 @@ class Reporter:
         if self.quiet or not self.console.is_terminal:
             if not self.quiet:
                 print(f"→ {label}", file=sys.stderr, flush=True)
-            yield Step(None, None, label, total)
+            yield Step(None, None, label, total, quiet=self.quiet)
         else:
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), TimeRemainingColumn()]

@@ -66,6 +66,8 @@ class GGUFBackend(Backend):
             items.append(self._artifact(source, v.name, sizes.files[v.name], v.split_max_bytes, variant=v,
                                         depends_on=inter.filename, peak=sizes.peak_quantize,
                                         uses=(imatrix.filename,) if v.imatrix and imatrix else ()))
+        if any(i.role == "model" and i.options.get("split_max_bytes") for i in items):
+            find_tool("llama-gguf-split")
         return items
 
     def _artifact(self, source: Source, name: str, size, limit: int, *, role: str = "model", peak: int = 0,

@@ -27,10 +27,11 @@ class Method:
     bits: tuple[int, ...]
     # Peak memory on CPU: GPTQModel holds the whole model in float32 plus per-layer work buffers
     # (Hessians, activations of the calibration samples), on top of torch itself. Fitted to the
-    # worker's peak RSS on the sample (135M parameters): GPTQ 32 x 512 tokens 1.56 GB, GPTQ 4 x 128
-    # 1.45 GB, AWQ 2 x 128 1.41 GB. One model size only: the per-parameter part is an estimate.
+    # worker's peak RSS on the sample (135M parameters): GPTQ 32 x 512 tokens 1.56 to 1.7 GB, GPTQ
+    # 4 x 128 1.45 GB, AWQ 2 x 128 1.41 GB, AWQ 8 x 128 1.7 GB. One model size only: the
+    # per-parameter part is an estimate.
     peak_fixed: int = 900_000_000
-    peak_per_param: int = 5
+    peak_per_param: int = 6
 
 
 class GPTQModelBackend(Backend):
@@ -54,6 +55,9 @@ class GPTQModelBackend(Backend):
                                f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, or a text file")
         widths = _linear_widths(source)
         params = param_count(source.path)
+        linear = _linear_params(source)
+        widths_max = max(widths)
+        files = sum(p.stat().st_size for p in source.path.iterdir() if p.is_file() and p.suffix != ".safetensors")
         items = []
         for v in options.get("variants") or [{}]:
             v = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, **v}
@@ -67,7 +71,11 @@ class GPTQModelBackend(Backend):
                     f"{where}: group size {g} does not divide the layer widths {bad} of {source.name}",
                     f"use a group size that divides all of {sorted(widths)}: {ok + [-1]} (-1: one group per row)")
             variant = f"{v['bits']}bit-g{g if g != -1 else 'row'}" + ("-actorder" if v["desc_act"] else "")
-            predicted = int(params * (v["bits"] + 16 / (g if g > 0 else 4096) * 2) / 8)
+            # Decoder-block linear layers at `bits` plus per-group fp16 scale and packed zero point; the
+            # rest (embeddings, norms, an untied head) stays fp16.
+            per_group = 16 + v["bits"]
+            predicted = int(linear * (v["bits"] + per_group / (g if g > 0 else widths_max)) / 8 + (params - linear) * 2
+                            + files)  # config, tokenizer and chat template, copied into the folder
             items.append(ArtifactPlan(
                 backend=self.name, variant=variant, filename=f"{source.name}-{self.method.suffix}-{variant}",
                 predicted_bytes=predicted, options={**v, "calibration": calib},
@@ -127,3 +135,13 @@ def _linear_widths(source: Source) -> set[int]:
     cfg = source.config
     widths = {cfg.get("hidden_size"), cfg.get("intermediate_size")}
     return {int(w) for w in widths if w}
+
+
+def _linear_params(source: Source) -> int:
+    """Parameters of the 2-D weights inside the decoder blocks: what GPTQ and AWQ quantize."""
+    total = 0
+    for f in sorted(source.path.glob("*.safetensors")):
+        for name, t in safetensors_header(f).items():
+            if name != "__metadata__" and ".layers." in name and name.endswith(".weight") and len(t["shape"]) == 2:
+                total += t["shape"][0] * t["shape"][1]
+    return total

@@ -24,8 +24,41 @@ def _load(model: str, ctx: int, threads: int):
 
     from ..backends.gguf_shards import model_file
 
-    return Llama(model_path=str(model_file(Path(model))), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                 n_threads=threads, n_threads_batch=threads, verbose=False)
+    return Llama(model_path=str(model_file(Path(model))), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
+                 n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
+
+
+class Decoder:
+    """llama.cpp's decode with logits only for the rows asked for, as llama-perplexity does: the output
+    layer (vocabulary-sized) then runs on half of each window, and nothing else is copied."""
+
+    def __init__(self, llm, n_ctx: int) -> None:
+        import llama_cpp
+
+        self._c = llama_cpp
+        self.ctx, self.n_vocab = llm._ctx.ctx, llm.n_vocab()
+        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_past = 0
+
+    def reset(self) -> None:
+        self._c.llama_memory_clear(self.memory, True)
+        self.n_past = 0
+
+    def decode(self, tokens, first_output: int) -> np.ndarray:
+        """Append `tokens`; the logits of positions first_output.. of them (a view, valid until the next call)."""
+        b = self.batch
+        for i, t in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), self.n_past + i, 1, i >= first_output
+            b.seq_id[i][0] = 0
+        b.n_tokens = len(tokens)
+        if self._c.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError(f"llama_decode failed at position {self.n_past}")
+        self.n_past += len(tokens)
+        return np.ctypeslib.as_array(self._c.llama_get_logits(self.ctx), shape=(len(tokens) - first_output, self.n_vocab))
+
+    def close(self) -> None:
+        self._c.llama_batch_free(self.batch)
 
 
 def evaluate(model: str, spec: dict) -> dict:
@@ -33,18 +66,19 @@ def evaluate(model: str, spec: dict) -> dict:
 
     first, last = scored_range(spec["ctx"])
     llm = _load(model, spec["ctx"], spec["threads"])
+    dec = Decoder(llm, spec["ctx"])
 
     def forward(window: np.ndarray) -> np.ndarray:
-        llm.reset()
-        llm.eval(window.tolist())
-        return np.asarray(llm.scores[first:last])
+        dec.reset()
+        return dec.decode(window, first)[: last - first]
 
     result = score(forward, spec, llm.n_vocab())
-    result["smoke"] = smoke_test(llm, llama_cpp.llama_model_get_vocab(llm.model), spec["smoke"])
+    result["smoke"] = smoke_test(llm, dec, llama_cpp.llama_model_get_vocab(llm.model), spec["smoke"])
+    dec.close()
     return result
 
 
-def smoke_test(llm, vocab, opts: dict) -> dict:
+def smoke_test(llm, dec: Decoder, vocab, opts: dict) -> dict:
     """Greedy ChatML-style turn: passes if the model ends its turn before the cap and the reply has the answer."""
     import llama_cpp
 
@@ -55,17 +89,17 @@ def smoke_test(llm, vocab, opts: dict) -> dict:
     messages = [{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}]
     prompt = render_chat(template, messages, bos_token=piece(llm.token_bos()), eos_token=piece(llm.token_eos()))
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-    llm.reset()
-    llm.eval(ids)
+    dec.reset()
+    logits = dec.decode(ids, len(ids) - 1)
     out: list[int] = []
     end_token = None
     for _ in range(opts["max_tokens"]):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(logits[-1]))
         if llama_cpp.llama_vocab_is_eog(vocab, tok):
             end_token = piece(tok)
             break
         out.append(tok)
-        llm.eval([tok])
+        logits = dec.decode([tok], 0)
     reply = llm.detokenize(out).decode("utf-8", errors="replace")
     return smoke_verdict(reply, end_token, prompt, opts)
 

@@ -12,9 +12,11 @@ import numpy as np
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float32, copy=False)
-    m = logits.max(axis=-1, keepdims=True)
-    return logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
+    """float32 log-probabilities, computed in place on one copy (this runs on every scored position)."""
+    x = np.array(logits, dtype=np.float32)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
 
 
 def windows(n_tokens: int, ctx: int) -> list[tuple[int, int]]:
