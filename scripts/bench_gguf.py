@@ -15,7 +15,6 @@ Usage: .venv/bin/python scripts/bench_gguf.py [--models sample,1b,3b] [--type Q4
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import subprocess

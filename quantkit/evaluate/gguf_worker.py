@@ -36,6 +36,7 @@ class Decoder:
         import llama_cpp
 
         self._c = llama_cpp
+        # The raw llama_context of the Llama object (llama-cpp-python is pinned in pyproject.toml).
         self.ctx, self.n_vocab = llm._ctx.ctx, llm.n_vocab()
         self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
