@@ -39,6 +39,10 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     src = source if isinstance(source, Source) else resolve(
         source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    ev = prof.evaluation
+    if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:
+        raise ProfileError(f"evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
+                           f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
     chosen, skipped = [], []
     for name, options in prof.backends.items():
         options = dict(options)
@@ -59,10 +63,6 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     for backend, options in chosen:
         items += backend.plan(src, options, llama_cpp)
     vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
-    ev = prof.evaluation
-    if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:
-        raise ProfileError(f"evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
-                           f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
     tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
     scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2
     # Absolute: llama.cpp's converter runs with its own working directory.

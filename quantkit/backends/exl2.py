@@ -68,7 +68,7 @@ class EXL2Backend(Backend):
         params = param_count(source.path)
         measurement = ArtifactPlan(
             backend=self.name, variant="measurement", filename=f"{source.name}-exl2-measurement.json",
-            role="measurement", predicted_bytes=200_000, options={"calibration": calib["text"], **measure},
+            role="measurement", predicted_bytes=200_000, options={"calibration": {"text": calib["text"]}, **measure},
             predicted_peak_bytes=2 * 2 * params, note="exllamav2's measurement pass, shared by every bitrate",
         )
         items = [measurement]
@@ -84,8 +84,7 @@ class EXL2Backend(Backend):
     def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
         state = ctx.out_dir / ".quantkit"
         out = ctx.out_dir / item.filename
-        text = item.options["calibration"] if item.role == "measurement" else item.options["calibration"]["text"]
-        parquet = self._calibration_parquet(text, ctx)
+        parquet = self._calibration_parquet(item.options["calibration"]["text"], ctx)
         work = state / f"exl2-work-{item.variant}"
         args = ["-m", "exllamav2.conversion.convert_exl2", "-i", str(ctx.source.path), "-o", str(work), "-nr",
                 "-c", str(parquet)]

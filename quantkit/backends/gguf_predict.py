@@ -1,4 +1,4 @@
-"""What a GGUF build will write, before it runs: exact file sizes, tensor types and fallbacks.
+"""What a GGUF build will write, before it runs: exact file sizes and how many tensors fall back.
 
 The converter writes a skeleton of the intermediate file (gguf_skeleton: real metadata and tensor
 list, no data), and the quantizer's dry run picks every tensor's type for each variant, overrides
@@ -31,7 +31,7 @@ from .gguf_types import INTERMEDIATES, ftypes, ggml_types
 # counts pages of the memory-mapped input, which the kernel can drop under pressure.
 _FIXED = {"convert": 900_000_000, "quantize": 100_000_000, "run": 250_000_000}
 _PER_LARGEST_VALUE = {"convert": 4, "quantize": 8}
-_VERSION = 1  # bump when what is cached changes
+_VERSION = 2  # bump when what is cached changes
 
 
 @dataclass
@@ -86,12 +86,8 @@ def _predict(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
         run_python(["-m", "quantkit.backends.gguf_skeleton", str(tree.root), str(source.path),
                     "--outtype", INTERMEDIATES[opts.intermediate], "--outfile", str(skeleton)],
                    what="llama.cpp converter (planning sizes)")
-        reader = GGUFReader(skeleton)
-        tensors = list(reader.tensors)
-        types: dict[str, int] = {}
-        for t in tensors:
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        plan = SizePlan(files={opts.intermediate: SizePrediction(skeleton.stat().st_size, dict(sorted(types.items())))})
+        tensors = list(GGUFReader(skeleton).tensors)
+        plan = SizePlan(files={opts.intermediate: SizePrediction(skeleton.stat().st_size)})
         if opts.variants:
             specs = [quantize_spec(v.options(), skeleton, Path(tmp) / "dry.gguf", 1, dry_run=True) for v in opts.variants]
             lines = run_python(["-m", "quantkit.backends.gguf_quantize_worker", json.dumps(specs)],

@@ -4,8 +4,7 @@ quantizer over a skeleton of the converted file, and gguf-py's block table gives
 from __future__ import annotations
 
 import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 _TENSOR = re.compile(r"\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+- \[(?P<shape>[\d,\s]+)\], type =\s*(?P<cur>\w+),"
@@ -15,7 +14,6 @@ _TENSOR = re.compile(r"\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+- \[(?P<shape>[\d,\s]
 @dataclass(frozen=True)
 class SizePrediction:
     file_bytes: int
-    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
     fallbacks: int = 0  # tensors that cannot take the asked type (llama.cpp's warning count)
 
 
@@ -35,7 +33,7 @@ def predict_from_dry_run(skeleton: Path, lines: list[str], alignment: int = 32) 
     from gguf import GGUFReader
 
     header = GGUFReader(skeleton).data_offset
-    total, types, fallbacks = header, Counter(), 0
+    total, fallbacks = header, 0
     for line in lines:
         if "falling back to" in line:
             fallbacks += 1
@@ -43,7 +41,5 @@ def predict_from_dry_run(skeleton: Path, lines: list[str], alignment: int = 32) 
         if not m:
             continue
         shape = [int(x) for x in m["shape"].split(",")]
-        t = m["new"] or m["cur"]
-        types[t.upper()] += 1
-        total += -(-tensor_bytes(t, shape) // alignment) * alignment
-    return SizePrediction(total, dict(sorted(types.items())), fallbacks)
+        total += -(-tensor_bytes(m["new"] or m["cur"], shape) // alignment) * alignment
+    return SizePrediction(total, fallbacks)
