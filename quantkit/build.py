@@ -9,10 +9,11 @@ from pathlib import Path
 
 from . import backends
 from .errors import DiskSpaceError, ProfileError, SmokeTestFailed
+from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .llamacpp import bindings_version
 from .manifest import Manifest
-from .plan import ArtifactResult, BuildPlan
+from .plan import ArtifactPlan, ArtifactResult, BuildPlan
 from .profiles import Profile, load_profile
 from .progress import Reporter
 from .report import write_reports
@@ -35,7 +36,9 @@ class BuildResult:
 
 def make_plan(source: str | Source, profile: str | Profile | None = None, out: str | Path = "builds", *,
               revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-              llama_cpp: str | None = None) -> BuildPlan:
+              llama_cpp: str | None = None, remote_gpus: bool = False) -> BuildPlan:
+    """What a build will make. `remote_gpus`: the steps run on a Ray cluster with GPU nodes, so a backend that
+    needs a GPU is planned even where this machine has none."""
     src = source if isinstance(source, Source) else resolve(
         source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -52,7 +55,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         backend = backends.get(name)
         backend.validate(options)
         try:
-            backend.check()  # every backend's needs, before any of them plans or builds
+            backend.check(remote_gpus)  # every backend's needs, before any of them plans or builds
         except ProfileError as e:
             if when == "fail":
                 raise
@@ -71,7 +74,9 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
-              llama_cpp: str | None = None) -> BuildResult:
+              llama_cpp: str | None = None, executor: Executor | None = None) -> BuildResult:
+    """Build what is missing, evaluate, report. `executor`: where the artifact steps run (default: here,
+    one after another; quantkit.executors.RayExecutor: as tasks on a Ray cluster)."""
     from .evaluate.runner import Evaluator
 
     reporter = reporter or Reporter()
@@ -102,39 +107,51 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     check_free_space(out, need, f"{len(missing)} artifact(s) and evaluation scratch")
 
     # The evaluation text is tokenized first: one too short for the context fails before any build.
-    evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads)
+    executor = executor or LocalExecutor()
+    evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads, executor)
     evaluator.tokens()
     ctx = backends.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp,
                                 evaluation_text=plan.profile.evaluation.text)
-    built, keys, results = [], {}, []
-    for item in plan.artifacts:
+    built, keys, recs = [], {}, {}
+
+    def record(item: ArtifactPlan, facts: dict) -> None:
         path = out / item.filename
-        backend = backends.get(item.backend)
-        parent_key = keys.get(item.depends_on, "")
-        parent_sha = manifest.sha256(out / item.depends_on) if item.depends_on else source_key
-        key = sha256_text("artifact", item.backend, item.variant, repr(sorted(item.options.items())),
-                          parent_key, parent_sha, *(keys[u] for u in item.uses), llama_version)
-        step = f"artifact:{item.filename}"
-        rec = manifest.done(step, key, path)
-        if rec is None or "result" not in rec:
-            facts = backend.build(item, ctx) if rec is None else rec.get("facts", {})
-            described = backend.describe(item, path, facts)
-            described.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
-            described.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
-            rec = manifest.record(step, key, path, facts=facts, result=described.to_dict())
+        described = backends.get(item.backend).describe(item, path, facts)
+        described.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
+        described.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
+        recs[item.filename] = manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts,
+                                              result=described.to_dict())
+
+    for wave in _waves(plan.artifacts):
+        todo = []
+        for item in wave:
+            parent_key = keys.get(item.depends_on, "")
+            parent_sha = manifest.sha256(out / item.depends_on) if item.depends_on else source_key
+            keys[item.filename] = key = sha256_text("artifact", item.backend, item.variant, repr(sorted(item.options.items())),
+                                                    parent_key, parent_sha, *(keys[u] for u in item.uses), llama_version)
+            rec = manifest.done(f"artifact:{item.filename}", key, out / item.filename)
+            if rec is None:
+                todo.append(item)
+            elif "result" not in rec:  # built, then interrupted before it was described
+                record(item, rec.get("facts", {}))
+                built.append(item.filename)
+            else:
+                recs[item.filename] = rec
+                reporter.info(f"✓ {item.filename} (up to date)")
+        for item, facts in executor.build(todo, ctx):
+            record(item, facts)
             built.append(item.filename)
-        else:
-            reporter.info(f"✓ {item.filename} (up to date)")
-        keys[item.filename] = key
-        result = ArtifactResult(**{k: v for k, v in rec["result"].items() if k != "evaluation"})
+    results = []
+    for item in plan.artifacts:
+        result = ArtifactResult(**{k: v for k, v in recs[item.filename]["result"].items() if k != "evaluation"})
         result.role, result.uses, result.predicted_bytes = item.role, list(item.uses), item.predicted_bytes  # plan facts
         results.append(result)
 
     reference = evaluator.reference()
-    for item, result in zip(plan.artifacts, results):
-        runner = backends.get(item.backend).evaluator
-        if runner and item.is_model:
-            result.evaluation = evaluator.evaluate(out / item.filename, runner)
+    scored = [(item, result, backends.get(item.backend)) for item, result in zip(plan.artifacts, results)]
+    scored = [(result, out / item.filename, b.evaluator, b.gpus) for item, result, b in scored if b.evaluator and item.is_model]
+    for (result, *_), evaluation in zip(scored, evaluator.evaluate([s[1:] for s in scored])):
+        result.evaluation = evaluation
 
     report_json, report_md = write_reports(plan, results, reference, llama_version, manifest)
     seconds = time.monotonic() - start
@@ -148,6 +165,17 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
             "the files and reports are written; set smoke.allow_failures: true in the profile to accept this",
         )
     return result
+
+
+def _waves(items: list[ArtifactPlan]) -> list[list[ArtifactPlan]]:
+    """The plan in waves: each artifact comes one wave after the last of its inputs (plan order within a wave)."""
+    depth: dict[str, int] = {}
+    for item in items:  # a plan lists every artifact after its inputs
+        depth[item.filename] = 1 + max((depth.get(d, -1) for d in (item.depends_on, *item.uses) if d), default=-1)
+    waves: list[list[ArtifactPlan]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for item in items:
+        waves[depth[item.filename]].append(item)
+    return waves
 
 
 def _source_key(source: Source, manifest: Manifest) -> str:

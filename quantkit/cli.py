@@ -68,21 +68,31 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
           revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt, trust_remote_code: bool = RemoteOpt,
           llama_cpp: Optional[str] = LlamaOpt,
           threads: int = typer.Option(0, "--threads", help="CPU threads (0: all cores)."),
-          publish_: bool = typer.Option(False, "--publish", help="Publish to the Hub when the build succeeds."),
+          publish_: bool = typer.Option(False, "--publish", help="Publish to the Hub when the build succeeds "
+                                        "(also done when the profile sets publish.auto)."),
           owner: Optional[str] = typer.Option(None, "--owner", help="Hub user or organisation to publish under."),
+          ray: Optional[str] = typer.Option(None, "--ray", help="Run the artifact steps as tasks on this Ray cluster "
+                                            "(host:port, ray://host:10001 or auto); the build folder must be "
+                                            "on storage every node shares.", show_default=False),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.")) -> None:
     """Convert, quantize and evaluate every artifact of a profile; re-running resumes."""
     from .build import make_plan, run_build
     from .progress import Reporter
 
     reporter = Reporter(quiet=quiet)
+    executor = None
+    if ray:
+        from .executors import RayExecutor
+
+        executor = RayExecutor(ray)
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, llama_cpp=llama_cpp)
+                  trust_remote_code=trust_remote_code, llama_cpp=llama_cpp,
+                  remote_gpus=bool(executor and executor.max_gpus))
     reporter.info(p.render())
-    result = run_build(p, reporter=reporter, threads=threads or None, llama_cpp=llama_cpp)
+    result = run_build(p, reporter=reporter, threads=threads or None, llama_cpp=llama_cpp, executor=executor)
     typer.echo(Path(result.report_md).read_text().split("\n## ")[0].rstrip())
     typer.echo(f"\nbuilt {len(result.built)}, evaluated {len(result.evaluated)} in {result.seconds:.1f}s -> {p.out_dir}")
-    if publish_:
+    if publish_ or p.profile.publish.auto:
         _publish(p.out_dir, owner=owner, dry_run=False, reporter=reporter)
 
 
@@ -109,6 +119,115 @@ def _publish(build_dir: Path, *, owner: Optional[str], dry_run: bool, reporter) 
     for r in push(commits, reporter=reporter):
         state = f"new commit {r.commit}" if r.commit else f"up to date at {r.head}"
         typer.echo(f"{r.repo_id}@{r.branch}: {state}")
+
+
+QueueOpt = typer.Option(None, "--queue", help="The job queue's SQLite file [default: $QUANTKIT_QUEUE, else "
+                        "~/.local/state/quantkit/queue.db].", show_default=False)
+
+
+def _queue(path: Optional[Path]):
+    from .jobs.queue import JobQueue
+
+    return JobQueue(path)
+
+
+@app.command()
+def watch(orgs: list[str] = typer.Argument(..., help="Hub users or organisations whose models to watch."),
+          profile: str = typer.Option("gguf-standard", "--profile", "-p", help="Profile every job builds with."),
+          out: Path = OutOpt, queue: Optional[Path] = QueueOpt,
+          architecture: list[str] = typer.Option([], "--architecture", help="Only these config architectures "
+                                                 "(repeatable), e.g. LlamaForCausalLM."),
+          license_: list[str] = typer.Option([], "--license", help="Only these licences (repeatable), e.g. apache-2.0."),
+          match: str = typer.Option("", "--match", help="Only model names matching this glob, e.g. '*-Instruct'."),
+          min_params: str = typer.Option("0", "--min-params", help="At least this many parameters (500M, 7B, ...)."),
+          max_params: str = typer.Option("0", "--max-params", help="At most this many parameters (0: no limit)."),
+          attempts: int = typer.Option(3, "--attempts", help="Tries per job before it is marked failed."),
+          every: float = typer.Option(0, "--every", help="Seconds between passes; 0: one pass, then exit (for cron).")) -> None:
+    """Queue one build job for each new or updated model repo of ORGS (HF_ENDPOINT and HF_TOKEN apply)."""
+    import time
+
+    from .jobs.watch import WatchFilters, parse_count, watch_once
+
+    q = _queue(queue)
+    filters = WatchFilters(tuple(architecture), tuple(license_), match, parse_count(min_params), parse_count(max_params))
+    while True:
+        typer.echo(watch_once(q, orgs, profile, out=out, filters=filters, max_attempts=attempts).render())
+        if not every:
+            return
+        time.sleep(every)
+
+
+jobs_app = typer.Typer(help="The job queue: list, show, retry and cancel jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(state: Optional[str] = typer.Option(None, "--state", help="queued, running, done, failed or cancelled."),
+              queue: Optional[Path] = QueueOpt) -> None:
+    """One line a job."""
+    q = _queue(queue)
+    for job in q.list(state):
+        typer.echo(job.render())
+    counts = q.counts()
+    typer.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or f"no jobs in {q.path}")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, queue: Optional[Path] = QueueOpt,
+              lines: int = typer.Option(40, "--lines", "-n", help="Lines of the job's log to print (0: all).")) -> None:
+    """A job, and the end of its log."""
+    import dataclasses
+    import time
+
+    q = _queue(queue)
+    job = q.get(job_id)
+    for key, value in dataclasses.asdict(job).items():
+        if key in ("created", "updated", "lease_until") and value:
+            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        typer.echo(f"{key:13} {value}")
+    log = q.log_path(job_id)
+    typer.echo(f"{'log':13} {log}")
+    if log.exists():
+        text = log.read_text(errors="replace").splitlines()
+        typer.echo("\n".join(text[-lines:] if lines else text))
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, queue: Optional[Path] = QueueOpt) -> None:
+    """Queue a failed or cancelled job again (its build resumes from what it finished)."""
+    typer.echo(_queue(queue).retry(job_id).render())
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, queue: Optional[Path] = QueueOpt) -> None:
+    """Cancel a queued job, or stop a running one (its worker stops the build at its next lease renewal)."""
+    typer.echo(_queue(queue).cancel(job_id).render())
+
+
+@app.command()
+def worker(queue: Optional[Path] = QueueOpt,
+           jobs: int = typer.Option(1, "--jobs", "-j", help="Jobs to run at once (within --memory and the GPUs)."),
+           once: bool = typer.Option(False, "--once", help="Exit when no job is queued or running (for cron)."),
+           lease: float = typer.Option(60, "--lease", help="Seconds a job stays this worker's without a renewal; a "
+                                       "dead worker's job is taken over after this."),
+           poll: float = typer.Option(5, "--poll", help="Seconds between looks at an empty queue."),
+           threads: int = typer.Option(0, "--threads", help="CPU threads per job (0: the cores shared among --jobs)."),
+           memory: str = typer.Option("0", "--memory", help="Memory the running jobs' estimates may add up to, e.g. "
+                                      "20G (0: 90% of this machine's)."),
+           ray: Optional[str] = typer.Option(None, "--ray", help="Run each job's build steps as tasks on this Ray "
+                                             "cluster (host:port, ray://host:10001 or auto).", show_default=False)) -> None:
+    """Run jobs from the queue: each is a `quantkit build` (publishing when the profile says publish.auto)."""
+    from .fsutil import parse_bytes
+    from .jobs.worker import Worker, WorkerOptions
+
+    memory_bytes = parse_bytes(memory)
+    if memory_bytes is None:
+        raise QuantkitError(f"--memory {memory!r} is not a size", "write it like 20G, 512M or a number of bytes")
+    summary = Worker(_queue(queue), WorkerOptions(max_jobs=jobs, lease_s=lease, poll_s=poll, once=once, threads=threads,
+                                                  memory_bytes=memory_bytes, ray=ray)).run()
+    typer.echo(f"worker: {len(summary.done)} job(s) done, {len(summary.failed)} failed")
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

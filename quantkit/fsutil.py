@@ -130,6 +130,14 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
+def parse_bytes(value: object) -> int | None:
+    """'48G', '100M', '1.5GB' (decimal units) or a byte count; None if it is none of these."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value).upper())
+    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " ")) if m else None
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

@@ -17,6 +17,16 @@ from typing import Callable, Sequence
 from .errors import ToolError
 
 
+def die_with_parent() -> None:
+    """preexec_fn: the kernel kills this child when its parent dies (even by kill -9), so a killed build
+    or worker leaves no orphan still writing into the build folder. Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 @dataclass(frozen=True)
 class Finished:
     lines: list[str]  # stdout and stderr, merged, one entry per line (or per tqdm redraw)
@@ -38,7 +48,8 @@ def run_program(program: str | Path, args: Sequence[str], *, on_line: Callable[[
     lines: list[str] = []
     tail: collections.deque[str] = collections.deque(maxlen=15)
     proc = subprocess.Popen([str(program), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            cwd=cwd, env=full_env, text=True, errors="replace", bufsize=1)
+                            cwd=cwd, env=full_env, text=True, errors="replace", bufsize=1,
+                            preexec_fn=die_with_parent)
     assert proc.stdout is not None
     try:
         for raw in proc.stdout:

@@ -36,6 +36,7 @@ class PublishOptions:
     repo: str = "{owner}/{model}-{format}"  # one repo per format: GGUF, GPTQ, AWQ, exl2
     private: bool = False
     quantized_by: str = ""  # for the card's metadata; empty: the owner
+    auto: bool = False  # publish after every successful build (as `build --publish`): what unattended jobs want
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class Reporter:
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)  # log files keep whole lines
 
     def info(self, message: str) -> None:
         if not self.quiet:

@@ -84,6 +84,29 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
+def _product(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _front_matter(card: str) -> dict:
+    """The YAML header of a model card, for the flat keys and lists that model cards use (stdlib only)."""
+    if not card.startswith("---\n") or "\n---" not in card[3:]:
+        return {}
+    data: dict = {}
+    key = None
+    for line in card[4:card.index("\n---", 3)].splitlines():
+        if line.startswith("- ") and key:
+            data.setdefault(key, []).append(line[2:].strip().strip("'\""))
+        elif ":" in line and not line.startswith(" "):
+            key, value = (part.strip() for part in line.split(":", 1))
+            if value:
+                data[key] = value.strip("'\"")
+    return data
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -170,6 +193,7 @@ class HubServer:
         # (method, regex on the raw path, handler); first match wins, so specific routes come first.
         return [
             ("GET", r"^/api/whoami-v2$", self.h_whoami),
+            ("GET", r"^/api/models$", self.h_list_models),
             ("POST", r"^/api/repos/create$", self.h_create_repo),
             ("POST", r"^/api/validate-yaml$", self.h_validate_yaml),
             ("PUT", _API + r"/settings$", self.h_settings),
@@ -360,6 +384,45 @@ class HubServer:
                       "sha": sha, "private": meta["private"], "gated": meta["gated"], "disabled": False,
                       "lastModified": commit["date"], "createdAt": meta["createdAt"], "tags": [], "downloads": 0,
                       "likes": 0, "siblings": siblings})
+
+    def h_list_models(self, req):
+        """GET /api/models?author=NS: one namespace's models (in one page: test hubs are small), each with what
+        `expand` can ask for: the main commit, config.json, safetensors parameter counts (read from the files'
+        headers, as the Hub does) and the card's metadata."""
+        author = req.query.get("author", ["*"])[0]
+        if not _NAME.match(author) and author != "*":
+            raise HubError(400, f"Invalid author {author!r}")
+        listed = []
+        for d in sorted((self.root / "models").glob(f"{author}/*")):
+            repo = f"{d.parent.name}/{d.name}"
+            try:
+                meta = self._meta(req, "models", repo)
+            except HubError:  # private, and not this caller's
+                continue
+            sha = self._resolve("models", repo, "main")
+            commit = self._commit_obj("models", repo, sha)
+            files = commit["files"]
+            blob = lambda path: self._blob("models", repo, files[path]["sha256"])  # noqa: E731
+            item = {"id": repo, "_id": hashlib.sha1(repo.encode()).hexdigest()[:24], "author": d.parent.name, "sha": sha,
+                    "private": meta["private"], "gated": meta["gated"], "lastModified": commit["date"],
+                    "createdAt": meta["createdAt"], "tags": []}
+            if "config.json" in files:
+                item["config"] = json.loads(blob("config.json").read_bytes())
+            params: dict[str, int] = {}
+            for path in (p for p in files if p.endswith(".safetensors")):
+                with open(blob(path), "rb") as f:
+                    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                for name, t in header.items():
+                    if name != "__metadata__":
+                        params[t["dtype"]] = params.get(t["dtype"], 0) + _product(t["shape"])
+            if params:
+                item["safetensors"] = {"parameters": params, "total": sum(params.values())}
+            if "README.md" in files:
+                card = _front_matter(blob("README.md").read_text())
+                item["cardData"] = card
+                item["tags"] = list(card.get("tags", [])) + ([f"license:{card['license']}"] if card.get("license") else [])
+            listed.append(item)
+        return _json(listed)
 
     # ------------------------------------------------------------------ branches and history
     def h_refs(self, req, type, repo):

@@ -38,6 +38,7 @@ class Requirement:
     what: str  # "package gptqmodel", "a CUDA GPU"
     available: bool
     hint: str = ""  # how to get it
+    gpu: bool = False  # a GPU on this machine: a Ray cluster with GPU nodes meets it instead
 
 
 def package(dist: str, module: str, hint: str) -> Requirement:
@@ -53,6 +54,8 @@ class Backend(ABC):
     name: str = ""
     # Which evaluation runner measures this backend's artifacts; None: reported without evaluation.
     evaluator: str | None = None
+    # GPUs one build step needs: a worker without one does not take the job, Ray places the step on a GPU node.
+    gpus: int = 0
 
     def requirements(self) -> list[Requirement]:
         """What this backend needs; `quantkit backends` lists it, and a plan refuses a backend that lacks any."""
@@ -62,8 +65,9 @@ class Backend(ABC):
         """Check the profile's options without the source or this machine's means, so a mistake in them is
         reported even where the backend cannot run (plan() validates again, with the source)."""
 
-    def check(self) -> None:
-        missing = [r for r in self.requirements() if not r.available]
+    def check(self, remote_gpus: bool = False) -> None:
+        """Refuse if this machine lacks a requirement (`remote_gpus`: the steps run where GPUs are, on Ray)."""
+        missing = [r for r in self.requirements() if not r.available and not (r.gpu and remote_gpus)]
         if missing:
             raise ProfileError(f"backend {self.name} needs {', '.join(r.what for r in missing)}",
                                "; ".join(r.hint for r in missing if r.hint) or "install what it needs")

@@ -35,12 +35,13 @@ def cuda_devices() -> int:
 class EXL2Backend(Backend):
     name = "exl2"
     evaluator = "exl2"
+    gpus = 1
 
     def requirements(self) -> list[Requirement]:
         return [package("exllamav2", "exllamav2", INSTALL_HINT),
                 Requirement("a CUDA GPU", cuda_devices() > 0,
                             "EXL2 needs a CUDA GPU; run on a machine with one, or set `if_unavailable: skip` "
-                            "under exl2 in the profile to build the other formats without it")]
+                            "under exl2 in the profile to build the other formats without it", gpu=True)]
 
     def validate(self, options: dict[str, Any]) -> None:
         self._parse(options)

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ProfileError
 from ..evaluate.text import CALIBRATION
+from ..fsutil import parse_bytes
 from .gguf_types import INTERMEDIATES, NEEDS_IMATRIX, ftypes, ggml_types, normalize
 
 DEFAULT_SPLIT = "48G"
@@ -61,13 +62,9 @@ class GGUFOptions:
 
 def parse_size(value: Any, where: str) -> int:
     """'48G', '100M', '1.5G' (decimal units, as llama.cpp's --split-max-size) or a byte count."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value).upper())
-        if not m:
-            raise ProfileError(f"{where}: {value!r} is not a size", "write it like 48G, 500M or a number of bytes")
-        n = int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+    n = parse_bytes(value)
+    if n is None:
+        raise ProfileError(f"{where}: {value!r} is not a size", "write it like 48G, 500M or a number of bytes")
     if n < 1_000_000:
         raise ProfileError(f"{where}: {value!r} is below 1M", "llama.cpp's shards are sized in whole megabytes")
     return n

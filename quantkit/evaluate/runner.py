@@ -6,7 +6,6 @@ tokenizer) against the same reference: the fp16 source checkpoint, run once thro
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from dataclasses import asdict
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ProfileError
+from ..executors import Executor, HelperRun, LocalExecutor
 from ..fsutil import atomic_path, sha256_text
 from ..manifest import Manifest
 from ..plan import EvalResult
@@ -26,14 +26,14 @@ from .text import load_text
 WORKERS = {"gguf": "quantkit.evaluate.gguf_worker", "hf": "quantkit.evaluate.hf_worker",
            "exl2": "quantkit.evaluate.exl2_worker"}
 REFERENCE = "reference"
-_PROGRESS = re.compile(r"progress (\d+)/(\d+)")
 
 
 class Evaluator:
     def __init__(self, manifest: Manifest, profile: Profile, source: Path, source_key: str, reporter: Reporter,
-                 threads: int) -> None:
+                 threads: int, executor: Executor | None = None) -> None:
         self.m, self.profile, self.source, self.source_key = manifest, profile, source, source_key
         self.reporter, self.threads = reporter, threads
+        self.executor = executor or LocalExecutor()
         self.state = manifest.state_dir
         self.ctx = profile.evaluation.ctx
         self.ran: list[str] = []  # what was evaluated in this run (not taken from the manifest)
@@ -90,33 +90,43 @@ class Evaluator:
         self.m.record(REFERENCE, ref_key, ref_path)
         return self._record(f"eval:{REFERENCE}", key, raw, None, REFERENCE)
 
-    def evaluate(self, artifact: Path, runner: str) -> EvalResult:
-        _, ref_key, base_key, spec = self._keys()
-        key = sha256_text("eval", runner, self.m.sha256(artifact), base_key)
-        rec = self.m.done(f"eval:{artifact.name}", key)
-        if rec:
-            return EvalResult(**rec["result"])
-        ref = self.reference()
-        raw = self._run(runner, artifact, {**spec, "ref_read": str(self.state / "reference-logprobs.npy")}, artifact.name)
-        return self._record(f"eval:{artifact.name}", key, raw, ref.perplexity, artifact.name)
+    def evaluate(self, artifacts: list[tuple[Path, str, int]]) -> list[EvalResult]:
+        """Score each (artifact, runner, GPUs it needs) against the reference; the runs the manifest does not
+        already hold go to the executor together (on Ray, at once)."""
+        _, _, base_key, spec = self._keys()
+        results: dict[Path, EvalResult] = {}
+        todo: dict[HelperRun, tuple[Path, str]] = {}
+        for artifact, runner, gpus in artifacts:
+            key = sha256_text("eval", runner, self.m.sha256(artifact), base_key)
+            if rec := self.m.done(f"eval:{artifact.name}", key):
+                results[artifact] = EvalResult(**rec["result"])
+                continue
+            ref_file = str(self.state / "reference-logprobs.npy")
+            todo[self._helper(runner, artifact, {**spec, "ref_read": ref_file}, artifact.name, gpus)] = (artifact, key)
+        if todo:
+            ref = self.reference()
+            for run in self.executor.run_helpers(list(todo), self.reporter):
+                artifact, key = todo[run]
+                results[artifact] = self._record(f"eval:{artifact.name}", key, self._result(run), ref.perplexity, artifact.name)
+        return [results[a] for a, _, _ in artifacts]
 
     def _run(self, runner: str, target: Path, spec: dict, label: str) -> dict:
+        [run] = self.executor.run_helpers([self._helper(runner, target, spec, label)], self.reporter)
+        return self._result(run)
+
+    def _helper(self, runner: str, target: Path, spec: dict, label: str, gpus: int = 0) -> HelperRun:
         name = re.sub(r"[^\w.-]", "_", target.name)
         spec_file, result_file = self.state / f"eval-{name}.spec.json", self.state / f"eval-{name}.result.json"
         spec_file.write_text(json.dumps(spec))
-        with contextlib.ExitStack() as stack:
-            bar = stack.enter_context(self.reporter.step(f"evaluate {label}"))
+        return HelperRun(f"evaluate {label}", ("-m", WORKERS[runner], "evaluate", str(target), str(spec_file), str(result_file)),
+                         self.state, cpus=self.threads, gpus=gpus)
 
-            def on_line(line: str) -> None:
-                if m := _PROGRESS.search(line):
-                    bar.update(int(m.group(1)), int(m.group(2)))
-
-            run_python(["-m", WORKERS[runner], "evaluate", str(target), str(spec_file), str(result_file)],
-                       on_line=on_line, cwd=self.state, what=f"evaluation of {label}")
+    def _result(self, run: HelperRun) -> dict:
+        spec_file, result_file = Path(run.args[-2]), Path(run.args[-1])
         raw = json.loads(result_file.read_text())
         result_file.unlink()
         spec_file.unlink()
-        self.ran.append(label)
+        self.ran.append(run.label.removeprefix("evaluate "))
         return raw
 
     def _record(self, step: str, key: str, raw: dict, ref_ppl: float | None, label: str) -> EvalResult:

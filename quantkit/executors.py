@@ -1,0 +1,158 @@
+"""Where a build's artifact steps run: in this process, one after another, or as Ray tasks.
+
+The build hands an executor one wave of steps at a time (steps whose inputs are all built), so
+the GGUF quantizations of a model, and its GPTQ, AWQ and EXL2 variants, can run at once on a
+cluster. Either way the same Backend.build writes the same files; only the place differs. Ray does
+the scheduling (CPUs, memory and GPUs per task); quantkit only states each step's needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from .backends import BuildContext, get
+from .errors import QuantkitError, ToolError
+from .fsutil import human_size
+from .plan import ArtifactPlan
+from .procs import run_python
+from .progress import Reporter
+
+Built = Iterator[tuple[ArtifactPlan, dict[str, Any]]]
+_PROGRESS = re.compile(r"progress (\d+)/(\d+)")  # how helpers report progress (evaluation workers do)
+
+
+@dataclass(frozen=True)
+class HelperRun:
+    """`python ARGS...` in `cwd`, writing its result to files there: one evaluation, for example."""
+
+    label: str
+    args: tuple[str, ...]
+    cwd: Path
+    cpus: int = 1
+    gpus: int = 0
+
+
+class Executor(Protocol):
+    def build(self, steps: list[ArtifactPlan], ctx: BuildContext) -> Built:
+        """Build every step (their inputs exist); yield each with its facts as it finishes, so the build
+        records finished work even when a later step fails."""
+
+    def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
+        """Run each helper; yield each as it finishes."""
+
+
+class LocalExecutor:
+    def build(self, steps: list[ArtifactPlan], ctx: BuildContext) -> Built:
+        for item in steps:
+            yield item, get(item.backend).build(item, ctx)
+
+    def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
+        for run in runs:
+            with reporter.step(run.label) as bar:
+                def on_line(line: str) -> None:
+                    if m := _PROGRESS.search(line):
+                        bar.update(int(m.group(1)), int(m.group(2)))
+
+                run_python(run.args, on_line=on_line, cwd=run.cwd, what=run.label)
+            yield run
+
+
+def helper_step(run: HelperRun) -> None:
+    """One helper, in a Ray worker process."""
+    run_python(run.args, cwd=run.cwd, what=run.label)
+
+
+def build_step(item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
+    """One artifact, in a Ray worker process; the reporter is rebuilt there (a console does not travel)."""
+    source = ctx.source
+    if not source.path.exists() and source.repo_id:
+        # Another node: fetch the same commit into this node's Hugging Face cache.
+        from .source import resolve
+
+        source = replace(resolve(source.repo_id, revision=source.revision), name=source.name)
+    return get(item.backend).build(item, replace(ctx, source=source, reporter=Reporter(quiet=False)))
+
+
+class RayExecutor:
+    def __init__(self, address: str) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise QuantkitError("--ray needs the ray package", "install the ray extra: pip install 'quantkit[ray]' "
+                                "(or QUANTKIT_EXTRAS=test,gptq,exl2,ray ./scripts/setup.sh)") from None
+        import quantkit
+
+        self.ray = ray
+        # The cluster runs this very quantkit (py_modules ships the package); its dependencies (llama.cpp
+        # bindings and tools, torch, ...) must be installed on every node, as for a local build.
+        env = {"py_modules": [str(Path(quantkit.__file__).parent)]}
+        if os.environ.get("HF_ENDPOINT"):
+            env["env_vars"] = {"HF_ENDPOINT": os.environ["HF_ENDPOINT"]}
+        if not sys.stderr.isatty():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # task output in a log file: no colour codes
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level="WARNING",
+                     configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ToolError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}",
+                            "start one with `ray start --head`, or pass its address (host:port, ray://host:10001 or auto)") from e
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        self.max_cpus = max((int(r.get("CPU", 0)) for r in nodes), default=0)
+        self.max_memory = max((int(r.get("memory", 0)) for r in nodes), default=0)
+        self.max_gpus = max((int(r.get("GPU", 0)) for r in nodes), default=0)
+        self._build = ray.remote(build_step)
+        self._helper = ray.remote(helper_step)
+
+    def needs(self, item: ArtifactPlan, threads: int) -> dict[str, Any]:
+        """The step's Ray resources; refused up front if no node could ever run it (Ray would wait forever)."""
+        gpus = get(item.backend).gpus
+        if gpus > self.max_gpus:
+            raise QuantkitError(f"{item.filename} needs {gpus} GPU(s) and no node of the Ray cluster has that many",
+                                "add a GPU node to the cluster, or set `if_unavailable: skip` for that backend")
+        if item.predicted_peak_bytes > self.max_memory:
+            raise QuantkitError(f"{item.filename} needs about {human_size(item.predicted_peak_bytes)} of memory and the "
+                                f"largest Ray node offers {human_size(self.max_memory)}", "add a larger node to the cluster")
+        return {"num_cpus": self._cpus(threads), "num_gpus": gpus,
+                "memory": item.predicted_peak_bytes or None, "name": f"quantkit build {item.filename}"}
+
+    def _cpus(self, wanted: int) -> int:
+        return max(1, min(wanted, self.max_cpus))
+
+    def build(self, steps: list[ArtifactPlan], ctx: BuildContext) -> Built:
+        portable = replace(ctx, reporter=None)
+        tasks = {self._build.options(**self.needs(item, ctx.threads)).remote(item, portable): item for item in steps}
+        yield from self._gather(tasks, ctx.reporter, lambda item: item.filename)
+
+    def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
+        if any(run.gpus > self.max_gpus for run in runs):
+            raise QuantkitError("an evaluation needs a GPU and no node of the Ray cluster has one", "add a GPU node")
+        tasks = {self._helper.options(num_cpus=self._cpus(run.cpus), num_gpus=run.gpus, name=f"quantkit {run.label}")
+                 .remote(run): run for run in runs}
+        for run, _ in self._gather(tasks, reporter, lambda run: run.label):
+            yield run
+
+    def _gather(self, tasks: dict, reporter: Reporter, name) -> Iterator[tuple[Any, Any]]:
+        """Each task's (what it was for, value) as it finishes. After a failure the others run on, so what
+        they finish is recorded and a rerun resumes from there; then the first failure is raised."""
+        for what in tasks.values():
+            reporter.info(f"→ {name(what)}: Ray task submitted")
+        failure = None
+        while tasks:
+            [ref], _ = self.ray.wait(list(tasks), num_returns=1)
+            what = tasks.pop(ref)
+            try:
+                value = self.ray.get(ref)
+            except self.ray.exceptions.RayTaskError as e:
+                failure = failure or (e.cause if isinstance(e.cause, QuantkitError) else
+                                      ToolError(f"the Ray task for {name(what)} failed: {str(e).splitlines()[0]}",
+                                                "see the task's log above"))
+                continue
+            reporter.info(f"✓ {name(what)} (Ray)")
+            yield what, value
+        if failure:
+            raise failure

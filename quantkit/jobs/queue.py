@@ -1,0 +1,219 @@
+"""A durable job queue in one SQLite file: what to build, who is building it, and how it ended.
+
+Workers on one machine (or several sharing the file over a local filesystem) claim jobs with a
+lease. A worker renews its leases while it builds; a job whose lease ran out (its worker died) is
+claimable again, so a crash costs a retry, never a lost job. SQLite's write lock (BEGIN IMMEDIATE)
+makes each claim atomic: two workers never take the same job.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import QuantkitError
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    repo_id TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    out TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL DEFAULT 3,
+    needs_gpu INTEGER NOT NULL DEFAULT 0,
+    memory_bytes INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    lease_until REAL,
+    exit_code INTEGER,
+    error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    UNIQUE (repo_id, revision, profile)
+);
+"""
+
+
+def default_queue_path() -> Path:
+    """QUANTKIT_QUEUE, else $XDG_STATE_HOME/quantkit/queue.db: state to keep, not a cache to wipe."""
+    if env := os.environ.get("QUANTKIT_QUEUE"):
+        return Path(env).expanduser()
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "quantkit" / "queue.db"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    repo_id: str
+    revision: str  # the source commit the job builds; a new commit is a new job
+    profile: str  # a profile name, or an absolute path to a profile file
+    out: str  # absolute parent folder of the build (OUT/<Model>/)
+    state: str
+    attempts: int
+    max_attempts: int
+    needs_gpu: bool
+    memory_bytes: int  # the estimate a worker checks against its memory before taking the job
+    worker: str | None
+    lease_until: float | None
+    exit_code: int | None
+    error: str | None
+    created: float
+    updated: float
+
+    def render(self) -> str:
+        who = f" on {self.worker}" if self.state == "running" else ""
+        why = f": {self.error}" if self.error and self.state in ("failed", "queued") else ""
+        return (f"#{self.id:<4} {self.state:9} {self.repo_id}@{self.revision[:12]}  profile {self.profile}  "
+                f"attempt {self.attempts}/{self.max_attempts}{who}{why}")
+
+
+class JobQueue:
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path).expanduser() if path else default_queue_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._db() as db:
+                db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise QuantkitError(f"cannot open the job queue {self.path}: {e}",
+                                "pass --queue (or set QUANTKIT_QUEUE) to a file in a folder you can write to") from e
+        self.logs = self.path.parent / "logs"
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per operation: a worker holds no lock while it builds.
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            yield db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def log_path(self, job_id: int) -> Path:
+        return self.logs / f"{job_id}.log"
+
+    # ------------------------------------------------------------------ adding and reading
+    def enqueue(self, repo_id: str, revision: str, profile: str, out: str | Path, *, needs_gpu: bool = False,
+                memory_bytes: int = 0, max_attempts: int = 3) -> Job | None:
+        """Add a job; None if this (repo, commit, profile) was ever queued before, whatever became of it."""
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs (repo_id, revision, profile, out, needs_gpu, memory_bytes, max_attempts, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (repo_id, revision, profile, str(Path(out).absolute()), int(needs_gpu), memory_bytes, max_attempts, now, now))
+            return self._get(db, cur.lastrowid) if cur.rowcount else None
+
+    def get(self, job_id: int) -> Job:
+        with self._db() as db:
+            return self._get(db, job_id)
+
+    def list(self, state: str | None = None) -> list[Job]:
+        if state and state not in STATES:
+            raise QuantkitError(f"unknown job state {state!r}", f"use one of: {', '.join(STATES)}")
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs" + (" WHERE state = ?" if state else "") + " ORDER BY id",
+                              (state,) if state else ()).fetchall()
+        return [_job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._db() as db:
+            return dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, job_id: int) -> Job:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise QuantkitError(f"no job #{job_id}", "see `quantkit jobs list`")
+        return _job(row)
+
+    # ------------------------------------------------------------------ workers
+    def claim(self, worker: str, lease_s: float, *, gpu: bool = False, memory_bytes: int | None = None) -> Job | None:
+        """Take the oldest job this worker can run (GPU jobs only with a GPU; within `memory_bytes`)."""
+        now = time.time()
+        with self._write() as db:
+            self._expire(db, now)
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' AND (needs_gpu = 0 OR ?) AND (? IS NULL OR memory_bytes <= ?) "
+                "ORDER BY id LIMIT 1", (int(gpu), memory_bytes, memory_bytes)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = 'running', worker = ?, lease_until = ?, attempts = attempts + 1, "
+                       "exit_code = NULL, updated = ? WHERE id = ?", (worker, now + lease_s, now, row["id"]))
+            return self._get(db, row["id"])
+
+    def _expire(self, db: sqlite3.Connection, now: float) -> None:
+        """Jobs whose worker stopped renewing: back to the queue, or failed after their last attempt."""
+        db.execute("UPDATE jobs SET state = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END, "
+                   "error = 'worker ' || worker || ' stopped renewing its lease (crashed or killed)', "
+                   "worker = NULL, lease_until = NULL, updated = ? "
+                   "WHERE state = 'running' AND lease_until < ?", (now, now))
+
+    def renew(self, job_id: int, worker: str, lease_s: float) -> bool:
+        """Extend a lease; False if the job is no longer this worker's (cancelled, or taken after expiry)."""
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute("UPDATE jobs SET lease_until = ?, updated = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                             (now + lease_s, now, job_id, worker))
+            return cur.rowcount == 1
+
+    def finish(self, job_id: int, worker: str, exit_code: int, error: str | None = None) -> bool:
+        """Record how a claimed job ended; False if it was no longer this worker's."""
+        state = "done" if exit_code == 0 else "failed"
+        with self._write() as db:
+            cur = db.execute("UPDATE jobs SET state = ?, exit_code = ?, error = ?, worker = NULL, lease_until = NULL, "
+                             "updated = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                             (state, exit_code, error, time.time(), job_id, worker))
+            return cur.rowcount == 1
+
+    def pending(self) -> int:
+        """Jobs that are queued or running (a running one may come back if its worker died)."""
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
+
+    # ------------------------------------------------------------------ people
+    def retry(self, job_id: int) -> Job:
+        with self._write() as db:
+            job = self._get(db, job_id)
+            if job.state not in ("failed", "cancelled"):
+                raise QuantkitError(f"job #{job_id} is {job.state}; only failed or cancelled jobs can be retried",
+                                    "see `quantkit jobs show`" if job.state != "done" else
+                                    "it is done; delete its build folder and retry it to build it again")
+            db.execute("UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, exit_code = NULL, updated = ? "
+                       "WHERE id = ?", (time.time(), job_id))
+            return self._get(db, job_id)
+
+    def cancel(self, job_id: int) -> Job:
+        """A queued job is never taken; a running one is stopped by its worker at the next lease renewal."""
+        with self._write() as db:
+            job = self._get(db, job_id)
+            if job.state not in ("queued", "running"):
+                raise QuantkitError(f"job #{job_id} is already {job.state}", "nothing to cancel")
+            db.execute("UPDATE jobs SET state = 'cancelled', worker = NULL, lease_until = NULL, updated = ? WHERE id = ?",
+                       (time.time(), job_id))
+            return self._get(db, job_id)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    values = {f.name: row[f.name] for f in fields(Job)}
+    values["needs_gpu"] = bool(values["needs_gpu"])
+    return Job(**values)

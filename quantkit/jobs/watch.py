@@ -1,0 +1,124 @@
+"""Find new or updated model repos on the Hub and queue one build job per new source commit.
+
+One pass lists each organisation's models through huggingface_hub (HF_ENDPOINT and HF_TOKEN apply),
+with the commit sha, config, safetensors parameter counts and card data in the same request, so a
+pass costs one listing per organisation however many models it holds. Idempotence comes from the
+queue: a (repo, commit, profile) that was ever queued is not queued again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import backends
+from ..errors import QuantkitError, SourceError
+from ..profiles import Profile, load_profile
+from .queue import Job, JobQueue
+
+_EXPAND = ["sha", "lastModified", "config", "safetensors", "cardData", "tags", "gated", "private"]
+
+
+@dataclass(frozen=True)
+class WatchFilters:
+    architectures: tuple[str, ...] = ()  # config.json "architectures", e.g. LlamaForCausalLM
+    licenses: tuple[str, ...] = ()  # card licence ids, e.g. apache-2.0
+    match: str = ""  # glob on the model name (the part after ORG/), e.g. "*-Instruct"
+    min_params: int = 0
+    max_params: int = 0  # 0: no limit
+
+    def reject(self, info: Any) -> str | None:
+        """Why a listed model is not for us, or None if it is."""
+        name = info.id.split("/", 1)[-1]
+        config = info.config or {}
+        card = info.card_data.to_dict() if info.card_data else {}
+        tags = set(info.tags or [])
+        if "quantization_config" in config or card.get("base_model_relation") == "quantized" or "quantized" in tags:
+            return "already a quantized model"
+        params = info.safetensors.total if info.safetensors else 0
+        if not params:
+            return "no safetensors weights on its main branch"
+        if self.match and not fnmatch.fnmatchcase(name, self.match):
+            return f"name does not match {self.match!r}"
+        archs = config.get("architectures") or []
+        if self.architectures and not set(archs) & set(self.architectures):
+            return f"architecture {', '.join(archs) or 'unknown'} is not one of {', '.join(self.architectures)}"
+        licence = card.get("license") or next((t[8:] for t in tags if t.startswith("license:")), None)
+        if self.licenses and licence not in self.licenses:
+            return f"licence {licence or 'unknown'} is not one of {', '.join(self.licenses)}"
+        if self.min_params and params < self.min_params:
+            return f"{params:,} parameters, fewer than {self.min_params:,}"
+        if self.max_params and params > self.max_params:
+            return f"{params:,} parameters, more than {self.max_params:,}"
+        return None
+
+
+@dataclass
+class WatchResult:
+    enqueued: list[Job] = field(default_factory=list)
+    known: list[str] = field(default_factory=list)  # repo@commit already queued or built
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (repo, why)
+
+    def render(self) -> str:
+        lines = [f"queued   {j.render()}" for j in self.enqueued]
+        lines += [f"known    {r}" for r in self.known]
+        lines += [f"skipped  {r}: {why}" for r, why in self.skipped]
+        lines.append(f"{len(self.enqueued)} new job(s), {len(self.known)} already queued or built, {len(self.skipped)} skipped")
+        return "\n".join(lines)
+
+
+def parse_count(text: str) -> int:
+    """"135M", "7B", "1.5b", "2000000" -> a parameter count."""
+    units = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+    t = text.strip().lower()
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise QuantkitError(f"not a parameter count: {text!r}", "use a number such as 500M, 7B or 1500000000") from None
+
+
+def profile_ref(profile: str) -> str:
+    """How a job names its profile: a name as given, a file by its absolute path (workers run elsewhere)."""
+    return str(Path(profile).absolute()) if Path(profile).is_file() else profile
+
+
+def job_needs(profile: Profile, params: int) -> tuple[bool, int]:
+    """Whether the job needs a GPU worker, and a rough bound on its memory. The bound is the heaviest
+    step seen on the sample, scaled by parameters: the fp16 reference evaluation through transformers
+    (1 GiB + 4 bytes a parameter), or GPTQModel (0.9 GB + 6 bytes a parameter)."""
+    gpu = any(backends.get(name).gpus and (opts or {}).get("if_unavailable", "fail") == "fail"
+              for name, opts in profile.backends.items())
+    memory = (1 << 30) + 4 * params
+    if {"gptq", "awq"} & set(profile.backends):
+        memory = max(memory, 900_000_000 + 6 * params)
+    return gpu, memory
+
+
+def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Path = "builds",
+               filters: WatchFilters = WatchFilters(), max_attempts: int = 3) -> WatchResult:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    prof = load_profile(profile)  # a bad profile fails the pass, not every job later
+    result = WatchResult()
+    api = HfApi()
+    for org in orgs:
+        try:
+            listed = list(api.list_models(author=org, expand=_EXPAND))
+        except HfHubHTTPError as e:
+            raise SourceError(f"cannot list the models of {org!r}: {str(e).splitlines()[0]}",
+                              "check the organisation name, HF_ENDPOINT and your network (HF_TOKEN for private repos)") from e
+        for info in listed:
+            if why := filters.reject(info):
+                result.skipped.append((info.id, why))
+                continue
+            gpu, memory = job_needs(prof, info.safetensors.total)
+            job = queue.enqueue(info.id, info.sha, profile_ref(profile), out, needs_gpu=gpu, memory_bytes=memory,
+                                max_attempts=max_attempts)
+            if job:
+                result.enqueued.append(job)
+            else:
+                result.known.append(f"{info.id}@{info.sha[:12]}")
+    return result

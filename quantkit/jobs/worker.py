@@ -1,0 +1,161 @@
+"""Run queued jobs: each is a `quantkit build` child process, so a job is exactly what a person would run.
+
+The worker takes jobs while it has free slots, memory (by each job's estimate) and, for jobs that
+need one, a free GPU; it renews their leases while they run and records how each ended. Builds are
+resumable, so a job taken over from a dead worker continues from the files that worker finished.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..procs import die_with_parent
+from .queue import Job, JobQueue
+
+
+def machine_memory() -> int:
+    """Total memory, from /proc/meminfo (0 where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class WorkerOptions:
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    max_jobs: int = 1
+    lease_s: float = 60.0  # a dead worker's job is taken over this long after its last renewal
+    poll_s: float = 5.0
+    once: bool = False  # exit when no job is queued or running, instead of waiting for new ones
+    threads: int = 0  # per job; 0: the machine's cores shared among max_jobs
+    memory_bytes: int = 0  # what the jobs' estimates may add up to; 0: 90% of the machine's memory
+    gpus: int | None = None  # None: as many as torch sees
+    ray: str | None = None  # run each job's build steps on this Ray cluster
+
+
+@dataclass
+class _Running:
+    job: Job
+    proc: subprocess.Popen
+    log: object
+    started: float
+
+
+@dataclass
+class WorkerSummary:
+    done: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(self, queue: JobQueue, options: WorkerOptions, log: Callable[[str], None] = print) -> None:
+        self.q, self.o, self.log = queue, options, log
+        self.running: dict[int, _Running] = {}
+        self.stopping = False
+        if self.o.gpus is None:
+            from ..backends.exl2 import cuda_devices
+
+            self.o.gpus = cuda_devices()
+        self.memory = self.o.memory_bytes or int(0.9 * machine_memory())
+        self.threads = self.o.threads or max(1, (os.cpu_count() or 1) // self.o.max_jobs)
+
+    def run(self) -> WorkerSummary:
+        summary = WorkerSummary()
+        previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.log(f"worker {self.o.name}: queue {self.q.path}, up to {self.o.max_jobs} job(s), {self.threads} threads each, "
+                 f"{self.o.gpus} GPU(s)" + (f", build steps on Ray at {self.o.ray}" if self.o.ray else ""))
+        try:
+            next_renewal = 0.0
+            while not self.stopping:
+                self._reap(summary)
+                while not self.stopping and len(self.running) < self.o.max_jobs and (job := self._claim()):
+                    self._start(job)
+                if time.monotonic() >= next_renewal:
+                    self._renew()
+                    next_renewal = time.monotonic() + self.o.lease_s / 3
+                if self.o.once and not self.running and self.q.pending() == 0:
+                    break
+                time.sleep(min(self.o.poll_s, self.o.lease_s / 3) if not self.running else 0.5)
+        finally:
+            for r in list(self.running.values()):
+                self._kill(r, "the worker is stopping")
+                self.q.finish(r.job.id, self.o.name, 130, "stopped with its worker; `quantkit jobs retry` queues it again")
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return summary
+
+    def _stop(self, signum, frame) -> None:
+        self.log(f"worker {self.o.name}: stopping (signal {signum}); running jobs are stopped and marked failed")
+        self.stopping = True
+
+    def _claim(self) -> Job | None:
+        used = sum(r.job.memory_bytes for r in self.running.values())
+        gpu_free = self.o.gpus > sum(r.job.needs_gpu for r in self.running.values())
+        # Alone, a job may exceed the estimate budget: better to try it than to leave it queued forever.
+        room = self.memory - used if self.running and self.memory else None
+        return self.q.claim(self.o.name, self.o.lease_s, gpu=gpu_free or bool(self.o.ray), memory_bytes=room)
+
+    def _start(self, job: Job) -> None:
+        log_path = self.q.log_path(job.id)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "a")
+        log.write(f"\n=== attempt {job.attempts}/{job.max_attempts} on {self.o.name} at {time.ctime()}\n")
+        log.flush()
+        args = [sys.executable, "-m", "quantkit", "build", job.repo_id, "--revision", job.revision, "--profile", job.profile,
+                "--out", job.out, "--threads", str(self.threads)] + (["--ray", self.o.ray] if self.o.ray else [])
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+        self.running[job.id] = _Running(job, proc, log, time.monotonic())
+        self.log(f"#{job.id} {job.repo_id}@{job.revision[:12]}: started (attempt {job.attempts}/{job.max_attempts}), "
+                 f"log {log_path}")
+
+    def _renew(self) -> None:
+        for r in list(self.running.values()):
+            if not self.q.renew(r.job.id, self.o.name, self.o.lease_s):
+                self._kill(r, "it was cancelled or its lease was taken over")
+                del self.running[r.job.id]
+
+    def _reap(self, summary: WorkerSummary) -> None:
+        for job_id, r in list(self.running.items()):
+            code = r.proc.poll()
+            if code is None:
+                continue
+            del self.running[job_id]
+            r.log.close()
+            seconds = time.monotonic() - r.started
+            error = None if code == 0 else _last_error(self.q.log_path(job_id)) or f"exit code {code}"
+            self.q.finish(job_id, self.o.name, code, error)
+            (summary.done if code == 0 else summary.failed).append(job_id)
+            state = "done" if code == 0 else f"failed (exit {code}): {error}"
+            self.log(f"#{job_id} {r.job.repo_id}@{r.job.revision[:12]}: {state} after {seconds:.0f}s")
+
+    def _kill(self, r: _Running, why: str) -> None:
+        self.log(f"#{r.job.id}: stopping its build: {why}")
+        r.proc.terminate()
+        try:
+            r.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            r.proc.kill()
+            r.proc.wait()
+        r.log.close()
+
+
+def _last_error(log: Path) -> str | None:
+    """The build's own one-line cause ("error: ..."), from the end of its log."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((l[7:].strip() for l in reversed(lines) if l.startswith("error: ")), None)

@@ -1,0 +1,231 @@
+"""Unattended builds end to end: `quantkit watch` against a real HTTP Hub (tests/hub_server.py), the SQLite
+queue, `quantkit worker` processes (killed with SIGKILL mid-job in one test), and a local Ray instance."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+
+from conftest import PROFILES, REPO, run_cli
+from hub_server import HubServer, client_env, isolate_client
+from quantkit.jobs.queue import JobQueue
+
+TOKEN = "qk-test-token-alice-0123456789"
+SOURCE = "alice/SmolLM2-135M-Instruct"
+PROFILE = PROFILES / "jobs.yaml"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _wait(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def hub(sample_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("jobs-hub")
+    mp = pytest.MonkeyPatch()
+    isolate_client(mp, tmp / "hf_home_tests")
+    server = HubServer(tmp / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
+    server.start()
+    server.env = {**client_env(server.endpoint, tmp / "hf_home"), "HF_TOKEN": TOKEN, "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
+    api = HfApi(endpoint=server.endpoint, token=TOKEN)
+    api.create_repo(SOURCE)
+    server.source_commit = api.upload_folder(repo_id=SOURCE, folder_path=sample_model).oid
+    yield server
+    server.stop()
+    mp.undo()
+
+
+def _cli(hub, queue, *args, **kw):
+    return run_cli(*args, "--queue", queue, env=hub.env, **kw)
+
+
+@pytest.fixture(scope="module")
+def built_by_worker(hub, tmp_path_factory):
+    """One watch pass and one worker run, as cron would do them."""
+    tmp = tmp_path_factory.mktemp("jobs-local")
+    queue, out = tmp / "queue.db", tmp / "out"
+    first = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
+    work = _cli(hub, queue, "worker", "--once", "--poll", "0.2", check=True)
+    second = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
+    return {"queue": queue, "out": out, "first": first, "work": work, "second": second}
+
+
+def test_watch_queues_once_worker_builds_and_publishes(hub, built_by_worker):
+    first, second, queue = built_by_worker["first"], built_by_worker["second"], built_by_worker["queue"]
+    assert "1 new job(s), 0 already queued or built" in first.stdout
+    assert f"{SOURCE}@{hub.source_commit[:12]}" in first.stdout
+
+    [job] = JobQueue(queue).list()
+    assert (job.state, job.attempts, job.exit_code, job.revision) == ("done", 1, 0, hub.source_commit)
+    assert "1 job(s) done, 0 failed" in built_by_worker["work"].stdout
+
+    # The worker's build published (publish.auto), byte for byte.
+    folder = built_by_worker["out"] / "SmolLM2-135M-Instruct"
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    published = api.model_info("alice/SmolLM2-135M-Instruct-GGUF", files_metadata=True)
+    lfs = {s.rfilename: s.lfs.sha256 for s in published.siblings if s.rfilename.endswith(".gguf")}
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    assert ggufs == sorted(lfs) and len(ggufs) == 3
+    assert all(lfs[name] == _sha(folder / name) for name in ggufs)
+    assert json.loads((folder / "report.json").read_text())["source"]["revision"] == hub.source_commit
+
+    # The second pass: nothing new; the quant repo the worker published is recognised, not queued.
+    assert "0 new job(s), 1 already queued or built" in second.stdout
+    assert "skipped  alice/SmolLM2-135M-Instruct-GGUF: already a quantized model" in second.stdout
+    assert len(JobQueue(queue).list()) == 1
+
+
+@pytest.fixture
+def ray_cluster():
+    """A local Ray instance, started the way an operator starts a head node."""
+    ray = Path(sys.executable).parent / "ray"
+    temp = tempfile.mkdtemp(prefix="qkray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = 20000 + os.getpid() % 20000
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--object-store-memory=200000000",
+                    f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=180)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_same_job_on_ray_makes_the_same_files(hub, built_by_worker, ray_cluster, tmp_path):
+    queue, out = tmp_path / "queue.db", tmp_path / "out"
+    proc = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
+    assert "1 new job(s)" in proc.stdout  # a queue of its own: the same (repo, commit, profile) again
+    work = _cli(hub, queue, "worker", "--once", "--poll", "0.2", "--threads", "1", "--ray", ray_cluster, check=True)
+    [job] = JobQueue(queue).list("done")
+    log = JobQueue(queue).log_path(job.id).read_text()
+
+    local, remote = built_by_worker["out"] / "SmolLM2-135M-Instruct", out / "SmolLM2-135M-Instruct"
+    names = sorted(p.name for p in local.glob("*.gguf"))
+    assert names == sorted(p.name for p in remote.glob("*.gguf"))
+    for name in names:
+        assert f"✓ {name} (Ray)" in log  # built by a Ray task, not by the worker's own build process
+        assert _sha(remote / name) == _sha(local / name), name
+    assert "✓ evaluate SmolLM2-135M-Instruct-Q8_0.gguf (Ray)" in log
+    evaluations = [[a["evaluation"] for a in json.loads((d / "report.json").read_text())["artifacts"]] for d in (local, remote)]
+    assert evaluations[0] == evaluations[1]  # the same scores, to the last digit
+    assert "1 job(s) done" in work.stdout
+    assert "alice/SmolLM2-135M-Instruct-GGUF@main: " in log  # and it published, as the profile says
+
+
+def test_a_new_source_commit_is_a_new_job_and_filters_apply(hub, built_by_worker, tmp_path):
+    queue = built_by_worker["queue"]
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    commit = api.upload_file(path_or_fileobj=b"notes\n", path_in_repo="NOTES.md", repo_id=SOURCE).oid
+    filtered = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", built_by_worker["out"],
+                    "--architecture", "Qwen2ForCausalLM", check=True)
+    assert "0 new job(s)" in filtered.stdout
+    assert f"skipped  {SOURCE}: architecture LlamaForCausalLM is not one of Qwen2ForCausalLM" in filtered.stdout
+    too_big = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--max-params", "100M", check=True)
+    assert "parameters, more than 100,000,000" in too_big.stdout and "0 new job(s)" in too_big.stdout
+
+    proc = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", built_by_worker["out"],
+                "--architecture", "LlamaForCausalLM", "--license", "apache-2.0", "--match", "SmolLM2-*", check=True)
+    assert "1 new job(s)" in proc.stdout and f"{SOURCE}@{commit[:12]}" in proc.stdout
+    new = JobQueue(queue).list("queued")
+    assert [j.revision for j in new] == [commit]
+    assert "cancelled" in _cli(hub, queue, "jobs", "cancel", str(new[0].id), check=True).stdout
+    assert "queued" in _cli(hub, queue, "jobs", "retry", str(new[0].id), check=True).stdout
+    _cli(hub, queue, "jobs", "cancel", str(new[0].id), check=True)
+    listed = _cli(hub, queue, "jobs", "list", check=True).stdout
+    assert "1 cancelled, 1 done" in listed
+
+
+def test_a_killed_workers_job_is_taken_over_after_its_lease(hub, tmp_path):
+    queue, out = tmp_path / "queue.db", tmp_path / "out"
+    _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
+    env = {**os.environ, **hub.env}
+    cmd = [sys.executable, "-m", "quantkit", "worker", "--queue", str(queue), "--lease", "4", "--poll", "0.2"]
+    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest = out / "SmolLM2-135M-Instruct" / ".quantkit" / "manifest.json"
+    try:
+        # Mid-job: the intermediate GGUF is built and recorded, the quantizations are not all done.
+        _wait(lambda: manifest.exists() and "artifact:SmolLM2-135M-Instruct-F16.gguf" in manifest.read_text(), 600,
+              "the first worker to finish the F16 conversion")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        first.kill()
+    [job] = JobQueue(queue).list()
+    assert job.state == "running" and job.attempts == 1
+
+    second = _cli(hub, queue, "worker", "--once", "--lease", "4", "--poll", "0.2", check=True)
+    [job] = JobQueue(queue).list()
+    assert (job.state, job.attempts, job.exit_code) == ("done", 2, 0)
+    assert "(attempt 2/3)" in second.stdout
+    log = JobQueue(queue).log_path(job.id).read_text()
+    assert log.count("=== attempt") == 2
+    # The second attempt resumed: the first worker's conversion was kept, not redone.
+    assert "✓ SmolLM2-135M-Instruct-F16.gguf (up to date)" in log.split("=== attempt 2")[1]
+    assert (out / "SmolLM2-135M-Instruct" / "report.json").exists()
+
+
+_CLAIMER = """
+import sys
+from quantkit.jobs.queue import JobQueue
+q = JobQueue(sys.argv[1])
+while (job := q.claim(sys.argv[2], 60)) is not None:
+    print(job.id, flush=True)
+"""
+
+
+def test_claims_are_exclusive_across_processes_and_dead_leases_run_out(tmp_path):
+    q = JobQueue(tmp_path / "queue.db")
+    ids = [q.enqueue(f"org/model-{i}", "a" * 40, "tiny", tmp_path).id for i in range(40)]
+    assert q.enqueue("org/model-0", "a" * 40, "tiny", tmp_path) is None  # the same commit and profile: not again
+
+    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, str(q.path), f"w{i}"], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO) for i in range(4)]
+    claimed = [int(line) for p in procs for line in p.communicate(timeout=120)[0].split()]
+    assert sorted(claimed) == ids  # every job taken exactly once
+    assert {j.state for j in q.list()} == {"running"}
+
+    job = q.enqueue("org/crashy", "b" * 40, "tiny", tmp_path, max_attempts=2)
+    assert q.claim("w1", 0.3).id == job.id
+    assert q.claim("w2", 0.3) is None  # still w1's
+    time.sleep(0.5)
+    assert q.claim("w2", 0.3).id == job.id and q.get(job.id).attempts == 2
+    assert not q.renew(job.id, "w1", 60)  # w1 lost it
+    time.sleep(0.5)
+    assert q.claim("w3", 60) is None  # out of attempts
+    gone = q.get(job.id)
+    assert gone.state == "failed" and "worker w2 stopped renewing its lease" in gone.error
+
+    # Only a worker with a free GPU takes a GPU job; a worker short of memory leaves a big job to others.
+    big = q.enqueue("org/big", "c" * 40, "tiny", tmp_path, memory_bytes=20 << 30)
+    gpu = q.enqueue("org/exl2", "d" * 40, "exl2", tmp_path, needs_gpu=True)
+    assert q.claim("cpu-worker", 60, memory_bytes=8 << 30) is None
+    assert q.claim("gpu-worker", 60, gpu=True, memory_bytes=8 << 30).id == gpu.id
+    assert q.claim("roomy-worker", 60, memory_bytes=32 << 30).id == big.id
+
+
+def test_job_commands_refuse_clearly(tmp_path):
+    queue = tmp_path / "queue.db"
+    proc = run_cli("jobs", "retry", "7", "--queue", queue)
+    assert proc.returncode == 1 and "error: no job #7" in proc.stderr and "quantkit jobs list" in proc.stderr
+    proc = run_cli("worker", "--memory", "lots", "--queue", queue)
+    assert proc.returncode == 1 and "--memory 'lots' is not a size" in proc.stderr
+    proc = run_cli("watch", "alice", "--max-params", "huge", "--queue", queue)
+    assert proc.returncode == 1 and "not a parameter count: 'huge'" in proc.stderr
+    proc = run_cli("jobs", "list", "--queue", tmp_path)  # a folder, not a database file
+    assert proc.returncode == 1 and f"cannot open the job queue {tmp_path}" in proc.stderr and "--queue" in proc.stderr
