@@ -17,7 +17,7 @@ app = typer.Typer(help="Turn a Hugging Face fp16 checkpoint into a checked set o
 SourceArg = typer.Argument(None, help="Hub repo id (ORG/MODEL) or a local checkpoint folder.", show_default=False)
 SampleOpt = typer.Option(False, "--sample", help="Use the bundled sample model (SmolLM2-135M-Instruct, built offline).")
 ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile name (see profiles/) or a YAML file "
-                          "[default: gguf-standard; sample with --sample].", show_default=False)
+                          "(default: gguf-standard; sample with --sample).", show_default=False)
 OutOpt = typer.Option(Path("builds"), "--out", "-o", help="Parent folder; the build goes into OUT/<Model>/.")
 RevisionOpt = typer.Option(None, "--revision", help="Branch, tag or commit of a Hub repo.")
 PickleOpt = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code).")
@@ -98,8 +98,8 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
 
 @app.command()
 def publish(build_dir: Path = typer.Argument(..., help="A build folder (OUT/<Model>) with report.json."),
-            owner: Optional[str] = typer.Option(None, "--owner", help="Hub user or organisation [default: the "
-                                                "profile's publish.owner, else the token's user]."),
+            owner: Optional[str] = typer.Option(None, "--owner", help="Hub user or organisation (default: the "
+                                                "profile's publish.owner, else the token's user)."),
             dry_run: bool = typer.Option(False, "--dry-run", help="Print the commit plan; no network.")) -> None:
     """Publish a build: model card, plot and files to one Hub repo per format (HF_TOKEN or `hf auth login`)."""
     from .progress import Reporter
@@ -121,8 +121,8 @@ def _publish(build_dir: Path, *, owner: Optional[str], dry_run: bool, reporter) 
         typer.echo(f"{r.repo_id}@{r.branch}: {state}")
 
 
-QueueOpt = typer.Option(None, "--queue", help="The job queue's SQLite file [default: $QUANTKIT_QUEUE, else "
-                        "~/.local/state/quantkit/queue.db].", show_default=False)
+QueueOpt = typer.Option(None, "--queue", help="The job queue's SQLite file (default: $QUANTKIT_QUEUE, else "
+                        "~/.local/state/quantkit/queue.db).", show_default=False)
 
 
 def _queue(path: Optional[Path]):
@@ -151,7 +151,12 @@ def watch(orgs: list[str] = typer.Argument(..., help="Hub users or organisations
     q = _queue(queue)
     filters = WatchFilters(tuple(architecture), tuple(license_), match, parse_count(min_params), parse_count(max_params))
     while True:
-        typer.echo(watch_once(q, orgs, profile, out=out, filters=filters, max_attempts=attempts).render())
+        try:
+            typer.echo(watch_once(q, orgs, profile, out=out, filters=filters, max_attempts=attempts).render())
+        except QuantkitError as e:
+            if not every:
+                raise
+            typer.echo(f"error: {e} (next pass in {every:.0f}s)", err=True)  # a Hub hiccup must not end the watch
         if not every:
             return
         time.sleep(every)

@@ -169,6 +169,7 @@ def test_a_killed_workers_job_is_taken_over_after_its_lease(hub, tmp_path):
     [job] = JobQueue(queue).list()
     assert job.state == "running" and job.attempts == 1
 
+    # Had the killed worker's build outlived it, it would still hold the build folder's lock and this would fail.
     second = _cli(hub, queue, "worker", "--once", "--lease", "4", "--poll", "0.2", check=True)
     [job] = JobQueue(queue).list()
     assert (job.state, job.attempts, job.exit_code) == ("done", 2, 0)

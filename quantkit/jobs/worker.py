@@ -104,7 +104,8 @@ class Worker:
         used = sum(r.job.memory_bytes for r in self.running.values())
         gpu_free = self.o.gpus > sum(r.job.needs_gpu for r in self.running.values())
         # Alone, a job may exceed the estimate budget: better to try it than to leave it queued forever.
-        room = self.memory - used if self.running and self.memory else None
+        # On Ray the steps run on the cluster, which places them by their own needs.
+        room = self.memory - used if self.running and self.memory and not self.o.ray else None
         return self.q.claim(self.o.name, self.o.lease_s, gpu=gpu_free or bool(self.o.ray), memory_bytes=room)
 
     def _start(self, job: Job) -> None:
