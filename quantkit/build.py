@@ -148,9 +148,12 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         results.append(result)
 
     reference = evaluator.reference()
-    scored = [(item, result, backends.get(item.backend)) for item, result in zip(plan.artifacts, results)]
-    scored = [(result, out / item.filename, b.evaluator, b.gpus) for item, result, b in scored if b.evaluator and item.is_model]
-    for (result, *_), evaluation in zip(scored, evaluator.evaluate([s[1:] for s in scored])):
+    scored = []  # (result, (file, evaluation runner, GPUs it needs)) for every model artifact
+    for item, result in zip(plan.artifacts, results):
+        backend = backends.get(item.backend)
+        if backend.evaluator and item.is_model:
+            scored.append((result, (out / item.filename, backend.evaluator, backend.gpus)))
+    for (result, _), evaluation in zip(scored, evaluator.evaluate([target for _, target in scored])):
         result.evaluation = evaluation
 
     report_json, report_md = write_reports(plan, results, reference, llama_version, manifest)
