@@ -130,12 +130,18 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
-def parse_bytes(value: object) -> int | None:
-    """'48G', '100M', '1.5GB' (decimal units) or a byte count; None if it is none of these."""
+def parse_scaled(value: object, units: str) -> int | None:
+    """A number with an optional decimal suffix from `units` (each 1000 times the one before it):
+    parse_scaled("1.5G", "KMGT") == 1_500_000_000. None if `value` is not one."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value).upper())
-    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " ")) if m else None
+    m = re.fullmatch(rf"\s*(\d+(?:\.\d+)?)\s*([{units}]?)\s*", str(value).upper())
+    return int(float(m.group(1)) * 1000 ** (units.index(m.group(2)) + 1 if m.group(2) else 0)) if m else None
+
+
+def parse_bytes(value: object) -> int | None:
+    """'48G', '100M', '1.5GB' (decimal units) or a byte count; None if it is none of these."""
+    return parse_scaled(str(value).upper().removesuffix("B") if not isinstance(value, int) else value, "KMGT")
 
 
 def human_size(n: float) -> str:

@@ -96,13 +96,13 @@ class Evaluator:
         _, _, base_key, spec = self._keys()
         results: dict[Path, EvalResult] = {}
         todo: dict[HelperRun, tuple[Path, str]] = {}
+        spec = {**spec, "ref_read": str(self.state / "reference-logprobs.npy")}
         for artifact, runner, gpus in artifacts:
             key = sha256_text("eval", runner, self.m.sha256(artifact), base_key)
             if rec := self.m.done(f"eval:{artifact.name}", key):
                 results[artifact] = EvalResult(**rec["result"])
                 continue
-            ref_file = str(self.state / "reference-logprobs.npy")
-            todo[self._helper(runner, artifact, {**spec, "ref_read": ref_file}, artifact.name, gpus)] = (artifact, key)
+            todo[self._helper(runner, artifact, spec, artifact.name, gpus)] = (artifact, key)
         if todo:
             ref = self.reference()
             for run in self.executor.run_helpers(list(todo), self.reporter):

@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import backends
 from ..errors import QuantkitError, SourceError
+from ..fsutil import parse_scaled
 from ..profiles import Profile, load_profile
 from .queue import Job, JobQueue
 
@@ -71,12 +72,10 @@ class WatchResult:
 
 def parse_count(text: str) -> int:
     """"135M", "7B", "1.5b", "2000000" -> a parameter count."""
-    units = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
-    t = text.strip().lower()
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise QuantkitError(f"not a parameter count: {text!r}", "use a number such as 500M, 7B or 1500000000") from None
+    count = parse_scaled(text, "KMBT")
+    if count is None:
+        raise QuantkitError(f"not a parameter count: {text!r}", "use a number such as 500M, 7B or 1500000000")
+    return count
 
 
 def profile_ref(profile: str) -> str:
