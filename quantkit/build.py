@@ -13,11 +13,12 @@ from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .llamacpp import bindings_version
 from .manifest import Manifest
+from .memory import REFERENCE, StepMemory, evaluation_peak, machine_memory, reference_peak
 from .plan import ArtifactPlan, ArtifactResult, BuildPlan
 from .profiles import Profile, load_profile
 from .progress import Reporter
 from .report import write_reports
-from .source import Source, resolve
+from .source import Source, resolve, tensor_stats
 
 # Vocabulary size used for the scratch estimate before the reference GGUF exists.
 _DEFAULT_VOCAB = 152_064
@@ -36,9 +37,11 @@ class BuildResult:
 
 def make_plan(source: str | Source, profile: str | Profile | None = None, out: str | Path = "builds", *,
               revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-              llama_cpp: str | None = None, remote_gpus: bool = False) -> BuildPlan:
+              llama_cpp: str | None = None, remote_gpus: bool = False, memory_limit: int | None = None,
+              memory_where: str = "this machine") -> BuildPlan:
     """What a build will make. `remote_gpus`: the steps run on a Ray cluster with GPU nodes, so a backend that
-    needs a GPU is planned even where this machine has none."""
+    needs a GPU is planned even where this machine has none. `memory_limit`: what one step may use (default:
+    this machine's memory, or $QUANTKIT_MEMORY); BuildPlan.check_memory() refuses steps beyond it."""
     src = source if isinstance(source, Source) else resolve(
         source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -67,10 +70,21 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         items += backend.plan(src, options, llama_cpp)
     vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
     tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
-    scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2
+    scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2 if ev.enabled else 0
+    evaluations = []
+    if ev.enabled:
+        stats = tensor_stats(src.path)
+        evaluations.append(StepMemory("reference (fp16 source, transformers)", REFERENCE,
+                                      reference_peak(stats.weight_bytes, stats.largest_module, vocab, ev.ctx)))
+        for item in items:
+            runner = backends.get(item.backend).evaluator
+            if runner and item.is_model:
+                evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
+                                              evaluation_peak(runner, item.predicted_bytes, vocab, ev.ctx)))
     # Absolute: llama.cpp's converter runs with its own working directory.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
-                     eval_scratch_bytes=scratch, skipped=skipped)
+                     eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,
+                     memory_limit=machine_memory() if memory_limit is None else memory_limit, memory_where=memory_where)
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
@@ -80,6 +94,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     from .evaluate.runner import Evaluator
 
     reporter = reporter or Reporter()
+    plan.check_memory()
     for line in plan.skipped:
         reporter.warn(line)
     threads = threads or os.cpu_count() or 1
@@ -108,8 +123,11 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
 
     # The evaluation text is tokenized first: one too short for the context fails before any build.
     executor = executor or LocalExecutor()
-    evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads, executor)
-    evaluator.tokens()
+    evaluating = plan.profile.evaluation.enabled
+    evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads, executor,
+                          memory={e.target: e.peak_bytes for e in plan.evaluations})
+    if evaluating:
+        evaluator.tokens()
     ctx = backends.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp,
                                 evaluation_text=plan.profile.evaluation.text)
     built, keys, recs = [], {}, {}
@@ -119,6 +137,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         described = backends.get(item.backend).describe(item, path, facts)
         described.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
         described.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
+        described.seconds = float(facts.get("seconds", 0.0))
         recs[item.filename] = manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts,
                                               result=described.to_dict())
 
@@ -145,13 +164,14 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     for item in plan.artifacts:
         result = ArtifactResult(**{k: v for k, v in recs[item.filename]["result"].items() if k != "evaluation"})
         result.role, result.uses, result.predicted_bytes = item.role, list(item.uses), item.predicted_bytes  # plan facts
+        result.predicted_peak_bytes = item.predicted_peak_bytes
         results.append(result)
 
-    reference = evaluator.reference()
+    reference = evaluator.reference() if evaluating else None
     scored = []  # (result, (file, evaluation runner, GPUs it needs)) for every model artifact
     for item, result in zip(plan.artifacts, results):
         backend = backends.get(item.backend)
-        if backend.evaluator and item.is_model:
+        if backend.evaluator and item.is_model and evaluating:
             scored.append((result, (out / item.filename, backend.evaluator, backend.gpus)))
     for (result, _), evaluation in zip(scored, evaluator.evaluate([target for _, target in scored])):
         result.evaluation = evaluation

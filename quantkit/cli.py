@@ -22,8 +22,21 @@ OutOpt = typer.Option(Path("builds"), "--out", "-o", help="Parent folder; the bu
 RevisionOpt = typer.Option(None, "--revision", help="Branch, tag or commit of a Hub repo.")
 PickleOpt = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code).")
 RemoteOpt = typer.Option(False, "--trust-remote-code", help="Accept models that need code from their repo.")
+MemoryOpt = typer.Option(None, "--memory", help="Memory one step may use, e.g. 16G, to plan for a smaller machine "
+                         "(default: this machine's; env QUANTKIT_MEMORY).", show_default=False)
 LlamaOpt = typer.Option(None, "--llama-cpp", help="A llama.cpp checkout whose converter to use (default: the one "
                         "matching the installed llama-cpp-python).", envvar="QUANTKIT_LLAMA_CPP")
+
+
+def _memory_limit(memory: Optional[str]) -> Optional[int]:
+    from .fsutil import parse_bytes
+
+    if memory is None:
+        return None  # this machine's, or $QUANTKIT_MEMORY
+    value = parse_bytes(memory)
+    if value is None:
+        raise QuantkitError(f"--memory {memory!r} is not a size", "write it like 16G, 512M or a number of bytes")
+    return value
 
 
 def _version(value: bool) -> None:
@@ -52,21 +65,23 @@ def _source(source: Optional[str], sample: bool, profile: Optional[str], reporte
 @app.command()
 def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: Optional[str] = ProfileOpt, out: Path = OutOpt,
          revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt, trust_remote_code: bool = RemoteOpt,
-         llama_cpp: Optional[str] = LlamaOpt) -> None:
-    """Show what `build` would make, and the disk it needs, without building anything."""
+         llama_cpp: Optional[str] = LlamaOpt, memory: Optional[str] = MemoryOpt) -> None:
+    """Show what `build` would make, the disk it needs and each step's peak memory, without building anything.
+    Exits 5 when a step cannot fit this machine's memory."""
     from .build import make_plan
     from .progress import Reporter
 
     reporter = Reporter()
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, llama_cpp=llama_cpp)
+                  trust_remote_code=trust_remote_code, llama_cpp=llama_cpp, memory_limit=_memory_limit(memory))
     typer.echo(p.render())
+    p.check_memory()
 
 
 @app.command()
 def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: Optional[str] = ProfileOpt, out: Path = OutOpt,
           revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt, trust_remote_code: bool = RemoteOpt,
-          llama_cpp: Optional[str] = LlamaOpt,
+          llama_cpp: Optional[str] = LlamaOpt, memory: Optional[str] = MemoryOpt,
           threads: int = typer.Option(0, "--threads", help="CPU threads (0: all cores)."),
           publish_: bool = typer.Option(False, "--publish", help="Publish to the Hub when the build succeeds "
                                         "(also done when the profile sets publish.auto)."),
@@ -85,9 +100,12 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
         from .executors import RayExecutor
 
         executor = RayExecutor(ray)
+    limit, where = _memory_limit(memory), "this machine"
+    if executor and limit is None:
+        limit, where = executor.max_memory, "the largest Ray node"
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
                   trust_remote_code=trust_remote_code, llama_cpp=llama_cpp,
-                  remote_gpus=bool(executor and executor.max_gpus))
+                  remote_gpus=bool(executor and executor.max_gpus), memory_limit=limit, memory_where=where)
     reporter.info(p.render())
     result = run_build(p, reporter=reporter, threads=threads or None, llama_cpp=llama_cpp, executor=executor)
     typer.echo(Path(result.report_md).read_text().split("\n## ")[0].rstrip())
@@ -222,12 +240,9 @@ def worker(queue: Optional[Path] = QueueOpt,
            ray: Optional[str] = typer.Option(None, "--ray", help="Run each job's build steps as tasks on this Ray "
                                              "cluster (host:port, ray://host:10001 or auto).", show_default=False)) -> None:
     """Run jobs from the queue: each is a `quantkit build` (publishing when the profile says publish.auto)."""
-    from .fsutil import parse_bytes
     from .jobs.worker import Worker, WorkerOptions
 
-    memory_bytes = parse_bytes(memory)
-    if memory_bytes is None:
-        raise QuantkitError(f"--memory {memory!r} is not a size", "write it like 20G, 512M or a number of bytes")
+    memory_bytes = _memory_limit(memory)
     summary = Worker(_queue(queue), WorkerOptions(max_jobs=jobs, lease_s=lease, poll_s=poll, once=once, threads=threads,
                                                   memory_bytes=memory_bytes, ray=ray)).run()
     typer.echo(f"worker: {len(summary.done)} job(s) done, {len(summary.failed)} failed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -35,6 +36,7 @@ class HelperRun:
     cwd: Path
     cpus: int = 1
     gpus: int = 0
+    memory: int = 0  # predicted peak bytes (0: unknown)
 
 
 class Executor(Protocol):
@@ -46,10 +48,17 @@ class Executor(Protocol):
         """Run each helper; yield each as it finishes."""
 
 
+def timed_build(item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
+    """Backend.build, with its wall time among the facts the report keeps."""
+    start = time.monotonic()
+    facts = get(item.backend).build(item, ctx)
+    return {**facts, "seconds": round(time.monotonic() - start, 2)}
+
+
 class LocalExecutor:
     def build(self, steps: list[ArtifactPlan], ctx: BuildContext) -> Built:
         for item in steps:
-            yield item, get(item.backend).build(item, ctx)
+            yield item, timed_build(item, ctx)
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         for run in runs:
@@ -75,7 +84,7 @@ def build_step(item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
         from .source import resolve
 
         source = replace(resolve(source.repo_id, revision=source.revision), name=source.name)
-    return get(item.backend).build(item, replace(ctx, source=source, reporter=Reporter(quiet=False)))
+    return timed_build(item, replace(ctx, source=source, reporter=Reporter(quiet=False)))
 
 
 class RayExecutor:
@@ -131,8 +140,8 @@ class RayExecutor:
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         if any(run.gpus > self.max_gpus for run in runs):
             raise QuantkitError("an evaluation needs a GPU and no node of the Ray cluster has one", "add a GPU node")
-        tasks = {self._helper.options(num_cpus=self._cpus(run.cpus), num_gpus=run.gpus, name=f"quantkit {run.label}")
-                 .remote(run): run for run in runs}
+        tasks = {self._helper.options(num_cpus=self._cpus(run.cpus), num_gpus=run.gpus, memory=run.memory or None,
+                                      name=f"quantkit {run.label}").remote(run): run for run in runs}
         for run, _ in self._gather(tasks, reporter, lambda run: run.label):
             yield run
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import human_size
+from .memory import StepMemory, too_large
 from .profiles import Profile
 from .source import Source
 
@@ -44,6 +45,19 @@ class BuildPlan:
     artifacts: list[ArtifactPlan]
     eval_scratch_bytes: int  # reference log-probabilities kept for KL-divergence
     skipped: list[str] = field(default_factory=list)  # backends left out (if_unavailable: skip), and why
+    evaluations: list[StepMemory] = field(default_factory=list)  # the reference first, then each artifact's
+    memory_limit: int = 0  # what one step may use: this machine's memory, or the largest Ray node's (0: unknown)
+    memory_where: str = "this machine"
+
+    def memory_steps(self) -> list[StepMemory]:
+        """Every step that runs in a process of its own, with its predicted peak memory."""
+        built = [StepMemory(f"{'convert to' if a.role == 'intermediate' else 'make'} {a.filename}", a.filename,
+                            a.predicted_peak_bytes) for a in self.artifacts if a.predicted_peak_bytes]
+        return built + self.evaluations
+
+    def check_memory(self) -> None:
+        """Refuse (exit 5) when a step cannot fit: before any work, never an OOM kill halfway through."""
+        too_large(self.memory_steps(), self.memory_limit, self.memory_where)
 
     @property
     def predicted_bytes(self) -> int:
@@ -62,11 +76,20 @@ class BuildPlan:
             mem = f"  peak memory ~{human_size(a.predicted_peak_bytes)}" if a.predicted_peak_bytes else ""
             lines.append(f"  {a.backend:5} {a.variant:14} {a.filename:48} {human_size(a.predicted_bytes):>9}{mem}  {note}")
         ev = self.profile.evaluation
-        lines.append(
-            f"evaluation: perplexity, KL-divergence and top-1 vs the fp16 source (transformers) on {ev.text} "
-            f"(ctx {ev.ctx}{', max ' + str(ev.max_tokens) + ' tokens' if ev.max_tokens else ''}); "
-            f"smoke test: {self.profile.smoke.question!r} -> must contain {self.profile.smoke.expect!r}"
-        )
+        if ev.enabled:
+            lines.append(
+                f"evaluation: perplexity, KL-divergence and top-1 vs the fp16 source (transformers) on {ev.text} "
+                f"(ctx {ev.ctx}{', max ' + str(ev.max_tokens) + ' tokens' if ev.max_tokens else ''}); "
+                f"smoke test: {self.profile.smoke.question!r} -> must contain {self.profile.smoke.expect!r}"
+            )
+            lines += [f"  {e.step:70} peak memory ~{human_size(e.peak_bytes)}" for e in self.evaluations]
+        else:
+            lines.append("evaluation: off (evaluation.enabled: false): files are built and described, not measured")
+        if steps := self.memory_steps():
+            worst = max(steps, key=lambda s: s.peak_bytes)
+            limit = f"{self.memory_where} has {human_size(self.memory_limit)}" if self.memory_limit else "limit unknown"
+            verdict = " (TOO LARGE)" if self.memory_limit and worst.peak_bytes > self.memory_limit else ""
+            lines.append(f"memory: the largest step is {worst.step}, ~{human_size(worst.peak_bytes)}; {limit}{verdict}")
         lines += [f"skipped  {line}" for line in self.skipped]
         lines.append(f"disk needed: ~{human_size(self.predicted_bytes)} (artifacts + {human_size(self.eval_scratch_bytes)} evaluation scratch)")
         return "\n".join(lines)
@@ -83,6 +106,11 @@ class EvalResult:
     smoke_passed: bool
     smoke_reply: str
     smoke_reason: str
+    peak_rss_bytes: int = 0  # measured peak resident memory of the evaluating process
+    peak_gpu_bytes: int = 0  # measured peak GPU memory (torch runners on CUDA)
+    predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
+    seconds: float = 0.0  # wall time of the evaluation (model load and smoke test included)
+    note: str = ""  # what the report must say about how it was measured (another loader, ...)
 
 
 @dataclass
@@ -101,6 +129,8 @@ class ArtifactResult:
     details: dict[str, Any] = field(default_factory=dict)  # what else the backend reports (imatrix: chunks, text)
     predicted_bytes: int = 0
     peak_rss_bytes: int = 0  # measured peak memory of the process that built it (0: not measured)
+    predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
+    seconds: float = 0.0  # wall time of the build step (0: not built in a timed run)
 
     def to_dict(self) -> dict:
         return asdict(self)

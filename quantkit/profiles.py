@@ -19,6 +19,7 @@ class EvalOptions:
     text: str = "builtin:botchan"
     ctx: int = 512
     max_tokens: int = 0  # 0 = all of the text
+    enabled: bool = True  # false: no reference and no evaluation (files only), for a machine too small for them
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from .backends.imatrix import describe_idle
 from .evaluate.chat import render_chat
 from .evaluate.metrics import scored_range
 from .fsutil import human_size, write_json_atomic, write_text_atomic
@@ -25,7 +26,7 @@ def fallback_summary(result: ArtifactResult) -> str:
             + f" (rows of {', '.join(map(str, cols))} are not a multiple of {', '.join(map(str, blocks))})")
 
 
-def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: EvalResult, llama_version: str,
+def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: EvalResult | None, llama_version: str,
                   manifest: Manifest):
     src = plan.source
     ev = plan.profile.evaluation
@@ -46,8 +47,9 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
             "method": f"non-overlapping windows of {ev.ctx} tokens; positions {first}..{last - 1} of each window "
                       "are scored (llama-perplexity's layout); KL-divergence is KL(reference || artifact) per "
                       "scored position, averaged; top-1 is the share of positions where both argmaxes agree",
-            "reference": f"{src.name} fp16 (the source checkpoint, run with transformers in float32)",
-            "reference_result": asdict(reference),
+            "reference": f"{src.name} {src.dtype} (the source checkpoint, run with transformers: weights as "
+                         "stored, computed in float32)",
+            "reference_result": asdict(reference) if reference else None,  # None: evaluation was off
         },
         "smoke": asdict(plan.profile.smoke),
         "publish": asdict(plan.profile.publish),
@@ -69,6 +71,13 @@ def prompt_format(template: str | None) -> str | None:
         return render_chat(template, messages)
     except Exception:  # a template that needs variables we cannot guess: the card says so instead
         return None
+
+
+def _memory_cells(step: dict) -> str:
+    """Planned and measured peak memory and wall time of a build step or an evaluation ('—': not run this time)."""
+    planned, measured, seconds = step.get("predicted_peak_bytes"), step.get("peak_rss_bytes"), step.get("seconds")
+    return (f"{human_size(planned) if planned else '—'} | {human_size(measured) if measured else '—'} | "
+            f"{f'{seconds:.1f} s' if seconds else '—'} |")
 
 
 def _public_text_name(spec: str) -> str:
@@ -126,7 +135,9 @@ def imatrix_lines(artifacts: list[dict]) -> list[str]:
         lines.append(f"`{im['filename']}` ({human_size(im['size_bytes'])}) is the importance matrix, computed by "
                      f"llama.cpp's llama-imatrix on {d.get('chunks', '?')} chunks of {d.get('chunk_tokens', '?')} "
                      f"tokens of `{_public_text_name(d.get('text', '?'))}` (calibration text, disjoint from the evaluation "
-                     f"text). Quantized with it: {', '.join(users) or 'none'}; the others without.")
+                     f"text). Quantized with it: {', '.join(users) or 'none'}; the others without."
+                     + (f" Calibration routed no token to {describe_idle(idle)}: llama.cpp quantized those experts "
+                        "without importance weights." if (idle := d.get("experts_without_data")) else ""))
     return lines
 
 
@@ -140,11 +151,15 @@ def render_markdown(data: dict) -> str:
         f"Source: {origin} ({src['architecture']}, {src['dtype']}). Profile `{data['profile']}`, "
         f"quantkit {data['quantkit_version']}, llama-cpp-python {data['llama_cpp_python']}.",
         "",
-        f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference: {ev['reference']}, "
-        f"perplexity {ev['reference_result']['perplexity']:.3f}. {ev['method']}.",
+        (f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference: {ev['reference']}, "
+         f"perplexity {ev['reference_result']['perplexity']:.3f}. {ev['method']}." if ev["reference_result"] else
+         "Evaluation: off (`evaluation.enabled: false`); the files below were built but not measured."),
         "",
         *artifact_table(models(data["artifacts"]), ["file", "type", "size", "bpw", "ppl", "dppl", "kld", "kld99", "top1", "smoke"]),
     ]
+    if notes := [f"- **{label(a)}**: {a['evaluation']['note']}" for a in data["artifacts"]
+                 if (a.get("evaluation") or {}).get("note")]:
+        lines += ["", "## Notes", "", *notes]
     if imatrix := imatrix_lines(data["artifacts"]):
         lines += ["", "## Importance matrix", "", *imatrix]
     smoke = data["smoke"]
@@ -157,11 +172,16 @@ def render_markdown(data: dict) -> str:
             continue
         lines.append(f"- **{label(a)}**: {'pass' if e.get('smoke_passed') else 'FAIL'} ({e.get('smoke_reason', '')}): "
                      f"{e.get('smoke_reply', '')!r}")
-    lines += ["", "## Build", "", "| File | Planned size | Size | Peak memory (measured) |", "|---|---:|---:|---:|"]
+    lines += ["", "## Build", "", "| File | Planned size | Size | Planned peak memory | Peak memory (measured) | Time |",
+              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {a['filename']} | {human_size(a.get('predicted_bytes') or 0)} | {human_size(a['size_bytes'])} | "
-              f"{human_size(a['peak_rss_bytes']) if a.get('peak_rss_bytes') else '—'} |" for a in data["artifacts"]]
-    lines += ["", "Peak memory is the building process's peak resident set; it includes pages of memory-mapped "
-              "inputs, which the system can reclaim. It is measured only when the file is built, not on a resumed run."]
+              + _memory_cells(a) for a in data["artifacts"]]
+    if ref := ev["reference_result"]:
+        lines += ["", "| Evaluation of | Planned peak memory | Peak memory (measured) | Time |", "|---|---:|---:|---:|"]
+        rows = [("reference (fp16 source)", ref)] + [(a["filename"], a["evaluation"]) for a in data["artifacts"] if a["evaluation"]]
+        lines += [f"| {name} | " + _memory_cells(e) for name, e in rows]
+    lines += ["", "Peak memory is the process's peak resident set; it includes pages of memory-mapped "
+              "inputs, which the system can reclaim. It is measured only when the step runs, not on a resumed run."]
     fallbacks = [a for a in data["artifacts"] if a["fallback_summary"]]
     lines += ["", "## Tensor types", ""]
     if fallbacks:

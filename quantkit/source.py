@@ -209,12 +209,34 @@ def check_safetensors(path: Path) -> None:
                           "re-download the file (the download was cut short)")
 
 
-def param_count(folder: Path) -> int:
-    total = 0
+@dataclass(frozen=True)
+class TensorStats:
+    """What the safetensors headers say of a checkpoint's size, without reading any weights."""
+
+    params: int
+    weight_bytes: int
+    largest: int  # values of the largest tensor
+    largest_module: int  # values one module holds: the largest tensor, or all experts of one MoE layer
+
+
+def tensor_stats(folder: Path) -> TensorStats:
+    params = weight_bytes = largest = 0
+    modules: dict[str, int] = {}
     for f in sorted(folder.glob("*.safetensors")):
         for name, t in safetensors_header(f).items():
-            if name != "__metadata__":
-                total += math.prod(t["shape"])
-    if total == 0:
+            if name == "__metadata__":
+                continue
+            n = math.prod(t["shape"])
+            params += n
+            weight_bytes += t["data_offsets"][1] - t["data_offsets"][0]
+            largest = max(largest, n)
+            # transformers runs a MoE layer's experts as one module (fused weights): count them together.
+            group = re.sub(r"\.experts\.\d+\..*", ".experts", name)
+            modules[group] = modules.get(group, 0) + n
+    if params == 0:
         raise SourceError(f"no tensors found in {folder}/*.safetensors", "check the download")
-    return total
+    return TensorStats(params, weight_bytes, largest, max(modules.values()))
+
+
+def param_count(folder: Path) -> int:
+    return tensor_stats(folder).params

@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
-"""A Llama-shaped fp16 checkpoint of about 1B or 3B parameters with random weights, for the memory
-and throughput benchmarks. The tokenizer, chat template and vocabulary are the sample's (real),
-so llama.cpp converts it like any Llama; the weights are noise, so its outputs are meaningless.
+"""Synthetic fp16 checkpoints of real shapes with random weights, for scale tests and benchmarks.
+The tokenizer, chat template and vocabulary are the sample's (real), so llama.cpp converts them like
+any model of their architecture; the weights are noise, so their outputs are meaningless.
+
+Shapes: 1b (TinyLlama-1.1B), 3b (Llama-3.2-3B), 7b (Mistral-7B: 32 layers, hidden 4096, MLP 14336,
+32 heads, 8 KV heads, untied head), moe (Mixtral-shaped: 8 experts, top-2 routing, Mixtral's tensor
+names, hidden 1024, 8 layers) and moe-tiny (the same layout at test size). `--dead-experts K` makes
+the router never pick the last K experts of every layer (the embeddings carry a constant feature the
+router reads), which is how calibration leaves experts without data in real MoE models.
 
 Written as 2 GB shards with a safetensors index, like the Hub's large checkpoints, one shard in
-memory at a time. Cached in ~/.cache/quantkit/synthetic/<size>/.
-Usage: .venv/bin/python scripts/make_synthetic_model.py 1b|3b [--out DIR]
+memory at a time. Cached in ~/.cache/quantkit/synthetic/<name>/.
+Usage: .venv/bin/python scripts/make_synthetic_model.py 1b|3b|7b|moe|moe-tiny [--dead-experts K] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,12 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quantkit.paths import cache_dir  # noqa: E402
 from quantkit.sample import ensure_sample  # noqa: E402
 
-# Shapes of TinyLlama-1.1B and Llama-3.2-3B, with the sample's 49152-token vocabulary.
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+_MISTRAL = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "tie_word_embeddings": False,
+            "sliding_window": None, "rope_theta": 1_000_000.0}
+_MIXTRAL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "tie_word_embeddings": False,
+            "sliding_window": None, "rope_theta": 1_000_000.0, "num_local_experts": 8, "num_experts_per_tok": 2,
+            "router_aux_loss_coef": 0.02, "output_router_logits": False, "router_jitter_noise": 0.0}
+# Shapes of TinyLlama-1.1B, Llama-3.2-3B, Mistral-7B and a scaled-down Mixtral, with the sample's vocabulary.
 SHAPES = {
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-           "num_key_value_heads": 4},
-    "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
-           "num_key_value_heads": 8},
+    "1b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4},
+    "3b": {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+           "num_attention_heads": 24, "num_key_value_heads": 8},
+    "7b": {**_MISTRAL, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8},
+    "moe": {**_MIXTRAL, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 8,
+            "num_attention_heads": 16, "num_key_value_heads": 4},
+    "moe-tiny": {**_MIXTRAL, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+                 "num_attention_heads": 8, "num_key_value_heads": 2},
 }
 SHARD_BYTES = 2_000_000_000
 
@@ -35,6 +53,7 @@ SHARD_BYTES = 2_000_000_000
 def tensors(cfg: dict):
     h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    experts = cfg.get("num_local_experts", 0)
     yield "model.embed_tokens.weight", (cfg["vocab_size"], h)
     for layer in range(n):
         p = f"model.layers.{layer}."
@@ -44,18 +63,39 @@ def tensors(cfg: dict):
         yield p + "self_attn.k_proj.weight", (kv, h)
         yield p + "self_attn.v_proj.weight", (kv, h)
         yield p + "self_attn.o_proj.weight", (h, h)
-        yield p + "mlp.gate_proj.weight", (i, h)
-        yield p + "mlp.up_proj.weight", (i, h)
-        yield p + "mlp.down_proj.weight", (h, i)
+        if experts:
+            yield p + "block_sparse_moe.gate.weight", (experts, h)
+            for e in range(experts):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                yield q + "w1.weight", (i, h)
+                yield q + "w2.weight", (h, i)
+                yield q + "w3.weight", (i, h)
+        else:
+            yield p + "mlp.gate_proj.weight", (i, h)
+            yield p + "mlp.up_proj.weight", (i, h)
+            yield p + "mlp.down_proj.weight", (h, i)
     yield "model.norm.weight", (h,)
+    if not cfg.get("tie_word_embeddings", True):
+        yield "lm_head.weight", (cfg["vocab_size"], h)
 
 
-def make(size: str, out: Path) -> Path:
+def default_out(size: str, dead_experts: int = 0) -> Path:
+    name = {"moe": "Synthetic-Mixtral", "moe-tiny": "Synthetic-Mixtral-Tiny", "7b": "Synthetic-Mistral-7B"}.get(
+        size, f"Synthetic-Llama-{size.upper()}")
+    return cache_dir() / "synthetic" / (name + (f"-dead{dead_experts}" if dead_experts else ""))
+
+
+def make(size: str, out: Path | None = None, dead_experts: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    out = out or default_out(size, dead_experts)
     if (out / ".complete").exists():
         return out
+    shape = SHAPES[size]
+    n_experts = shape.get("num_local_experts", 0)
+    if dead_experts and not 0 < dead_experts <= n_experts - shape.get("num_experts_per_tok", 0):
+        raise SystemExit(f"--dead-experts needs a mixture-of-experts shape with more than {dead_experts} spare experts")
     sample = ensure_sample()
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -63,8 +103,10 @@ def make(size: str, out: Path) -> Path:
     for f in sample.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "README.md"):
             shutil.copy(f, tmp / f.name)
-    cfg = {**json.loads((sample / "config.json").read_text()), **SHAPES[size]}
+    cfg = {**json.loads((sample / "config.json").read_text()), **shape}
     cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if "rope_theta" in shape and isinstance(cfg.get("rope_parameters"), dict):
+        cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_theta": shape["rope_theta"]}
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(0)
     shards: list[list[str]] = []  # tensor names of each shard written so far
@@ -76,11 +118,21 @@ def make(size: str, out: Path) -> Path:
         save_file(current, tmp / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
         current.clear()
 
-    for name, shape in tensors(cfg):
-        if len(shape) > 1:
-            current[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
+    for name, dims in tensors(cfg):
+        if len(dims) > 1:
+            t = torch.randn(dims, generator=gen) * 0.02
+            if name == "lm_head.weight":
+                # Logits with a spread of about 4 (as trained models have), not near-uniform ones: quantization
+                # errors then show in KL-divergence and top-1 as they would in a real model.
+                t *= 4 / (0.02 * dims[1] ** 0.5)
+            elif dead_experts and name == "model.embed_tokens.weight":
+                t[:, 0] = 1.0  # a feature every token carries, so the router can be made to ignore experts
+            elif dead_experts and name.endswith("block_sparse_moe.gate.weight"):
+                t[:, 0] = 1.0  # the same for every live expert: the other features choose among them
+                t[-dead_experts:, 0] = -4.0  # always the lowest scores: never in the top k
+            current[name] = t.to(torch.float16)
         else:
-            current[name] = torch.ones(shape, dtype=torch.float16)
+            current[name] = torch.ones(dims, dtype=torch.float16)
         total += current[name].numel()
         if sum(t.numel() * 2 for t in current.values()) >= SHARD_BYTES:
             flush()
@@ -94,8 +146,9 @@ def make(size: str, out: Path) -> Path:
         weight_map.update({name: final for name in names})
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total * 2},
                                                                    "weight_map": weight_map}, indent=1))
-    (tmp / "README.md").write_text(f"Synthetic Llama-shaped checkpoint, {total / 1e9:.2f}B random fp16 parameters, "
-                                   "the sample's tokenizer. For quantkit's benchmarks only.\n")
+    dead = f" The router never picks the last {dead_experts} experts of a layer." if dead_experts else ""
+    (tmp / "README.md").write_text(f"Synthetic {cfg['architectures'][0]}-shaped checkpoint, {total / 1e9:.2f}B random "
+                                   f"fp16 parameters, the sample's tokenizer.{dead} For quantkit's tests and benchmarks only.\n")
     (tmp / ".complete").touch()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -105,9 +158,10 @@ def make(size: str, out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("size", choices=sorted(SHAPES))
+    ap.add_argument("--dead-experts", type=int, default=0, help="experts per layer the router never picks (MoE shapes)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    print(make(args.size, args.out or cache_dir() / "synthetic" / f"Synthetic-Llama-{args.size.upper()}"))
+    print(make(args.size, args.out, args.dead_experts))
 
 
 if __name__ == "__main__":

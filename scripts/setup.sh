@@ -28,7 +28,16 @@ if [ "$(uname -m)" = x86_64 ]; then
   if grep -qw avx512_vnni /proc/cpuinfo; then cmake_args+=" -DGGML_AVX512_VNNI=ON"; fi
   if grep -qw avx512_bf16 /proc/cpuinfo; then cmake_args+=" -DGGML_AVX512_BF16=ON"; fi
 fi
-cmake_args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF ${QUANTKIT_CMAKE_ARGS:-}"
+cmake_args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+# A CUDA build of llama-cpp-python and llama.cpp's tools where there is a GPU to run it and the CUDA
+# compiler to build it (or with QUANTKIT_CUDA=1): GGUF evaluation then offloads every layer. nvcc alone is
+# not enough: CPU machines with the CUDA toolkit exist, and a CUDA build takes far longer. QUANTKIT_CUDA=0
+# keeps a CPU build on a GPU machine.
+if [ "${QUANTKIT_CUDA:-}" = 1 ] || { [ "${QUANTKIT_CUDA:-}" != 0 ] && command -v nvcc >/dev/null \
+     && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }; then
+  cmake_args+=" -DGGML_CUDA=ON"
+fi
+cmake_args+=" ${QUANTKIT_CMAKE_ARGS:-}"
 
 # Bump when the way this script builds the environment changes (not for every edit of it).
 RECIPE=1

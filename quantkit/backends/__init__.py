@@ -72,6 +72,11 @@ class Backend(ABC):
             raise ProfileError(f"backend {self.name} needs {', '.join(r.what for r in missing)}",
                                "; ".join(r.hint for r in missing if r.hint) or "install what it needs")
 
+    def step_peak(self, params: int) -> int:
+        """Peak memory of this backend's heaviest build step for a model of `params` 16-bit parameters, when only
+        the count is known (a job queued from a Hub listing); plan() gives each step's exact estimate."""
+        return 0
+
     @abstractmethod
     def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
         """Validate `options` from the profile and list the artifacts; no heavy work here."""

@@ -19,7 +19,7 @@ from ..procs import run_python
 from ..source import Source
 from . import Backend, BuildContext, Requirement, package
 from .gguf_options import GGUFVariant, parse_options
-from .gguf_predict import predict_sizes, quantize_spec
+from .gguf_predict import peak_for_params, predict_sizes, quantize_spec
 from .gguf_shards import gguf_files, model_file, split
 from .gguf_types import INTERMEDIATES
 from .imatrix import compute_imatrix
@@ -39,6 +39,9 @@ class GGUFBackend(Backend):
     def requirements(self) -> list[Requirement]:
         hint = "run ./scripts/setup.sh (it builds llama-cpp-python)"
         return [package("llama-cpp-python", "llama_cpp", hint), package("gguf", "gguf", hint)]
+
+    def step_peak(self, params: int) -> int:
+        return peak_for_params(params)
 
     def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
         opts = parse_options(options, source.dtype)
@@ -153,5 +156,5 @@ class GGUFBackend(Backend):
             size_bytes=sum(f.stat().st_size for f in gguf_files(path)), sha256="",
             bits_per_weight=round(n_bytes * 8 / max(n_elements, 1), 3) if item.role != "imatrix" else 0.0,
             tensor_types=dict(sorted(types.items())), fallbacks=facts.get("fallbacks", []),
-            details={k: facts[k] for k in ("chunks", "chunk_tokens", "text") if k in facts},
+            details={k: facts[k] for k in ("chunks", "chunk_tokens", "text", "experts_without_data") if facts.get(k)},
         )

@@ -43,6 +43,11 @@ class SizePlan:
     peak_run: int = 0  # llama-imatrix: the whole intermediate file mapped, plus activations
 
 
+def peak_for_params(params: int) -> int:
+    """The heaviest GGUF step when only the parameter count is known: llama-imatrix holding a 16-bit model."""
+    return _FIXED["run"] + 2 * params
+
+
 def quantize_spec(options: dict[str, Any], src: Path, dst: Path, threads: int, *, imatrix: Path | None = None,
                   dry_run: bool = False) -> dict[str, Any]:
     """The quantize worker's spec for one variant's options (GGUFVariant.options())."""

@@ -43,6 +43,9 @@ class GPTQModelBackend(Backend):
     def requirements(self) -> list[Requirement]:
         return [package("gptqmodel", "gptqmodel", INSTALL_HINT), package("optimum", "optimum", INSTALL_HINT)]
 
+    def step_peak(self, params: int) -> int:
+        return self.method.peak_fixed + self.method.peak_per_param * params
+
     def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
         where = f"{self.name}"
         unknown = set(options) - {"variants", "calibration"}
@@ -79,7 +82,7 @@ class GPTQModelBackend(Backend):
             items.append(ArtifactPlan(
                 backend=self.name, variant=variant, filename=f"{source.name}-{self.method.suffix}-{variant}",
                 predicted_bytes=predicted, options={**v, "calibration": calib},
-                predicted_peak_bytes=self.method.peak_fixed + self.method.peak_per_param * params,
+                predicted_peak_bytes=self.step_peak(params),
             ))
         return items
 

@@ -40,4 +40,37 @@ def compute_imatrix(model: Path, out: Path, options: dict[str, Any], ctx) -> dic
             "--output-frequency", "1000000",  # one write at the end, to our temporary name
         ], on_line=on_line, cwd=text_file.parent, what="llama-imatrix")
     chunks = max((int(m.group(2)) for line in done.lines for m in _CHUNK.finditer(line) if m.group(2)), default=0)
-    return {"peak_rss_bytes": done.peak_rss_bytes, "chunks": chunks, "chunk_tokens": n_ctx, "text": options["text"]}
+    idle = experts_without_data(out)
+    if idle:
+        ctx.reporter.warn(f"importance matrix: {describe_idle(idle)} saw no calibration token; llama.cpp quantizes "
+                          "them without importance weights (its partial-data path). For better i-quants of them, "
+                          "calibrate on more or more varied text (imatrix.chunks, imatrix.text)")
+    return {"peak_rss_bytes": done.peak_rss_bytes, "chunks": chunks, "chunk_tokens": n_ctx, "text": options["text"],
+            "experts_without_data": idle}
+
+
+def experts_without_data(imatrix: Path) -> dict[str, list[int]]:
+    """{layer: [expert, ...]} for the MoE experts that calibration never routed a token to. llama-imatrix
+    keeps a token count per expert (NAME.counts); a zero means that expert's weights got no statistics."""
+    from gguf import GGUFReader
+
+    idle: dict[str, set[int]] = {}
+    for t in GGUFReader(imatrix).tensors:
+        if t.name.endswith(".counts") and int(t.n_elements) > 1:
+            zeros = [i for i, c in enumerate(t.data.reshape(-1)) if c == 0]
+            if zeros:
+                idle.setdefault(t.name.split(".")[1], set()).update(zeros)  # blk.N.ffn_up_exps.weight.counts
+    return {layer: sorted(e) for layer, e in sorted(idle.items(), key=lambda kv: int(kv[0]))}
+
+
+def describe_idle(idle: dict[str, list[int]]) -> str:
+    """'experts 6, 7 of layers 0-3' (or per layer when they differ)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for layer, experts in idle.items():
+        groups.setdefault(tuple(experts), []).append(int(layer))
+    parts = []
+    for experts, layers in groups.items():
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)) \
+            else ", ".join(map(str, layers))
+        parts.append(f"expert{'s' * (len(experts) > 1)} {', '.join(map(str, experts))} of layer{'s' * (len(layers) > 1)} {span}")
+    return "; ".join(parts)

@@ -4,8 +4,11 @@ reference of every format, and GPTQ/AWQ folders through GPTQModel's kernels).
   tokenize:  python -m quantkit.evaluate.hf_worker tokenize FOLDER TEXT_FILE OUT.npy BOS.json
   evaluate:  python -m quantkit.evaluate.hf_worker evaluate FOLDER SPEC.json OUT.json
 
-SPEC is the same as gguf_worker's; `reference: true` loads the weights in float32 (the fp16 source's
-values, computed without fp16 rounding on the CPU).
+SPEC is the same as gguf_worker's. `reference: true` keeps the weights as stored (fp16 or bf16, 2 bytes
+a parameter) and computes in float32: each module's weights are widened just before it runs and dropped
+after, so the results are those of a float32 copy of the model (docs/evaluation.md) at half its memory.
+`weights: "float32"` loads a whole float32 copy instead (4 bytes a parameter): the old reference, which
+the tests compare with. With CUDA, the model runs on the GPU.
 """
 
 from __future__ import annotations
@@ -33,25 +36,89 @@ def tokenize(folder: str, text_file: str, out: str, bos_out: str) -> None:
     Path(bos_out).write_text(json.dumps({"bos": bos}))
 
 
+def compute_in_float32(model) -> None:
+    """Run every module in float32 while its weights stay in their stored 16-bit type: a pre-hook widens
+    the module's own parameters, a hook puts the 16-bit tensors back. One module's float32 copy exists
+    at a time (the largest: the output head, or a MoE layer's fused experts), not the model's."""
+    import torch
+
+    def widen(module, *_):
+        module._stored = {}
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                module._stored[name], p.data = p.data, p.data.float()
+
+    def narrow(module, *_):
+        for name, p in module.named_parameters(recurse=False):
+            if name in module._stored:
+                p.data = module._stored[name]
+        module._stored = {}
+
+    for module in model.modules():
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(widen)
+            module.register_forward_hook(narrow)
+
+
+def load_model(folder: str, spec: dict):
+    """(model, device, note): the checkpoint on this machine's best device, the reference as described
+    above, GPTQ/AWQ folders through their kernels; `note` says when the folder needed another loader."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not spec.get("reference"):
+        return _load_quantized(folder, device)
+    if spec.get("weights") == "float32":
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval(), device, ""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=device).eval()
+    compute_in_float32(model)
+    return model, device, ""
+
+
+def _load_quantized(folder: str, device: str):
+    """A GPTQ/AWQ folder through transformers, as its users load it. When transformers leaves weights of
+    it unset (seen: GPTQModel writes a MoE's experts one module each, transformers 5 expects them fused),
+    scoring that model would measure random weights: measure the folder through GPTQModel's own loader
+    instead, and say so."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, device_map=device, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if not missing:
+        return model.eval(), device, ""
+    from gptqmodel import GPTQModel
+
+    note = (f"transformers {transformers.__version__} cannot load this folder: it leaves {len(missing)} weight(s) unset "
+            f"(such as {missing[0]}); measured through GPTQModel's own loader, which reads it")
+    del model
+    return GPTQModel.load(folder, device=device).model.eval(), device, note
+
+
 def evaluate(folder: str, spec: dict) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.set_num_threads(spec["threads"])
-    # The reference: the fp16 weights computed in float32 (CPU fp16 matmuls are slow and round more).
-    kwargs = {"dtype": torch.float32} if spec.get("reference") else {"device_map": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    model.eval()
+    model, device, note = load_model(folder, spec)
     tok = AutoTokenizer.from_pretrained(folder)
     first, last = scored_range(spec["ctx"])
+    keep = torch.arange(first, last, device=device)
 
     def forward(window: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = model(torch.from_numpy(window.astype(np.int64))[None]).logits[0, first:last]
-        return logits.float().numpy()
+            ids = torch.from_numpy(window.astype(np.int64))[None].to(device)
+            # Only the scored rows go through the output head (vocabulary-sized), as llama-perplexity does.
+            logits = model(ids, logits_to_keep=keep).logits[0]
+        return logits.float().cpu().numpy()
 
     result = score(forward, spec, model.config.vocab_size)
     result["smoke"] = smoke_test(model, tok, spec["smoke"])
+    if device == "cuda":
+        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+    if note:
+        result["note"] = note
     return result
 
 
@@ -62,7 +129,7 @@ def smoke_test(model, tok, opts: dict) -> dict:
         return {"passed": False, "reply": "", "reason": "the checkpoint has no chat template"}
     messages = [{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     with torch.inference_mode():

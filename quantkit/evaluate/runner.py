@@ -17,6 +17,7 @@ from ..errors import ProfileError
 from ..executors import Executor, HelperRun, LocalExecutor
 from ..fsutil import atomic_path, sha256_text
 from ..manifest import Manifest
+from ..memory import REFERENCE
 from ..plan import EvalResult
 from ..procs import run_python
 from ..profiles import Profile
@@ -25,13 +26,14 @@ from .text import load_text
 
 WORKERS = {"gguf": "quantkit.evaluate.gguf_worker", "hf": "quantkit.evaluate.hf_worker",
            "exl2": "quantkit.evaluate.exl2_worker"}
-REFERENCE = "reference"
 
 
 class Evaluator:
     def __init__(self, manifest: Manifest, profile: Profile, source: Path, source_key: str, reporter: Reporter,
-                 threads: int, executor: Executor | None = None) -> None:
+                 threads: int, executor: Executor | None = None, memory: dict[str, int] | None = None) -> None:
+        """`memory`: each step's predicted peak (artifact file name, or "reference"), for Ray's placement and the report."""
         self.m, self.profile, self.source, self.source_key = manifest, profile, source, source_key
+        self.memory = memory or {}
         self.reporter, self.threads = reporter, threads
         self.executor = executor or LocalExecutor()
         self.state = manifest.state_dir
@@ -86,7 +88,9 @@ class Evaluator:
         if rec and self.m.done(REFERENCE, ref_key, ref_path):
             return EvalResult(**rec["result"])
         with atomic_path(ref_path) as tmp:
-            raw = self._run("hf", self.source, {**spec, "reference": True, "ref_write": str(tmp)}, "the fp16 source (reference)")
+            [run] = self.executor.run_helpers([self._helper("hf", self.source, {**spec, "reference": True, "ref_write": str(tmp)},
+                                                            "the fp16 source (reference)", memory_key=REFERENCE)], self.reporter)
+            raw = self._result(run)
         self.m.record(REFERENCE, ref_key, ref_path)
         return self._record(f"eval:{REFERENCE}", key, raw, None, REFERENCE)
 
@@ -110,16 +114,13 @@ class Evaluator:
                 results[artifact] = self._record(f"eval:{artifact.name}", key, self._result(run), ref.perplexity, artifact.name)
         return [results[a] for a, _, _ in artifacts]
 
-    def _run(self, runner: str, target: Path, spec: dict, label: str) -> dict:
-        [run] = self.executor.run_helpers([self._helper(runner, target, spec, label)], self.reporter)
-        return self._result(run)
-
-    def _helper(self, runner: str, target: Path, spec: dict, label: str, gpus: int = 0) -> HelperRun:
+    def _helper(self, runner: str, target: Path, spec: dict, label: str, gpus: int = 0,
+                memory_key: str | None = None) -> HelperRun:
         name = re.sub(r"[^\w.-]", "_", target.name)
         spec_file, result_file = self.state / f"eval-{name}.spec.json", self.state / f"eval-{name}.result.json"
         spec_file.write_text(json.dumps(spec))
         return HelperRun(f"evaluate {label}", ("-m", WORKERS[runner], "evaluate", str(target), str(spec_file), str(result_file)),
-                         self.state, cpus=self.threads, gpus=gpus)
+                         self.state, cpus=self.threads, gpus=gpus, memory=self.memory.get(memory_key or target.name, 0))
 
     def _result(self, run: HelperRun) -> dict:
         spec_file, result_file = Path(run.args[-2]), Path(run.args[-1])
@@ -140,6 +141,11 @@ class Evaluator:
             top1_agreement=1.0 if is_ref else raw.get("top1_agreement"),
             tokens_scored=raw["tokens_scored"],
             smoke_passed=smoke["passed"], smoke_reply=smoke["reply"], smoke_reason=smoke["reason"],
+            peak_rss_bytes=int(raw.get("peak_rss_bytes", 0)), peak_gpu_bytes=int(raw.get("peak_gpu_bytes", 0)),
+            predicted_peak_bytes=self.memory.get(label, 0), seconds=float(raw.get("seconds", 0.0)),
+            note=raw.get("note", ""),
         )
+        if result.note:
+            self.reporter.warn(f"{label}: {result.note}")
         self.m.record(step, key, result=asdict(result), smoke_prompt=smoke.get("prompt", ""))
         return result

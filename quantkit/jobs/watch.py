@@ -16,6 +16,7 @@ from typing import Any
 from .. import backends
 from ..errors import QuantkitError, SourceError
 from ..fsutil import parse_scaled
+from ..memory import job_peak
 from ..profiles import Profile, load_profile
 from .queue import Job, JobQueue
 
@@ -84,15 +85,11 @@ def profile_ref(profile: str) -> str:
 
 
 def job_needs(profile: Profile, params: int) -> tuple[bool, int]:
-    """Whether the job needs a GPU worker, and a rough bound on its memory. The bound is the heaviest
-    step seen on the sample, scaled by parameters: the fp16 reference evaluation through transformers
-    (1 GiB + 4 bytes a parameter), or GPTQModel (0.9 GB + 6 bytes a parameter)."""
+    """Whether the job needs a GPU worker, and its memory: the heaviest step, by the formulas `quantkit plan`
+    uses, from the Hub's parameter count alone (the build plans exactly once it has the checkpoint)."""
     gpu = any(backends.get(name).gpus and (opts or {}).get("if_unavailable", "fail") == "fail"
               for name, opts in profile.backends.items())
-    memory = (1 << 30) + 4 * params
-    if {"gptq", "awq"} & set(profile.backends):
-        memory = max(memory, 900_000_000 + 6 * params)
-    return gpu, memory
+    return gpu, job_peak(profile, params, [backends.get(name) for name in profile.backends])
 
 
 def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Path = "builds",

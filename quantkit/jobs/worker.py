@@ -17,19 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..memory import machine_memory
 from ..procs import die_with_parent
 from .queue import Job, JobQueue
-
-
-def machine_memory() -> int:
-    """Total memory, from /proc/meminfo (0 where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 @dataclass

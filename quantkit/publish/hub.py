@@ -83,6 +83,10 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     if not report_path.is_file():
         raise PublishError(f"{build_dir} has no report.json", "run quantkit build first, and pass its build folder")
     report = json.loads(report_path.read_text())
+    if not report["evaluation"].get("reference_result"):
+        raise PublishError(f"{build_dir.name} was built with evaluation off, so none of its files was measured",
+                           "quantkit publishes only measured files: build it again with evaluation on, on a machine "
+                           "large enough for the reference (quantkit plan shows what each step needs)")
     opts = report.get("publish") or {}
     owner = owner or opts.get("owner")
     if not owner:

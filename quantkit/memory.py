@@ -1,0 +1,101 @@
+"""Peak memory of each step of a build, predicted before anything runs, and the limit the steps must fit.
+
+Each estimate is a formula in what a plan knows without loading weights (parameter count, bytes of
+weights, the largest tensor or MoE layer, the vocabulary, the evaluation window) with constants
+fitted to the peak resident memory measured at 135M, 3B and 7B parameters (docs/benchmarks.md,
+"Memory per step"). A step that would not fit is refused before the build starts, naming the step
+and the bytes it needs, instead of being killed by the kernel halfway through.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import QuantkitError
+from .fsutil import human_size, parse_bytes
+
+MEMORY_ENV = "QUANTKIT_MEMORY"
+REFERENCE = "reference"  # the target name of the reference step
+
+# The fp16 reference (transformers, weights kept as stored, float32 compute): torch and transformers
+# themselves, the weights, a float32 copy of the module running now (its own weights widened), and the
+# activations and log-probabilities of the scored rows.
+REFERENCE_FIXED = 700_000_000
+# A GGUF evaluated by llama.cpp: Python and llama-cpp-python, the memory-mapped file, the KV cache and
+# compute buffers of one window (logits of the scored half included).
+GGUF_EVAL_FIXED = 250_000_000
+# A GPTQ/AWQ folder through transformers and GPTQModel's kernels.
+HF_EVAL_FIXED = 1_000_000_000
+# EXL2 runs on the GPU; the host holds exllamav2, torch and the file it reads from.
+EXL2_EVAL_FIXED = 1_500_000_000
+
+
+class NotEnoughMemory(QuantkitError):
+    """A step of the build needs more memory than the machine (or the largest Ray node) has."""
+
+    exit_code = 5
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    step: str  # what plan and errors print: "reference (fp16 source, transformers)", "evaluate X.gguf"
+    target: str  # the artifact's file name, or "reference"
+    peak_bytes: int
+
+
+def machine_memory() -> int:
+    """The memory steps may use: $QUANTKIT_MEMORY (e.g. 16G, to plan for a smaller machine), else all of it."""
+    if os.environ.get(MEMORY_ENV):
+        value = parse_bytes(os.environ[MEMORY_ENV])
+        if value is None:
+            raise QuantkitError(f"{MEMORY_ENV}={os.environ[MEMORY_ENV]!r} is not a size", "write it like 16G or 512M")
+        return value
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _scored_logits(vocab: int, ctx: int) -> int:
+    """float32 logits and log-probabilities of the scored half of one window, and the float16 reference rows."""
+    return (ctx // 2) * vocab * (4 + 4 + 2)
+
+
+def reference_peak(weight_bytes: int, largest_module: int, vocab: int, ctx: int) -> int:
+    return REFERENCE_FIXED + weight_bytes + 4 * largest_module + _scored_logits(vocab, ctx)
+
+
+def evaluation_peak(runner: str, artifact_bytes: int, vocab: int, ctx: int) -> int:
+    """One artifact's evaluation, by the runner that measures it ("gguf", "hf", "exl2")."""
+    fixed = {"gguf": GGUF_EVAL_FIXED, "hf": HF_EVAL_FIXED, "exl2": EXL2_EVAL_FIXED}.get(runner, HF_EVAL_FIXED)
+    held = 0 if runner == "exl2" else artifact_bytes  # exl2 streams the file to the GPU
+    return fixed + held + _scored_logits(vocab, ctx)
+
+
+def job_peak(profile, params: int, chosen: list) -> int:
+    """The heaviest step of a build of `profile` for a model of `params` parameters when nothing else is known
+    (a job queued from a Hub listing): 16-bit weights, a vocabulary of 152k, the largest module 5% of the model."""
+    vocab, ev = 152_064, profile.evaluation
+    steps = [b.step_peak(params) for b in chosen]
+    if ev.enabled:
+        steps.append(reference_peak(2 * params, params // 20, vocab, ev.ctx))
+        steps += [evaluation_peak(b.evaluator, 2 * params, vocab, ev.ctx) for b in chosen if b.evaluator]
+    return max(steps, default=0)
+
+
+def too_large(steps: list[StepMemory], limit: int, where: str = "this machine") -> None:
+    """Refuse when any step needs more than `limit` bytes (0: no limit known)."""
+    over = [s for s in steps if limit and s.peak_bytes > limit]
+    if not over:
+        return
+    worst = max(over, key=lambda s: s.peak_bytes)
+    others = f" ({len(over) - 1} other step(s) too: {', '.join(s.step for s in over if s is not worst)})" if len(over) > 1 else ""
+    raise NotEnoughMemory(
+        f"{worst.step} needs about {human_size(worst.peak_bytes)} of memory and {where} has {human_size(limit)}{others}",
+        f"build on a machine with at least {human_size(worst.peak_bytes)} (or pass --ray with a node that large), "
+        "or leave the step out of the profile (a backend, or evaluation.enabled: false for the reference and evaluations)")

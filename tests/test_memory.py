@@ -1,0 +1,102 @@
+"""Memory: the fp16 reference keeps 16-bit weights and gives the float32 reference's numbers; every step's
+peak memory is planned, shown by `quantkit plan`, and a step that cannot fit is refused before any work."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import PROFILES, run_cli
+from quantkit.build import make_plan
+from quantkit.evaluate.metrics import scored_range
+from quantkit.procs import run_python
+from quantkit.profiles import SmokeOptions
+from quantkit.source import tensor_stats
+
+WINDOWS = 6  # of 512 tokens: 1,530 scored positions
+
+
+@pytest.fixture(scope="module")
+def sample_tokens(sample_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    text = tmp / "text.txt"
+    from quantkit.evaluate.text import load_text
+
+    text.write_text(load_text("builtin:botchan"), encoding="utf-8")
+    run_python(["-m", "quantkit.evaluate.hf_worker", "tokenize", str(sample_model), str(text), str(tmp / "all.npy"),
+                str(tmp / "bos.json")])
+    np.save(tmp / "tokens.npy", np.load(tmp / "all.npy")[: WINDOWS * 512])
+    return tmp, json.loads((tmp / "bos.json").read_text())["bos"]
+
+
+def _reference(sample_model, tmp, bos, name, **extra) -> dict:
+    from dataclasses import asdict
+
+    spec = {"tokens": str(tmp / "tokens.npy"), "bos": bos, "ctx": 512, "threads": 2, "reference": True,
+            "smoke": asdict(SmokeOptions(max_tokens=16)), **extra}
+    (tmp / f"{name}.spec.json").write_text(json.dumps(spec))
+    run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(sample_model), str(tmp / f"{name}.spec.json"),
+                str(tmp / f"{name}.json")])
+    return json.loads((tmp / f"{name}.json").read_text())
+
+
+def test_16bit_reference_agrees_with_the_float32_reference(sample_model, sample_tokens):
+    tmp, bos = sample_tokens
+    old = _reference(sample_model, tmp, bos, "float32", weights="float32", ref_write=str(tmp / "old.npy"))
+    # The new reference, scored against the old one's log-probabilities: KL(old || new) per position.
+    new = _reference(sample_model, tmp, bos, "stored", ref_read=str(tmp / "old.npy"))
+    first, last = scored_range(512)
+    assert old["tokens_scored"] == new["tokens_scored"] == WINDOWS * (last - first)
+    delta = abs(new["perplexity"] / old["perplexity"] - 1)
+    print(f"float32 PPL {old['perplexity']:.4f}, 16-bit PPL {new['perplexity']:.4f}, |dPPL| {100 * delta:.5f}%, "
+          f"KLD {new['kld_mean']:.2e}, top-1 {new['top1_agreement']:.4f}; peak RSS {old['peak_rss_bytes'] / 1e9:.2f} GB "
+          f"-> {new['peak_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr)
+    assert delta < 0.001  # |ΔPPL| < 0.1%
+    assert new["kld_mean"] < 1e-4
+    assert new["top1_agreement"] > 0.999
+    assert new["smoke"]["reply"] == old["smoke"]["reply"] and "Paris" in new["smoke"]["reply"]
+    # 16-bit weights: the float32 copy of the model (4 bytes a parameter) is gone.
+    params = tensor_stats(sample_model).params
+    assert new["peak_rss_bytes"] <= 2.3 * params + 2e9
+    assert old["peak_rss_bytes"] - new["peak_rss_bytes"] > 1.5 * params
+
+
+def test_plan_shows_the_memory_of_every_step(sample_model, tmp_path):
+    proc = run_cli("plan", sample_model, "--profile", PROFILES / "fast.yaml", "--out", tmp_path, check=True)
+    lines = proc.stdout.splitlines()
+    ref = next(line for line in lines if "reference (fp16 source, transformers)" in line)
+    assert "peak memory ~" in ref
+    for variant in ("F16", "Q2_K", "Q4_K_M", "Q8_0"):
+        assert any(f"evaluate SmolLM2-135M-Instruct-{variant}.gguf" in line and "peak memory ~" in line for line in lines)
+        assert any(line.strip().startswith("gguf") and f"-{variant}.gguf" in line and "peak memory ~" in line
+                   for line in lines)
+    assert any(line.startswith("memory: the largest step is") for line in lines)
+    plan = make_plan(str(sample_model), str(PROFILES / "fast.yaml"), tmp_path)
+    assert [e.target for e in plan.evaluations][0] == "reference"
+    assert len(plan.evaluations) == 1 + len([a for a in plan.artifacts if a.is_model])
+    assert all(0.2e9 < e.peak_bytes < 3e9 for e in plan.evaluations)  # a 135M model: under 3 GB each
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_a_step_too_large_for_the_machine_is_refused_up_front(sample_model, tmp_path, how):
+    out = tmp_path / "out"
+    args = ("--memory", "600M") if how == "option" else ()
+    env = {"QUANTKIT_MEMORY": "600M"} if how == "env" else {}
+    for command in ("plan", "build"):
+        proc = run_cli(command, sample_model, "--profile", PROFILES / "tiny.yaml", "--out", out, *args, env=env)
+        assert proc.returncode == 5, proc.stderr
+        err = proc.stderr.strip().splitlines()
+        i = next(i for i, line in enumerate(err) if line.startswith("error: "))  # build prints its plan first
+        assert err[i].startswith("error: reference (fp16 source, transformers) needs about ")
+        assert "this machine has 600.0 MB" in err[i] and err[i + 1].startswith("  fix: build on a machine with at least")
+        assert "--ray" in err[i + 1] and "evaluation.enabled: false" in err[i + 1]
+        assert "Traceback" not in proc.stderr
+    assert not out.exists()  # refused before anything was written
+
+
+def test_evaluation_off_plans_no_reference_and_fits(sample_model, tmp_path):
+    profile = tmp_path / "files-only.yaml"
+    profile.write_text((PROFILES / "tiny.yaml").read_text() + "  enabled: false\n")
+    proc = run_cli("plan", sample_model, "--profile", profile, "--out", tmp_path, "--memory", "1.5G", check=True)
+    assert "evaluation: off" in proc.stdout and "reference (fp16 source" not in proc.stdout
