@@ -75,12 +75,14 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     if ev.enabled:
         stats = tensor_stats(src.path)
         evaluations.append(StepMemory("reference (fp16 source, transformers)", REFERENCE,
-                                      reference_peak(stats.weight_bytes, stats.largest_module, vocab, ev.ctx)))
+                                      reference_peak(stats.params, stats.weight_bytes, stats.largest_module, vocab, ev.ctx,
+                                                     stats.expert_bytes)))
         for item in items:
             runner = backends.get(item.backend).evaluator
             if runner and item.is_model:
+                held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
-                                              evaluation_peak(runner, item.predicted_bytes, vocab, ev.ctx)))
+                                              evaluation_peak(runner, held, vocab, ev.ctx)))
     # Absolute: llama.cpp's converter runs with its own working directory.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,

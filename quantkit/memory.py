@@ -19,15 +19,20 @@ from .fsutil import human_size, parse_bytes
 MEMORY_ENV = "QUANTKIT_MEMORY"
 REFERENCE = "reference"  # the target name of the reference step
 
+# Fitted to peak RSS measured at 135M, 3B and 7B parameters (docs/benchmarks.md, "Scale").
 # The fp16 reference (transformers, weights kept as stored, float32 compute): torch and transformers
-# themselves, the weights, a float32 copy of the module running now (its own weights widened), and the
-# activations and log-probabilities of the scored rows.
-REFERENCE_FIXED = 700_000_000
-# A GGUF evaluated by llama.cpp: Python and llama-cpp-python, the memory-mapped file, the KV cache and
-# compute buffers of one window (logits of the scored half included).
-GGUF_EVAL_FIXED = 250_000_000
-# A GPTQ/AWQ folder through transformers and GPTQModel's kernels.
-HF_EVAL_FIXED = 1_000_000_000
+# themselves and one window's activations (which grow a little with the model), the weights, a float32
+# copy of the module running now, and the scored rows' logits. Measured 1.48, 7.83 and 16.97 GB. The
+# weights are memory-mapped from the safetensors files (transformers keeps them as stored); a MoE's
+# experts are copied into fused tensors on load, so they count twice (3.10 GB for the 0.52B MoE).
+REFERENCE_FIXED = 1_000_000_000
+REFERENCE_PER_PARAM = 0.04
+# A GGUF evaluated by llama.cpp: Python and llama-cpp-python, the memory-mapped file and the copies
+# llama.cpp's CPU backend makes of some types (ArtifactPlan.runtime_bytes), the KV cache and compute
+# buffers of one window. Measured on the F16 files: 0.69, 6.43 and 15.08 GB.
+GGUF_EVAL_FIXED = 300_000_000
+# A GPTQ/AWQ folder through transformers and GPTQModel's kernels (measured at 38M and 0.52B parameters).
+HF_EVAL_FIXED = 1_300_000_000
 # EXL2 runs on the GPU; the host holds exllamav2, torch and the file it reads from.
 EXL2_EVAL_FIXED = 1_500_000_000
 
@@ -66,8 +71,10 @@ def _scored_logits(vocab: int, ctx: int) -> int:
     return (ctx // 2) * vocab * (4 + 4 + 2)
 
 
-def reference_peak(weight_bytes: int, largest_module: int, vocab: int, ctx: int) -> int:
-    return REFERENCE_FIXED + weight_bytes + 4 * largest_module + _scored_logits(vocab, ctx)
+def reference_peak(params: int, weight_bytes: int, largest_module: int, vocab: int, ctx: int,
+                   expert_bytes: int = 0) -> int:
+    return int(REFERENCE_FIXED + REFERENCE_PER_PARAM * params + weight_bytes + expert_bytes + 4 * largest_module
+               + _scored_logits(vocab, ctx))
 
 
 def evaluation_peak(runner: str, artifact_bytes: int, vocab: int, ctx: int) -> int:
@@ -83,7 +90,7 @@ def job_peak(profile, params: int, chosen: list) -> int:
     vocab, ev = 152_064, profile.evaluation
     steps = [b.step_peak(params) for b in chosen]
     if ev.enabled:
-        steps.append(reference_peak(2 * params, params // 20, vocab, ev.ctx))
+        steps.append(reference_peak(params, 2 * params, params // 20, vocab, ev.ctx))
         steps += [evaluation_peak(b.evaluator, 2 * params, vocab, ev.ctx) for b in chosen if b.evaluator]
     return max(steps, default=0)
 

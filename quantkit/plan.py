@@ -30,6 +30,7 @@ class ArtifactPlan:
     uses: tuple[str, ...] = ()  # other artifacts it needs (the importance matrix)
     options: dict[str, Any] = field(default_factory=dict)
     predicted_peak_bytes: int = 0  # the backend's estimate of the build step's peak memory (0: no estimate)
+    runtime_bytes: int = 0  # what a runtime holds when it loads the artifact, if more than its size (copies it makes)
     note: str = ""  # what the plan should say of it: "3 shards", "180 tensors fall back"
 
     @property

@@ -217,10 +217,11 @@ class TensorStats:
     weight_bytes: int
     largest: int  # values of the largest tensor
     largest_module: int  # values one module holds: the largest tensor, or all experts of one MoE layer
+    expert_bytes: int = 0  # bytes of MoE expert weights (transformers copies them into fused tensors on load)
 
 
 def tensor_stats(folder: Path) -> TensorStats:
-    params = weight_bytes = largest = 0
+    params = weight_bytes = largest = experts = 0
     modules: dict[str, int] = {}
     for f in sorted(folder.glob("*.safetensors")):
         for name, t in safetensors_header(f).items():
@@ -233,9 +234,11 @@ def tensor_stats(folder: Path) -> TensorStats:
             # transformers runs a MoE layer's experts as one module (fused weights): count them together.
             group = re.sub(r"\.experts\.\d+\..*", ".experts", name)
             modules[group] = modules.get(group, 0) + n
+            if group != name:
+                experts += t["data_offsets"][1] - t["data_offsets"][0]
     if params == 0:
         raise SourceError(f"no tensors found in {folder}/*.safetensors", "check the download")
-    return TensorStats(params, weight_bytes, largest, max(modules.values()))
+    return TensorStats(params, weight_bytes, largest, max(modules.values()), experts)
 
 
 def param_count(folder: Path) -> int:

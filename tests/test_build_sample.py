@@ -100,3 +100,18 @@ def test_second_identical_build_rebuilds_nothing(sample_build, sample_model):
     assert "built 0, evaluated 0" in proc.stdout
     assert before == {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.gguf")}
     assert json.loads((folder / "report.json").read_text())["artifacts"] == sample_build["report"]["artifacts"]
+
+
+def test_every_step_records_its_planned_and_measured_memory(sample_build):
+    report = sample_build["report"]
+    ref = report["evaluation"]["reference_result"]
+    steps = [("reference", ref)] + [(a["filename"], a) for a in report["artifacts"]] + \
+        [(f"evaluate {a['filename']}", a["evaluation"]) for a in report["artifacts"]]
+    for name, step in steps:
+        planned, measured = step["predicted_peak_bytes"], step["peak_rss_bytes"]
+        assert planned > 0 and measured > 0 and step["seconds"] > 0, name
+        # The estimates are fitted at 135M, 3B and 7B (docs/benchmarks.md): within these bounds at 135M.
+        assert 0.6 * planned < measured < 1.25 * planned, (name, planned, measured)
+    md = (sample_build["dir"] / "report.md").read_text()
+    assert "| Evaluation of | Planned peak memory | Peak memory (measured) | Time |" in md
+    assert "| reference (fp16 source) |" in md

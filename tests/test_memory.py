@@ -100,3 +100,17 @@ def test_evaluation_off_plans_no_reference_and_fits(sample_model, tmp_path):
     profile.write_text((PROFILES / "tiny.yaml").read_text() + "  enabled: false\n")
     proc = run_cli("plan", sample_model, "--profile", profile, "--out", tmp_path, "--memory", "1.5G", check=True)
     assert "evaluation: off" in proc.stdout and "reference (fp16 source" not in proc.stdout
+
+
+def test_worker_jobs_are_sized_by_the_plans_formulas(sample_model, tmp_path):
+    from quantkit.jobs.watch import job_needs
+    from quantkit.profiles import load_profile
+
+    profile = load_profile(str(PROFILES / "fast.yaml"))
+    plan = make_plan(str(sample_model), profile, tmp_path)
+    heaviest = max(s.peak_bytes for s in plan.memory_steps())
+    _, estimate = job_needs(profile, tensor_stats(sample_model).params)
+    # From the parameter count alone (the Hub's listing), the job's estimate is the plan's heaviest step.
+    assert abs(estimate / heaviest - 1) < 0.15, (estimate, heaviest)
+    # A Mistral-7B fits a 24 GB machine; a Mixtral-8x7B does not.
+    assert job_needs(profile, 7_241_732_096)[1] < 24e9 < job_needs(profile, 46_702_792_704)[1]

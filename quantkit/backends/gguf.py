@@ -89,7 +89,8 @@ class GGUFBackend(Backend):
             options.pop("split_max_bytes", None)  # the limit only matters to files it splits
         return ArtifactPlan(backend=self.name, variant=name, filename=filename, predicted_bytes=size.file_bytes,
                             role=role, depends_on=depends_on, uses=uses, options=options,
-                            predicted_peak_bytes=peak, note="; ".join(notes))
+                            predicted_peak_bytes=peak, runtime_bytes=size.file_bytes + size.repacked_bytes,
+                            note="; ".join(notes))
 
     def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
         out = ctx.out_dir / item.filename

@@ -23,15 +23,16 @@ from .gguf_options import GGUFOptions
 from .gguf_sizes import SizePrediction, predict_from_dry_run
 from .gguf_types import INTERMEDIATES, ftypes, ggml_types
 
-# Peak memory of a step: a fixed part (Python, torch, llama.cpp) plus f32 working copies of the largest
+# Peak memory of a step: a fixed part (Python, torch, llama.cpp) plus working copies of the largest
 # tensor, because the converter and the quantizer stream tensors one at a time (lazy tensors,
-# memory-mapped input) instead of loading the model. Measured on the sample (135M parameters, largest
-# tensor 28.3M values), as the child process's peak RSS: converter 0.84 to 1.1 GB, quantizer 263-270 MB,
-# llama-imatrix 519 MB (it holds the whole intermediate model: 271 MB). RSS also
-# counts pages of the memory-mapped input, which the kernel can drop under pressure.
-_FIXED = {"convert": 900_000_000, "quantize": 100_000_000, "run": 250_000_000}
-_PER_LARGEST_VALUE = {"convert": 4, "quantize": 8}
-_VERSION = 2  # bump when what is cached changes
+# memory-mapped input) instead of loading the model. Fitted to the child process's peak RSS at three
+# sizes (largest tensor 28.3M, 151M and 201M values): converter 0.94, 1.11 and 1.16 GB; quantizer
+# 0.27, 1.09-1.13 and 1.44-1.49 GB (docs/benchmarks.md, "Scale"). llama-imatrix holds the whole
+# intermediate model (519 MB for the sample's 271 MB file). RSS also counts pages of the
+# memory-mapped input, which the kernel can drop under pressure.
+_FIXED = {"convert": 900_000_000, "quantize": 80_000_000, "run": 250_000_000}
+_PER_LARGEST_VALUE = {"convert": 1.5, "quantize": 7}
+_VERSION = 3  # bump when what is cached changes
 
 
 @dataclass
@@ -101,8 +102,8 @@ def _predict(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
             for v, chunk in zip(opts.variants, chunks):
                 plan.files[v.name] = predict_from_dry_run(skeleton, chunk)
         largest = max(int(t.n_elements) for t in tensors)
-        plan.peak_convert = _FIXED["convert"] + _PER_LARGEST_VALUE["convert"] * largest
-        plan.peak_quantize = _FIXED["quantize"] + _PER_LARGEST_VALUE["quantize"] * largest
+        plan.peak_convert = int(_FIXED["convert"] + _PER_LARGEST_VALUE["convert"] * largest)
+        plan.peak_quantize = int(_FIXED["quantize"] + _PER_LARGEST_VALUE["quantize"] * largest)
         plan.peak_run = _FIXED["run"] + skeleton.stat().st_size  # llama-imatrix holds the whole model
         plan.imatrix_bytes = _imatrix_bytes(tensors)
     return plan

@@ -3,6 +3,7 @@ quantizer over a skeleton of the converted file, and gguf-py's block table gives
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,18 @@ _TENSOR = re.compile(r"\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+- \[(?P<shape>[\d,\s]
                      r".*?(?:\((?P<new>\w+)\))?\s*$")
 
 
+# Types whose matrices llama.cpp's CPU backend copies into an interleaved layout when it loads a model
+# (ggml-cpu/repack.cpp, for rows in multiples of 8): the copy sits next to the memory-mapped file, so
+# these tensors count twice in an evaluation's memory. x86-64 with AVX2/AVX-512; ARM repacks more types.
+REPACKED = {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"} | (
+    {"Q5_K", "Q6_K", "Q8_0"} if platform.machine() in ("aarch64", "arm64") else set())
+
+
 @dataclass(frozen=True)
 class SizePrediction:
     file_bytes: int
     fallbacks: int = 0  # tensors that cannot take the asked type (llama.cpp's warning count)
+    repacked_bytes: int = 0  # of tensors llama.cpp's CPU backend copies when it loads the file (REPACKED)
 
 
 def tensor_bytes(type_name: str, shape: list[int]) -> int:
@@ -33,7 +42,7 @@ def predict_from_dry_run(skeleton: Path, lines: list[str], alignment: int = 32) 
     from gguf import GGUFReader
 
     header = GGUFReader(skeleton).data_offset
-    total, fallbacks = header, 0
+    total, fallbacks, repacked = header, 0, 0
     for line in lines:
         if "falling back to" in line:
             fallbacks += 1
@@ -41,5 +50,10 @@ def predict_from_dry_run(skeleton: Path, lines: list[str], alignment: int = 32) 
         if not m:
             continue
         shape = [int(x) for x in m["shape"].split(",")]
-        total += -(-tensor_bytes(m["new"] or m["cur"], shape) // alignment) * alignment
-    return SizePrediction(total, fallbacks)
+        kind = (m["new"] or m["cur"]).upper()
+        n_bytes = tensor_bytes(kind, shape)
+        total += -(-n_bytes // alignment) * alignment
+        # Matrices a matmul reads (the embeddings are looked up, not multiplied), rows in multiples of 8.
+        if kind in REPACKED and not m["name"].startswith("token_embd") and len(shape) > 1 and shape[1] % 8 == 0:
+            repacked += n_bytes
+    return SizePrediction(total, fallbacks, repacked)

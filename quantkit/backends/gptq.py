@@ -25,13 +25,12 @@ class Method:
     name: str  # gptq | awq
     suffix: str  # in folder names: {Model}-GPTQ-4bit-g32
     bits: tuple[int, ...]
-    # Peak memory on CPU: GPTQModel holds the whole model in float32 plus per-layer work buffers
-    # (Hessians, activations of the calibration samples), on top of torch itself. Fitted to the
-    # worker's peak RSS on the sample (135M parameters): GPTQ 32 x 512 tokens 1.56 to 1.7 GB, GPTQ
-    # 4 x 128 1.45 GB, AWQ 2 x 128 1.41 GB, AWQ 8 x 128 1.7 GB. One model size only: the
-    # per-parameter part is an estimate.
-    peak_fixed: int = 900_000_000
-    peak_per_param: int = 6
+    # Peak memory on CPU: torch and GPTQModel, plus the model as GPTQModel holds it (it offloads finished
+    # layers to disk) and per-layer work buffers (Hessians, activations of the calibration samples).
+    # Fitted to the worker's peak RSS at 38M (a MoE, 1.6 GB), 135M (the sample, 1.56 to 1.7 GB) and
+    # 0.52B parameters (a MoE, 2.87 GB); not measured beyond that (GPTQ on 2 CPU cores takes hours at 7B).
+    peak_fixed: int = 1_500_000_000
+    peak_per_param: float = 2.7
 
 
 class GPTQModelBackend(Backend):
@@ -44,7 +43,7 @@ class GPTQModelBackend(Backend):
         return [package("gptqmodel", "gptqmodel", INSTALL_HINT), package("optimum", "optimum", INSTALL_HINT)]
 
     def step_peak(self, params: int) -> int:
-        return self.method.peak_fixed + self.method.peak_per_param * params
+        return int(self.method.peak_fixed + self.method.peak_per_param * params)
 
     def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
         where = f"{self.name}"
