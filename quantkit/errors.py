@@ -31,6 +31,12 @@ class DiskSpaceError(QuantkitError):
     exit_code = 5
 
 
+class NotEnoughMemory(QuantkitError):
+    """A step of the build needs more memory than the machine (or the largest Ray node) has."""
+
+    exit_code = 5
+
+
 class ToolError(QuantkitError):
     """llama.cpp (converter, quantizer, runtime) failed or is missing."""
 
