@@ -24,7 +24,7 @@ def _load(model: str, ctx: int, threads: int):
 
     from ..backends.gguf_shards import model_file
 
-    # With a GPU build of llama.cpp (setup.sh makes one where nvcc is), every layer goes to the GPU.
+    # With a CUDA build of llama.cpp (setup.sh makes one where there are a GPU and nvcc), every layer goes to the GPU.
     gpu_layers = -1 if llama_supports_gpu_offload() else 0
     return Llama(model_path=str(model_file(Path(model))), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_gpu_layers=gpu_layers,
                  n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
