@@ -17,7 +17,7 @@ from .memory import REFERENCE, StepMemory, evaluation_peak, machine_memory, refe
 from .plan import ArtifactPlan, ArtifactResult, BuildPlan
 from .profiles import Profile, load_profile
 from .progress import Reporter
-from .report import write_reports
+from .report import parity_checks, write_reports
 from .source import Source, resolve, tensor_stats
 
 # Vocabulary size used for the scratch estimate before the reference GGUF exists.
@@ -128,10 +128,12 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     evaluating = plan.profile.evaluation.enabled
     evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads, executor,
                           memory={e.target: e.peak_bytes for e in plan.evaluations})
+    tokens = None
     if evaluating:
-        evaluator.tokens()
+        ids, bos = evaluator.tokens()
+        tokens = {"tokens": str(ids), "bos": bos, "ctx": plan.profile.evaluation.ctx}
     ctx = backends.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp,
-                                evaluation_text=plan.profile.evaluation.text)
+                                evaluation_text=plan.profile.evaluation.text, evaluation=tokens)
     built, keys, recs = [], {}, {}
 
     def record(item: ArtifactPlan, facts: dict) -> None:
@@ -179,6 +181,9 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         result.evaluation = evaluation
 
     report_json, report_md = write_reports(plan, results, reference, llama_version, manifest)
+    for check in parity_checks([r.to_dict() for r in results]):
+        if not check.passed:
+            reporter.warn(f"{check.render()}: every file this runtime measured is suspect")
     seconds = time.monotonic() - start
     failures = [r for r in results if r.evaluation and not r.evaluation.smoke_passed]
     for r in failures:

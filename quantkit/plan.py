@@ -121,7 +121,7 @@ class ArtifactResult:
     filename: str
     size_bytes: int
     sha256: str  # filled in by the build from the manifest's hash
-    bits_per_weight: float
+    bits_per_weight: float  # the file's weight bytes × 8 over the model's parameters (embeddings and head included)
     tensor_types: dict[str, int]  # ggml type name -> tensor count (dtype -> count for folder formats)
     fallbacks: list[dict[str, str]]  # tensors the quantizer stored in another type than asked
     evaluation: EvalResult | None = None
@@ -132,6 +132,7 @@ class ArtifactResult:
     peak_rss_bytes: int = 0  # measured peak memory of the process that built it (0: not measured)
     predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
     seconds: float = 0.0  # wall time of the build step (0: not built in a timed run)
+    stated_bits: float = 0.0  # the rate the quantizer states for the layers it quantized (0: none, as GGUF mixes types)
 
     def to_dict(self) -> dict:
         return asdict(self)

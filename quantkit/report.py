@@ -10,6 +10,7 @@ from . import __version__
 from .backends.imatrix import describe_idle
 from .evaluate.chat import render_chat
 from .evaluate.metrics import scored_range
+from .evaluate.parity import Parity
 from .fsutil import human_size, write_json_atomic, write_text_atomic
 from .manifest import Manifest
 from .plan import AUX_ROLES, ArtifactResult, BuildPlan, EvalResult
@@ -55,11 +56,25 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
         "publish": asdict(plan.profile.publish),
         "artifacts": [r.to_dict() | {"fallback_summary": fallback_summary(r)} for r in results],
     }
+    data["parity"] = [p.to_dict() for p in parity_checks(data["artifacts"])]
     json_path = plan.out_dir / "report.json"
     md_path = plan.out_dir / "report.md"
     write_json_atomic(json_path, data)
     write_text_atomic(md_path, render_markdown(data))
     return json_path, md_path
+
+
+def parity_checks(artifacts: list[dict]) -> list[Parity]:
+    """Each runtime's run of the unquantized model against the reference: llama.cpp on the F16/BF16 GGUF
+    (from its evaluation), exllamav2 on the fp16 source (its preflight, kept with the measurement)."""
+    out = []
+    for a in artifacts:
+        e = a.get("evaluation") or {}
+        if a.get("role") == "intermediate" and a["variant"] in ("F16", "BF16") and e.get("kld_mean") is not None:
+            out.append(Parity(f"llama.cpp, {a['variant']} GGUF", e["kld_mean"], e["top1_agreement"], e["tokens_scored"]))
+        if p := (a.get("details") or {}).get("parity"):
+            out.append(Parity(p["runtime"], p["kld_mean"], p["top1_agreement"], p["tokens_scored"]))
+    return out
 
 
 def prompt_format(template: str | None) -> str | None:
@@ -94,6 +109,10 @@ def label(a: dict) -> str:
     return a["variant"] if a["backend"] == "gguf" else f"{a['backend'].upper()} {a['variant']}"
 
 
+BITS_LEGEND = ("Bits/param: the file's weights in bits over the model's parameters, embeddings and output head "
+               "included (what a download costs). Stated bits: the rate the quantizer states for the layers it "
+               "quantized (GPTQ/AWQ bits, exllamav2's bpw); GGUF files mix types per tensor and state none.")
+
 # Column key -> (header, alignment, cell). One definition for the report's and the model card's tables.
 COLUMNS = {
     "file": ("File", "---", lambda a, e: a["filename"]),
@@ -101,7 +120,8 @@ COLUMNS = {
     "branch": ("Branch", "---", lambda a, e: f"`{a['variant']}`"),
     "type": ("Quant type", "---", lambda a, e: label(a)),
     "size": ("Size", "---:", lambda a, e: human_size(a["size_bytes"])),
-    "bpw": ("Bits/weight", "---:", lambda a, e: f"{a['bits_per_weight']:.2f}"),
+    "bpw": ("Bits/param", "---:", lambda a, e: f"{a['bits_per_weight']:.2f}"),
+    "stated": ("Stated bits", "---:", lambda a, e: f"{a['stated_bits']:.2f}" if a.get("stated_bits") else "—"),
     "ppl": ("PPL", "---:", lambda a, e: _fmt(e.get("perplexity"), ".3f")),
     "dppl": ("ΔPPL", "---:", lambda a, e: _fmt(e.get("ppl_delta_pct"), "+.2f") + "%"),
     "kld": ("KLD vs reference", "---:", lambda a, e: _fmt(e.get("kld_mean"), ".4f")),
@@ -155,8 +175,16 @@ def render_markdown(data: dict) -> str:
          f"perplexity {ev['reference_result']['perplexity']:.3f}. {ev['method']}." if ev["reference_result"] else
          "Evaluation: off (`evaluation.enabled: false`); the files below were built but not measured."),
         "",
-        *artifact_table(models(data["artifacts"]), ["file", "type", "size", "bpw", "ppl", "dppl", "kld", "kld99", "top1", "smoke"]),
+        *artifact_table(models(data["artifacts"]), ["file", "type", "size", "bpw", "stated", "ppl", "dppl", "kld", "kld99",
+                                                    "top1", "smoke"]),
+        "",
+        BITS_LEGEND,
     ]
+    if parity := [Parity(**{k: p[k] for k in ("runtime", "kld_mean", "top1_agreement", "tokens_scored")})
+                  for p in data["parity"]]:
+        lines += ["", "## Parity with the fp16 source", "",
+                  "Each runtime first runs the unquantized model; only one that reproduces the reference is trusted "
+                  "with the quantized files.", "", *[f"- {p.render()}" for p in parity]]
     if notes := [f"- **{label(a)}**: {a['evaluation']['note']}" for a in data["artifacts"]
                  if (a.get("evaluation") or {}).get("note")]:
         lines += ["", "## Notes", "", *notes]

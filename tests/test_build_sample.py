@@ -115,3 +115,10 @@ def test_every_step_records_its_planned_and_measured_memory(sample_build):
     md = (sample_build["dir"] / "report.md").read_text()
     assert "| Evaluation of | Planned peak memory | Peak memory (measured) | Time |" in md
     assert "| reference (fp16 source) |" in md
+
+
+def test_llama_cpp_reproduces_the_fp16_source(sample_build):
+    [parity] = sample_build["report"]["parity"]
+    assert parity["runtime"] == "llama.cpp, F16 GGUF" and parity["passed"]
+    assert parity["kld_mean"] < 0.001 and parity["top1_agreement"] > 0.99
+    assert "## Parity with the fp16 source" in (sample_build["dir"] / "report.md").read_text()

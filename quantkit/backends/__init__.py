@@ -29,6 +29,9 @@ class BuildContext:
     threads: int
     llama_cpp: str | None = None  # user llama.cpp checkout, if any
     evaluation_text: str = "builtin:botchan"  # calibration must not contain it
+    # The evaluation's token ids, for checks a backend runs against the reference before it builds (EXL2's
+    # parity preflight): {"tokens": path of the .npy, "bos": id or None, "ctx": window}; None with evaluation off.
+    evaluation: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

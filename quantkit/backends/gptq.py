@@ -57,7 +57,7 @@ class GPTQModelBackend(Backend):
                                f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, or a text file")
         widths = _linear_widths(source)
         params = param_count(source.path)
-        linear = _linear_params(source)
+        linear = linear_params(source)
         widths_max = max(widths)
         files = sum(p.stat().st_size for p in source.path.iterdir() if p.is_file() and p.suffix != ".safetensors")
         items = []
@@ -119,7 +119,7 @@ class GPTQModelBackend(Backend):
             backend=self.name, variant=item.variant, filename=item.filename,
             size_bytes=sum(p.stat().st_size for p in files), sha256="",
             bits_per_weight=round(weight_bytes * 8 / params, 3) if params else 0.0,
-            tensor_types=dict(sorted(dtypes.items())), fallbacks=[],
+            tensor_types=dict(sorted(dtypes.items())), fallbacks=[], stated_bits=float(item.options.get("bits") or 0),
         )
 
 
@@ -139,7 +139,7 @@ def _linear_widths(source: Source) -> set[int]:
     return {int(w) for w in widths if w}
 
 
-def _linear_params(source: Source) -> int:
+def linear_params(source: Source) -> int:
     """Parameters of the 2-D weights inside the decoder blocks: what GPTQ and AWQ quantize."""
     total = 0
     for f in sorted(source.path.glob("*.safetensors")):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub import ModelCard, ModelCardData
 
 from .. import __version__
-from ..report import artifact_table, imatrix_lines, models
+from ..report import BITS_LEGEND, artifact_table, imatrix_lines, models
 
 PLOT = "size-vs-kld.png"
 
@@ -67,8 +67,8 @@ def model_card(report: dict, repo_id: str, backend: str) -> ModelCard:
     arts = models(everything)
     folders = backend != "gguf"
     first = "branch" if folders else "file_link"
-    rows = artifact_table(arts, [first, "type", "bpw", "size", "ppl", "kld", "top1", "smoke"],
-                          extra=("Use case", lambda a: use_hint(a["variant"], a["bits_per_weight"])))
+    rows = artifact_table(arts, [first, "type", "bpw", *(["stated"] if folders else []), "size", "ppl", "kld", "top1", "smoke"],
+                          extra=("Use case", lambda a: use_hint(a["variant"], a["bits_per_weight"]))) + ["", BITS_LEGEND]
     fallbacks = [f"- {a['variant']}: {a['fallback_summary']}" for a in arts if a.get("fallback_summary")]
     pick = next((a for a in arts if a["variant"] in ("Q4_K_M", "4bit-g32", "4bit-g128", "4.0bpw-h6")), arts[-1])
     prompt = report.get("prompt_format")

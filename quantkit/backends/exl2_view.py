@@ -1,0 +1,50 @@
+"""The source as exllamav2 0.3 reads it: a folder of links to the checkpoint's files, with config.json
+translated from what transformers 5 writes to the keys exllamav2 looks for.
+
+transformers 5 moved `rope_theta` and `rope_scaling` into `rope_parameters`. exllamav2 reads the
+top-level keys and, finding none, silently uses its default base of 10000: measured on the sample,
+whose base is 100000, exllamav2 then scored perplexity 202 on text where transformers scores 11.7.
+exllamav2's converter copies this config.json into every output folder, so the EXL2 folders load
+right in exllamav2 and TabbyAPI too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def exllamav2_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the keys exllamav2 reads added (the transformers 5 ones are kept)."""
+    out = dict(config)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and rope and "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values()):
+        # One entry per attention type (Gemma 3): exllamav2 takes the sliding layers' base from its own tables.
+        rope = rope.get("full_attention") or next(iter(rope.values()))
+    if isinstance(rope, dict):
+        if "rope_theta" in rope:
+            out.setdefault("rope_theta", rope["rope_theta"])
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind != "default" and not config.get("rope_scaling"):
+            out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+            if "original_max_position_embeddings" in rope:  # longrope: exllamav2 reads it at the top level
+                out.setdefault("original_max_position_embeddings", rope["original_max_position_embeddings"])
+    if "dtype" in config and "torch_dtype" not in config:
+        out["torch_dtype"] = config["dtype"]
+    return out
+
+
+def source_view(source: Path, folder: Path) -> Path:
+    """Make `folder`: a link to each file of `source`, and config.json translated. Made anew each time, so a
+    changed source or translation never leaves a stale view."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and f.name != "config.json":
+            os.symlink(f.resolve(), folder / f.name)
+    config = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(exllamav2_config(config), indent=2))
+    return folder

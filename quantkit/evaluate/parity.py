@@ -1,0 +1,46 @@
+"""Parity: does a runtime reproduce the fp16 source before it is trusted with a quantized file?
+
+A runtime that misreads a model (a config key it does not know, a tied head it does not tie) makes
+every file it runs look bad, or worse, makes a bad file look like quantization noise. So the
+unquantized model goes through the runtime first and is compared with the reference: exllamav2 on
+the fp16 source before any EXL2 is made (a refusal when it disagrees), and llama.cpp on the F16/BF16
+GGUF, which every build evaluates anyway (reported, and warned about).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# An unquantized model run by a correct runtime agrees with the reference to float rounding: the
+# sample's F16 GGUF scores KLD 4e-5 and top-1 100%. A misread config gives KLD in the tenths.
+MAX_KLD = 0.01
+MIN_TOP1 = 0.97
+
+
+@dataclass(frozen=True)
+class Parity:
+    runtime: str  # "llama.cpp, F16 GGUF", "exllamav2, fp16 source"
+    kld_mean: float
+    top1_agreement: float
+    tokens_scored: int
+
+    @property
+    def passed(self) -> bool:
+        return self.kld_mean <= MAX_KLD and self.top1_agreement >= MIN_TOP1
+
+    def problems(self) -> str:
+        """What disagrees: 'KLD 0.2300 > 0.01; top-1 61.0% < 97%' ('' when it passes)."""
+        out = []
+        if self.kld_mean > MAX_KLD:
+            out.append(f"KLD {self.kld_mean:.4f} > {MAX_KLD}")
+        if self.top1_agreement < MIN_TOP1:
+            out.append(f"top-1 {100 * self.top1_agreement:.1f}% < {100 * MIN_TOP1:.0f}%")
+        return "; ".join(out)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed, "max_kld": MAX_KLD, "min_top1": MIN_TOP1}
+
+    def render(self) -> str:
+        verdict = "agrees" if self.passed else f"DISAGREES ({self.problems()})"
+        return (f"{self.runtime}: KLD {self.kld_mean:.5f}, top-1 {100 * self.top1_agreement:.1f}% over "
+                f"{self.tokens_scored} tokens: {verdict} (bounds: KLD <= {MAX_KLD}, top-1 >= {100 * MIN_TOP1:.0f}%)")
