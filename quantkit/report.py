@@ -73,7 +73,7 @@ def parity_checks(artifacts: list[dict]) -> list[Parity]:
         if a.get("role") == "intermediate" and a["variant"] in ("F16", "BF16") and e.get("kld_mean") is not None:
             out.append(Parity(f"llama.cpp, {a['variant']} GGUF", e["kld_mean"], e["top1_agreement"], e["tokens_scored"]))
         if p := (a.get("details") or {}).get("parity"):
-            out.append(Parity(p["runtime"], p["kld_mean"], p["top1_agreement"], p["tokens_scored"]))
+            out.append(Parity.from_dict(p))
     return out
 
 
@@ -180,8 +180,7 @@ def render_markdown(data: dict) -> str:
         "",
         BITS_LEGEND,
     ]
-    if parity := [Parity(**{k: p[k] for k in ("runtime", "kld_mean", "top1_agreement", "tokens_scored")})
-                  for p in data["parity"]]:
+    if parity := [Parity.from_dict(p) for p in data["parity"]]:
         lines += ["", "## Parity with the fp16 source", "",
                   "Each runtime first runs the unquantized model; only one that reproduces the reference is trusted "
                   "with the quantized files.", "", *[f"- {p.render()}" for p in parity]]

@@ -37,6 +37,11 @@ class Parity:
             out.append(f"top-1 {100 * self.top1_agreement:.1f}% < {100 * MIN_TOP1:.0f}%")
         return "; ".join(out)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Parity":
+        """From to_dict()'s output (report.json, an artifact's details)."""
+        return cls(d["runtime"], d["kld_mean"], d["top1_agreement"], d["tokens_scored"])
+
     def to_dict(self) -> dict:
         return asdict(self) | {"passed": self.passed, "max_kld": MAX_KLD, "min_top1": MIN_TOP1}
 
