@@ -218,10 +218,13 @@ class TensorStats:
     largest: int  # values of the largest tensor
     largest_module: int  # values one module holds: the largest tensor, or all experts of one MoE layer
     expert_bytes: int = 0  # bytes of MoE expert weights (transformers copies them into fused tensors on load)
+    linear: int = 0  # values of the 2-D weights inside the decoder blocks: what GPTQ, AWQ and EXL2 quantize
+    embedding: int = 0  # values of the input embedding
+    head: int = 0  # values of an untied output head (0 when tied to the embedding)
 
 
 def tensor_stats(folder: Path) -> TensorStats:
-    params = weight_bytes = largest = experts = 0
+    params = weight_bytes = largest = experts = linear = embedding = head = 0
     modules: dict[str, int] = {}
     for f in sorted(folder.glob("*.safetensors")):
         for name, t in safetensors_header(f).items():
@@ -236,9 +239,13 @@ def tensor_stats(folder: Path) -> TensorStats:
             modules[group] = modules.get(group, 0) + n
             if group != name:
                 experts += t["data_offsets"][1] - t["data_offsets"][0]
+            if ".layers." in name and name.endswith(".weight") and len(t["shape"]) == 2:
+                linear += n
+            embedding += n if name == "model.embed_tokens.weight" else 0
+            head += n if name == "lm_head.weight" else 0
     if params == 0:
         raise SourceError(f"no tensors found in {folder}/*.safetensors", "check the download")
-    return TensorStats(params, weight_bytes, largest, max(modules.values()), experts)
+    return TensorStats(params, weight_bytes, largest, max(modules.values()), experts, linear, embedding, head)
 
 
 def param_count(folder: Path) -> int:

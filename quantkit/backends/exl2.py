@@ -16,11 +16,10 @@ from ..evaluate.text import calibration_text
 from ..fsutil import atomic_dir, atomic_path, drop_local_paths, write_text_atomic
 from ..plan import ArtifactPlan, ArtifactResult
 from ..procs import Finished, run_python
-from ..source import Source, param_count, safetensors_header
+from ..source import Source, param_count, tensor_stats
 from . import Backend, BuildContext, Requirement, package
 from ..evaluate.parity import Parity
 from .exl2_view import source_view
-from .gptq import linear_params
 
 INSTALL_HINT = "install the exl2 extra: QUANTKIT_EXTRAS=test,gptq,exl2 ./scripts/setup.sh (or pip install 'quantkit[exl2]')"
 _KEYS = {"bits", "head_bits", "calibration", "measurement"}  # and if_unavailable, read by the plan
@@ -74,8 +73,9 @@ class EXL2Backend(Backend):
 
     def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
         bits, head, calib, measure = self._parse(options)
-        params = param_count(source.path)
-        embed, head_values, linear = _exl2_parts(source)
+        stats = tensor_stats(source.path)
+        # A tied head is quantized as a copy of the embedding.
+        params, embed, head_values, linear = stats.params, stats.embedding, stats.head or stats.embedding, stats.linear
         measurement = ArtifactPlan(
             backend=self.name, variant="measurement", filename=f"{source.name}-exl2-measurement.json",
             role="measurement", predicted_bytes=200_000, options={"calibration": {"text": calib["text"]}, **measure},
@@ -169,16 +169,6 @@ class EXL2Backend(Backend):
             tensor_types={"exl2": 1}, fallbacks=[], details={k: cfg[k] for k in ("bits", "head_bits") if k in cfg},
             stated_bits=float(cfg.get("bits") or item.options["bits"]),
         )
-
-
-def _exl2_parts(source: Source) -> tuple[int, int, int]:
-    """(embedding values, head values, decoder-layer linear values): what EXL2 stores at fp16, at head_bits,
-    and at the asked rate. A tied head is quantized as a copy of the embedding."""
-    shapes = {name: t["shape"] for f in source.path.glob("*.safetensors")
-              for name, t in safetensors_header(f).items() if name != "__metadata__"}
-    size = lambda name: shapes[name][0] * shapes[name][1] if name in shapes else 0  # noqa: E731
-    embed = size("model.embed_tokens.weight")
-    return embed, size("lm_head.weight") or embed, linear_params(source)
 
 
 def _other_files(source: Source) -> int:

@@ -14,7 +14,7 @@ from ..evaluate.text import CALIBRATION
 from ..fsutil import atomic_dir
 from ..plan import ArtifactPlan, ArtifactResult
 from ..procs import run_python
-from ..source import Source, param_count, safetensors_header
+from ..source import Source, param_count, safetensors_header, tensor_stats
 from . import Backend, BuildContext, Requirement, package
 
 INSTALL_HINT = "install the gptq extra: QUANTKIT_EXTRAS=test,gptq ./scripts/setup.sh (or pip install 'quantkit[gptq]')"
@@ -56,8 +56,8 @@ class GPTQModelBackend(Backend):
             raise ProfileError(f"{where}: unknown built-in calibration text {calib['text']!r}",
                                f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, or a text file")
         widths = _linear_widths(source)
-        params = param_count(source.path)
-        linear = linear_params(source)
+        stats = tensor_stats(source.path)
+        params, linear = stats.params, stats.linear
         widths_max = max(widths)
         files = sum(p.stat().st_size for p in source.path.iterdir() if p.is_file() and p.suffix != ".safetensors")
         items = []
@@ -137,13 +137,3 @@ def _linear_widths(source: Source) -> set[int]:
     cfg = source.config
     widths = {cfg.get("hidden_size"), cfg.get("intermediate_size")}
     return {int(w) for w in widths if w}
-
-
-def linear_params(source: Source) -> int:
-    """Parameters of the 2-D weights inside the decoder blocks: what GPTQ and AWQ quantize."""
-    total = 0
-    for f in sorted(source.path.glob("*.safetensors")):
-        for name, t in safetensors_header(f).items():
-            if name != "__metadata__" and ".layers." in name and name.endswith(".weight") and len(t["shape"]) == 2:
-                total += t["shape"][0] * t["shape"][1]
-    return total
