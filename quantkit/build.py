@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backends
-from .errors import DiskSpaceError, ProfileError, SmokeTestFailed
+from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
+from .evaluate.integrity import artifact_facts, check as check_chat, check_source_template, folder_facts
+from .gates import judge
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .llamacpp import bindings_version
 from .manifest import Manifest
-from .memory import REFERENCE, StepMemory, evaluation_peak, machine_memory, reference_peak
+from .memory import REFERENCE, StepMemory, chat_kv_bytes, evaluation_peak, machine_memory, reference_peak
 from .plan import ArtifactPlan, ArtifactResult, BuildPlan
 from .profiles import Profile, load_profile
 from .progress import Reporter
@@ -49,6 +51,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:
         raise ProfileError(f"evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
                            f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
+    check_source_template(folder_facts(src.path))
     chosen, skipped = [], []
     for name, options in prof.backends.items():
         options = dict(options)
@@ -82,7 +85,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
             if runner and item.is_model:
                 held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
-                                              evaluation_peak(runner, held, vocab, ev.ctx)))
+                                              evaluation_peak(runner, held, vocab, ev.ctx, chat_kv_bytes(src.config))))
     # Absolute: llama.cpp's converter runs with its own working directory.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,
@@ -171,6 +174,12 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         result.predicted_peak_bytes = item.predicted_peak_bytes
         results.append(result)
 
+    source_chat = folder_facts(plan.source.path)
+    for item, result in zip(plan.artifacts, results):
+        runner = backends.get(item.backend).evaluator
+        if runner and item.is_model:
+            result.integrity = [m.render() for m in check_chat(source_chat, artifact_facts(out / item.filename, runner))]
+
     reference = evaluator.reference() if evaluating else None
     scored = []  # (result, (file, evaluation runner, GPUs it needs)) for every model artifact
     for item, result in zip(plan.artifacts, results):
@@ -180,6 +189,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     for (result, _), evaluation in zip(scored, evaluator.evaluate([target for _, target in scored])):
         result.evaluation = evaluation
 
+    for r in results:
+        r.failures = judge(r.to_dict(), plan.profile.bounds)
     report_json, report_md = write_reports(plan, results, reference, llama_version, manifest)
     for check in parity_checks([r.to_dict() for r in results]):
         if not check.passed:
@@ -189,6 +200,13 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     for r in failures:
         reporter.warn(f"smoke test failed for {r.filename}: {r.evaluation.smoke_reason}; reply: {r.evaluation.smoke_reply!r}")
     result = BuildResult(plan, results, built, evaluator.ran, report_json, report_md, seconds)
+    if gated := [r for r in results if r.failures]:
+        for r in gated:
+            reporter.warn(f"{r.filename} failed: {'; '.join(r.failures)}")
+        raise QualityGateFailed(
+            f"{len(gated)} artifact(s) failed their checks: {', '.join(r.variant for r in gated)} (see {report_md})",
+            "the files and reports are written; `quantkit publish` refuses them unless given --allow-failed",
+        )
     if failures and not plan.profile.smoke.allow_failures:
         raise SmokeTestFailed(
             f"smoke test failed for {len(failures)} artifact(s): {', '.join(r.variant for r in failures)} (see {report_md})",

@@ -118,17 +118,19 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
 def publish(build_dir: Path = typer.Argument(..., help="A build folder (OUT/<Model>) with report.json."),
             owner: Optional[str] = typer.Option(None, "--owner", help="Hub user or organisation (default: the "
                                                 "profile's publish.owner, else the token's user)."),
-            dry_run: bool = typer.Option(False, "--dry-run", help="Print the commit plan; no network.")) -> None:
+            dry_run: bool = typer.Option(False, "--dry-run", help="Print the commit plan; no network."),
+            allow_failed: bool = typer.Option(False, "--allow-failed", help="Publish even files that failed their "
+                                              "checks (chat integrity, quality bounds); the card marks them.")) -> None:
     """Publish a build: model card, plot and files to one Hub repo per format (HF_TOKEN or `hf auth login`)."""
     from .progress import Reporter
 
-    _publish(build_dir, owner=owner, dry_run=dry_run, reporter=Reporter())
+    _publish(build_dir, owner=owner, dry_run=dry_run, reporter=Reporter(), allow_failed=allow_failed)
 
 
-def _publish(build_dir: Path, *, owner: Optional[str], dry_run: bool, reporter) -> None:
+def _publish(build_dir: Path, *, owner: Optional[str], dry_run: bool, reporter, allow_failed: bool = False) -> None:
     from .publish.hub import plan_publish, publish as push
 
-    commits = plan_publish(build_dir, owner=owner, offline=dry_run)
+    commits = plan_publish(build_dir, owner=owner, offline=dry_run, allow_failed=allow_failed)
     for c in commits:
         typer.echo(c.render())
     if dry_run:

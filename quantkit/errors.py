@@ -45,3 +45,9 @@ class ToolError(QuantkitError):
 
 class SmokeTestFailed(QuantkitError):
     exit_code = 7
+
+
+class QualityGateFailed(QuantkitError):
+    """An artifact broke its chat template or stop tokens, or a quality bound of the profile."""
+
+    exit_code = 7

@@ -72,11 +72,22 @@ def reference_peak(params: int, weight_bytes: int, largest_module: int, vocab: i
                + _scored_logits(vocab, ctx))
 
 
-def evaluation_peak(runner: str, artifact_bytes: int, vocab: int, ctx: int) -> int:
-    """One artifact's evaluation, by the runner that measures it ("gguf", "hf", "exl2")."""
+def chat_kv_bytes(config: dict) -> int:
+    """llama.cpp's float16 KV cache for the chat turns' context (CHAT_CTX tokens), from the model's config."""
+    from .evaluate.chat import CHAT_CTX
+
+    layers = int(config.get("num_hidden_layers") or 32)
+    heads = int(config.get("num_attention_heads") or 32)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size") or 4096) // heads)
+    return 2 * layers * CHAT_CTX * int(config.get("num_key_value_heads") or heads) * head_dim * 2
+
+
+def evaluation_peak(runner: str, artifact_bytes: int, vocab: int, ctx: int, kv_bytes: int = 0) -> int:
+    """One artifact's evaluation, by the runner that measures it ("gguf", "hf", "exl2"); `kv_bytes`: llama.cpp's
+    KV cache (chat_kv_bytes), which only the gguf runner allocates up front."""
     fixed = {"gguf": GGUF_EVAL_FIXED, "hf": HF_EVAL_FIXED, "exl2": EXL2_EVAL_FIXED}.get(runner, HF_EVAL_FIXED)
     held = 0 if runner == "exl2" else artifact_bytes  # exl2 streams the file to the GPU
-    return fixed + held + _scored_logits(vocab, ctx)
+    return fixed + held + _scored_logits(vocab, ctx) + (kv_bytes if runner == "gguf" else 0)
 
 
 def job_peak(profile, params: int, chosen: list) -> int:

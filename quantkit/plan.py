@@ -96,13 +96,18 @@ class BuildPlan:
         return "\n".join(lines)
 
 
+# llama-perplexity's statistics (evaluate/stats.py), as EvalResult keeps them.
+STAT_KEYS = ("perplexity_se", "ln_ppl_ratio", "ln_ppl_ratio_se", "kld_mean", "kld_se", "kld_median", "kld_p90",
+             "kld_p95", "kld_p99", "kld_p999", "kld_max", "top1_agreement", "top1_se", "rms_dp", "rms_dp_se")
+
+
 @dataclass
 class EvalResult:
     perplexity: float
     ppl_delta_pct: float | None  # vs the reference, in percent
     kld_mean: float | None
     kld_p99: float | None
-    top1_agreement: float | None  # fraction of scored positions whose argmax equals the reference's
+    top1_agreement: float | None  # fraction of scored positions whose argmax equals the reference's ("same top p")
     tokens_scored: int
     smoke_passed: bool
     smoke_reply: str
@@ -112,6 +117,21 @@ class EvalResult:
     predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
     seconds: float = 0.0  # wall time of the evaluation (model load and smoke test included)
     note: str = ""  # what the report must say about how it was measured (another loader, ...)
+    # The rest of llama-perplexity's statistics; each *_se is one standard error (None: not measured).
+    perplexity_se: float | None = None
+    ln_ppl_ratio: float | None = None  # mean ln(PPL(artifact)/PPL(reference))
+    ln_ppl_ratio_se: float | None = None
+    kld_se: float | None = None
+    kld_median: float | None = None
+    kld_p90: float | None = None
+    kld_p95: float | None = None
+    kld_p999: float | None = None
+    kld_max: float | None = None
+    top1_se: float | None = None
+    rms_dp: float | None = None  # root mean square of p(artifact) - p(reference) for the right token
+    rms_dp_se: float | None = None
+    windows: int = 0  # windows scored (fewer than the text has when evaluation.precision stopped early)
+    probes: dict[str, dict] = field(default_factory=dict)  # tool_call / json_mode -> evaluate.probes.ProbeResult
 
 
 @dataclass
@@ -133,6 +153,8 @@ class ArtifactResult:
     predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
     seconds: float = 0.0  # wall time of the build step (0: not built in a timed run)
     stated_bits: float = 0.0  # the rate the quantizer states for the layers it quantized (0: none, as GGUF mixes types)
+    integrity: list[str] = field(default_factory=list)  # chat template / stop-token mismatches with the source
+    failures: list[str] = field(default_factory=list)  # integrity and quality bounds that failed (gates.judge)
 
     def to_dict(self) -> dict:
         return asdict(self)

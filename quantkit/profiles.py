@@ -9,6 +9,9 @@ from typing import Any
 import yaml
 
 from .errors import ProfileError
+from .evaluate.probes import CAPITAL_SCHEMA, WEATHER_TOOL, check_schema, check_tools
+from .evaluate.stats import parse_precision
+from .gates import Bound, parse_bounds
 from .paths import REPO_ROOT
 
 DEFAULT_PROFILE = "gguf-standard"
@@ -19,7 +22,20 @@ class EvalOptions:
     text: str = "builtin:botchan"
     ctx: int = 512
     max_tokens: int = 0  # 0 = all of the text
+    precision: str = ""  # "KLD ±3% at 95%": stop scoring an artifact once its mean KLD is that precise
     enabled: bool = True  # false: no reference and no evaluation (files only), for a machine too small for them
+
+
+@dataclass(frozen=True)
+class ChatChecks:
+    """Tool-call and JSON-mode probes (evaluate/probes.py), run on the source and every artifact."""
+
+    enabled: bool = True
+    tool_question: str = "What is the weather in Paris right now? Use celsius."
+    tools: list = field(default_factory=lambda: [WEATHER_TOOL])
+    json_question: str = "Name the country France and its capital, as JSON."
+    json_schema: dict = field(default_factory=lambda: dict(CAPITAL_SCHEMA))
+    max_tokens: int = 96
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,8 @@ class Profile:
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: EvalOptions = EvalOptions()
     smoke: SmokeOptions = SmokeOptions()
+    chat_checks: ChatChecks = ChatChecks()
+    bounds: tuple[Bound, ...] = ()
     publish: PublishOptions = PublishOptions()
     source_file: str = ""
 
@@ -80,19 +98,26 @@ def load_profile(name_or_path: str | None) -> Profile:
 def parse_profile(data: dict, source: str = "<dict>") -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: a profile is a mapping", "see profiles/gguf-standard.yaml")
-    unknown = set(data) - {"name", "description", "backends", "evaluation", "smoke", "publish"}
+    keys = ("name", "description", "backends", "evaluation", "smoke", "chat_checks", "bounds", "publish")
+    unknown = set(data) - set(keys)
     if unknown:
-        raise ProfileError(f"{source}: unknown profile key(s) {sorted(unknown)}",
-                           "allowed: name, description, backends, evaluation, smoke, publish")
+        raise ProfileError(f"{source}: unknown profile key(s) {sorted(unknown)}", f"allowed: {', '.join(keys)}")
     backends = data.get("backends") or {}
     if not isinstance(backends, dict) or not backends:
         raise ProfileError(f"{source}: 'backends' must map backend names to options", "e.g. backends: {gguf: {types: [Q4_K_M]}}")
+    evaluation = _options(EvalOptions, data.get("evaluation"), f"{source}: evaluation")
+    parse_precision(evaluation.precision)
+    checks = _options(ChatChecks, data.get("chat_checks"), f"{source}: chat_checks")
+    check_tools(checks.tools, f"{source}: chat_checks.tools")
+    check_schema(checks.json_schema, f"{source}: chat_checks.json_schema")
     return Profile(
         name=str(data.get("name") or Path(source).stem),
         description=str(data.get("description") or ""),
         backends={k: dict(v or {}) for k, v in backends.items()},
-        evaluation=_options(EvalOptions, data.get("evaluation"), f"{source}: evaluation"),
+        evaluation=evaluation,
         smoke=_options(SmokeOptions, data.get("smoke"), f"{source}: smoke"),
+        chat_checks=checks,
+        bounds=parse_bounds(data.get("bounds"), f"{source}: bounds"),
         publish=_options(PublishOptions, data.get("publish"), f"{source}: publish"),
         source_file=source,
     )

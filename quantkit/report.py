@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -11,9 +12,13 @@ from .backends.imatrix import describe_idle
 from .evaluate.chat import render_chat
 from .evaluate.metrics import scored_range
 from .evaluate.parity import Parity
+from .evaluate.probes import describe
+from .evaluate.stats import parse_precision
 from .fsutil import human_size, write_json_atomic, write_text_atomic
 from .manifest import Manifest
+from .sample import PROVENANCE, SAMPLE_MARKER
 from .plan import AUX_ROLES, ArtifactResult, BuildPlan, EvalResult
+
 
 
 def fallback_summary(result: ArtifactResult) -> str:
@@ -51,12 +56,17 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
             "reference": f"{src.name} {src.dtype} (the source checkpoint, run with transformers: weights as "
                          "stored, computed in float32)",
             "reference_result": asdict(reference) if reference else None,  # None: evaluation was off
+            "precision": p.describe() if (p := parse_precision(ev.precision)) else None,
         },
+        "chat_checks": asdict(plan.profile.chat_checks),
+        "bounds": [b.describe() for b in plan.profile.bounds],
         "smoke": asdict(plan.profile.smoke),
         "publish": asdict(plan.profile.publish),
         "artifacts": [r.to_dict() | {"fallback_summary": fallback_summary(r)} for r in results],
     }
     data["parity"] = [p.to_dict() for p in parity_checks(data["artifacts"])]
+    sample = (src.path / SAMPLE_MARKER).is_file()
+    data["inversions"] = inversions(data["artifacts"], PROVENANCE if sample else None)
     json_path = plan.out_dir / "report.json"
     md_path = plan.out_dir / "report.md"
     write_json_atomic(json_path, data)
@@ -75,6 +85,39 @@ def parity_checks(artifacts: list[dict]) -> list[Parity]:
         if p := (a.get("details") or {}).get("parity"):
             out.append(Parity.from_dict(p))
     return out
+
+
+def inversions(artifacts: list[dict], provenance: str | None = None) -> list[str]:
+    """Pairs where a bigger file of the same format has a higher mean KLD, by more than twice the standard
+    error of the difference, with the tensor types that tell the two apart."""
+    out = []
+    scored = [a for a in models(artifacts) if (a.get("evaluation") or {}).get("kld_se") is not None]
+    for big in scored:
+        for small in scored:
+            if small["backend"] != big["backend"] or small["size_bytes"] >= big["size_bytes"]:
+                continue
+            eb, es = big["evaluation"], small["evaluation"]
+            if eb["kld_mean"] - es["kld_mean"] <= 2 * math.hypot(eb["kld_se"], es["kld_se"]):
+                continue
+            types_b, types_s = Counter(big["tensor_types"]), Counter(small["tensor_types"])
+            only_b = ", ".join(f"{t} ×{n}" for t, n in (types_b - types_s).items())
+            only_s = ", ".join(f"{t} ×{n}" for t, n in (types_s - types_b).items())
+            out.append(f"{label(big)} ({big['bits_per_weight']:.2f} bits/param) has KLD {eb['kld_mean']:.4f} ± "
+                       f"{eb['kld_se']:.4f}, worse than {label(small)} ({small['bits_per_weight']:.2f} bits/param) at "
+                       f"{es['kld_mean']:.4f} ± {es['kld_se']:.4f}. Tensor types only the bigger file has: {only_b or 'none'}; "
+                       f"only the smaller: {only_s or 'none'}." + _why(big, small, provenance))
+    return out
+
+
+def _why(big: dict, small: dict, provenance: str | None) -> str:
+    """What the fallbacks show: llama.cpp stored k-quant tensors whose rows are not a multiple of 256 in legacy
+    types, quantized with no error search, so the fallback types (not the names) decide the quality."""
+    moves = lambda a: sorted({f"{f['wanted']}→{f['used']}" for f in a.get("fallbacks") or []})  # noqa: E731
+    if not (mb := moves(big)) or not (ms := moves(small)):
+        return ""
+    return (f" Both fell back from k-quants (rows not a multiple of 256): {label(big)} {', '.join(mb)}; {label(small)} "
+            f"{', '.join(ms)}. The fallback types decide the quality here, not the names"
+            + (f": {provenance}." if provenance and any("q5_1" in m for m in mb) else " (docs/evaluation.md, Inversions)."))
 
 
 def prompt_format(template: str | None) -> str | None:
@@ -104,6 +147,23 @@ def _fmt(value, spec: str, none: str = "—") -> str:
     return none if value is None else format(value, spec)
 
 
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def _pm(value: float | None, se: float | None, spec: str) -> str:
+    """'0.0457 ± 0.0005': a value with its standard error, when there is one."""
+    return _fmt(value, spec) + (f" ± {format(se, spec)}" if value is not None and se else "")
+
+
+def _probe_cell(e: dict, probe: str) -> str:
+    r = (e.get("probes") or {}).get(probe)
+    if not r:
+        return "—"
+    what = "valid" if r["valid"] else "invalid" if r["parsed"] else "none"
+    return what if r.get("agrees") is None else f"{what}, {'=' if r['agrees'] else '≠'} source"
+
+
 def label(a: dict) -> str:
     """Q4_K_M for GGUF files (the format is in the name), "GPTQ 4bit-g32" for folder formats."""
     return a["variant"] if a["backend"] == "gguf" else f"{a['backend'].upper()} {a['variant']}"
@@ -112,6 +172,8 @@ def label(a: dict) -> str:
 BITS_LEGEND = ("Bits/param: the file's weights in bits over the model's parameters, embeddings and output head "
                "included (what a download costs). Stated bits: the rate the quantizer states for the layers it "
                "quantized (GPTQ/AWQ bits, exllamav2's bpw); GGUF files mix types per tensor and state none.")
+
+PM_LEGEND = " ± is one standard error of the mean over the scored tokens, as llama-perplexity prints it."
 
 # Column key -> (header, alignment, cell). One definition for the report's and the model card's tables.
 COLUMNS = {
@@ -122,12 +184,15 @@ COLUMNS = {
     "size": ("Size", "---:", lambda a, e: human_size(a["size_bytes"])),
     "bpw": ("Bits/param", "---:", lambda a, e: f"{a['bits_per_weight']:.2f}"),
     "stated": ("Stated bits", "---:", lambda a, e: f"{a['stated_bits']:.2f}" if a.get("stated_bits") else "—"),
-    "ppl": ("PPL", "---:", lambda a, e: _fmt(e.get("perplexity"), ".3f")),
+    "ppl": ("PPL", "---:", lambda a, e: _pm(e.get("perplexity"), e.get("perplexity_se"), ".3f")),
     "dppl": ("ΔPPL", "---:", lambda a, e: _fmt(e.get("ppl_delta_pct"), "+.2f") + "%"),
-    "kld": ("KLD vs reference", "---:", lambda a, e: _fmt(e.get("kld_mean"), ".4f")),
+    "kld": ("KLD vs reference", "---:", lambda a, e: _pm(e.get("kld_mean"), e.get("kld_se"), ".4f")),
     "kld99": ("KLD p99", "---:", lambda a, e: _fmt(e.get("kld_p99"), ".4f")),
-    "top1": ("Top-1", "---:", lambda a, e: _fmt(None if e.get("top1_agreement") is None else 100 * e["top1_agreement"], ".1f") + "%"),
+    "top1": ("Top-1", "---:", lambda a, e: _pm(_pct(e.get("top1_agreement")), _pct(e.get("top1_se")), ".1f") + "%"),
     "smoke": ("Smoke test", "---", lambda a, e: ("pass" if e.get("smoke_passed") else "FAIL") if e else "—"),
+    "tool": ("Tool call", "---", lambda a, e: _probe_cell(e, "tool_call")),
+    "json": ("JSON mode", "---", lambda a, e: _probe_cell(e, "json_mode")),
+    "checks": ("Checks", "---", lambda a, e: "FAILED" if a.get("failures") else "pass" if e else "—"),
 }
 
 
@@ -161,6 +226,47 @@ def imatrix_lines(artifacts: list[dict]) -> list[str]:
     return lines
 
 
+STATS_LEGEND = ("llama-perplexity's statistics against the fp16 source, with its definitions: ln(PPL ratio) is the "
+                "mean of ln p(reference) − ln p(artifact) for the right token; KLD percentiles are over scored tokens; "
+                "same top is the top-1 agreement; RMS Δp is the root mean square of p(artifact) − p(reference) for the "
+                "right token.")
+
+
+def stats_table(artifacts: list[dict]) -> list[str]:
+    lines = ["| File | Tokens | ln(PPL ratio) | Mean KLD | Median | 90% | 95% | 99% | 99.9% | Max KLD | Same top | RMS Δp |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for a in artifacts:
+        e = a.get("evaluation") or {}
+        if e.get("ln_ppl_ratio") is None:
+            continue
+        lines.append(f"| {a['filename']} | {e['tokens_scored']} | {_pm(e['ln_ppl_ratio'], e['ln_ppl_ratio_se'], '.5f')} | "
+                     f"{_pm(e['kld_mean'], e['kld_se'], '.5f')} | " + " | ".join(
+                         _fmt(e.get(k), ".4f") for k in ("kld_median", "kld_p90", "kld_p95", "kld_p99", "kld_p999", "kld_max"))
+                     + f" | {_pm(_pct(e['top1_agreement']), _pct(e['top1_se']), '.2f')}% | "
+                       f"{_pm(_pct(e['rms_dp']), _pct(e['rms_dp_se']), '.2f')}% |")
+    return lines
+
+
+def chat_lines(data: dict) -> list[str]:
+    """What the source did on each probe, and per artifact: integrity, then each probe against the source."""
+    ref = data["evaluation"]["reference_result"]
+    names = {"tool_call": "Tool call", "json_mode": "JSON mode"}
+    lines = ["Every artifact's chat template renders four fixed conversations (system + user, multi-turn, tools, "
+             "a tool response) byte for byte as the source's does, and its BOS, EOS, end-of-turn and special tokens "
+             "match the source's. Then a tool-call and a JSON-mode prompt (rendered from the source's template) are "
+             "answered greedily; each reply is parsed, validated against its JSON schema and compared with the fp16 "
+             "source's reply.", ""]
+    for probe, r in (ref.get("probes") or {}).items():
+        lines.append(f"- fp16 source, {names[probe]}: {describe(r)}; reply {r['reply'][:160]!r}")
+    for a in models(data["artifacts"]):
+        e = a.get("evaluation") or {}
+        parts = ["template and stop tokens " + ("match" if not a.get("integrity") else "DIFFER: " + "; ".join(a["integrity"]))]
+        parts += [f"{names[p]}: {describe(r)}" + (f", {r['agreement']}" if r.get("agreement") else "")
+                  for p, r in (e.get("probes") or {}).items()]
+        lines.append(f"- **{label(a)}**: " + "; ".join(parts))
+    return lines
+
+
 def render_markdown(data: dict) -> str:
     ev = data["evaluation"]
     src = data["source"]
@@ -176,10 +282,26 @@ def render_markdown(data: dict) -> str:
          "Evaluation: off (`evaluation.enabled: false`); the files below were built but not measured."),
         "",
         *artifact_table(models(data["artifacts"]), ["file", "type", "size", "bpw", "stated", "ppl", "dppl", "kld", "kld99",
-                                                    "top1", "smoke"]),
+                                                    "top1", "smoke", "tool", "json", "checks"]),
         "",
-        BITS_LEGEND,
+        BITS_LEGEND + PM_LEGEND,
     ]
+    if ev["reference_result"]:
+        lines += ["", "## Statistics", "", STATS_LEGEND, "", *stats_table(models(data["artifacts"]))]
+        if ev.get("precision"):
+            lines += ["", f"Scored until {ev['precision']} (or the whole text): each artifact's Tokens column says "
+                          "how many it took."]
+    if failed := [a for a in data["artifacts"] if a.get("failures")]:
+        lines += ["", "## Failed checks", "", "These files must not be released as they are (`quantkit publish` "
+                  "refuses them unless given --allow-failed):", ""]
+        lines += [f"- **{label(a)}**: " + "; ".join(a["failures"]) for a in failed]
+    if data.get("bounds"):
+        lines += ["", "Quality bounds of the profile: " + "; ".join(data["bounds"]) + "."]
+    if inv := data.get("inversions"):
+        lines += ["", "## Inversions", "", "A bigger file of the same format that is worse beyond the error bars:", ""]
+        lines += [f"- {i}" for i in inv]
+    if ev["reference_result"] and (chat := chat_lines(data)):
+        lines += ["", "## Chat template, tool calls and JSON mode", "", *chat]
     if parity := [Parity.from_dict(p) for p in data["parity"]]:
         lines += ["", "## Parity with the fp16 source", "",
                   "Each runtime first runs the unquantized model; only one that reproduces the reference is trusted "

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
+
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
-def render_chat(template: str, messages: list[dict[str, str]], *, bos_token: str = "", eos_token: str = "") -> str:
+# Tokens of context for a chat turn in the llama.cpp runner (the probes' prompts run to several hundred).
+CHAT_CTX = 2048
+
+
+def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False) -> str:
+    # transformers' filter, not jinja2's (which escapes <, > and & for HTML): tool templates render with it.
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+
+
+def render_chat(template: str, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
+                tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+    """Render as transformers' apply_chat_template does (the same sandbox, filters and variables)."""
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template).render(
-        messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token,
+        messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+        eos_token=eos_token,
     )
 
 
@@ -28,3 +45,20 @@ def smoke_verdict(reply: str, end_token: str | None, prompt: str, opts: dict) ->
         reason = f"ended with {end_token}, contains {opts['expect']!r}"
     return {"passed": end_token is not None and has_answer, "reply": reply, "end_token": end_token,
             "reason": reason, "prompt": prompt}
+
+
+def chat_turns(generate, render, spec: dict, missing: str = "the artifact has no chat template") -> dict:
+    """The smoke test and the probes of one runner. `generate(prompt, max_tokens, special=True)` decodes
+    greedily and returns (reply, end-of-turn token or None); `render(messages)` is the artifact's own template
+    (None: it has none, and `missing` says so). The probes' prompts come rendered, from the source's template (evaluate/probes.py)."""
+    opts = spec["smoke"]
+    if render is None:
+        smoke = {"passed": False, "reply": "", "reason": missing, "prompt": ""}
+    else:
+        prompt = render([{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}])
+        reply, end_token = generate(prompt, opts["max_tokens"], special=False)
+        smoke = smoke_verdict(reply, end_token, prompt, opts)
+    out = {"smoke": smoke}
+    if spec.get("probes"):
+        out["probes"] = {name: generate(prompt, spec["probe_tokens"])[0] for name, prompt in spec["probes"].items()}
+    return out

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .chat import smoke_verdict
+from .chat import chat_turns
 from .metrics import score, scored_range, worker_main
 
 
@@ -43,30 +43,33 @@ def evaluate(folder: str, spec: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     first, last = scored_range(spec["ctx"])
     result = score(lambda window: logits(window)[first:last].cpu().numpy(), spec, config.vocab_size)
-    result["smoke"] = smoke_test(logits, tok, folder, spec["smoke"])
+    result |= chat_turns(*chat_functions(logits, tok, folder), spec, "the folder has no chat template")
     return result
 
 
-def smoke_test(logits, tok, folder: str, opts: dict) -> dict:
+def chat_functions(logits, tok, folder: str):
+    """(generate, render) for chat_turns: the folder's tokenizer files through transformers, exllamav2's forward."""
     import json
     from pathlib import Path
 
-    if not tok.chat_template:
-        return {"passed": False, "reply": "", "reason": "the folder has no chat template"}
-    messages = [{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
     gen = Path(folder) / "generation_config.json"
     eos = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {tok.eos_token_id}
-    out, end_token = [], None
-    for _ in range(opts["max_tokens"]):  # greedy; no cache: 48 tokens of a short prompt are cheap on a GPU
-        nxt = int(logits(ids + out)[-1].argmax())
-        if nxt in eos:
-            end_token = tok.convert_ids_to_tokens(nxt)
-            break
-        out.append(nxt)
-    return smoke_verdict(tok.decode(out, skip_special_tokens=True), end_token, prompt, opts)
+
+    def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        out = []
+        for _ in range(max_tokens):  # greedy; no cache: a short prompt and reply are cheap on a GPU
+            nxt = int(logits(ids + out)[-1].argmax())
+            if nxt in eos:
+                return tok.decode(out, skip_special_tokens=not special), tok.convert_ids_to_tokens(nxt)
+            out.append(nxt)
+        return tok.decode(out, skip_special_tokens=not special), None
+
+    def render(messages: list[dict]) -> str:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    return generate, render if tok.chat_template else None
 
 
 def preflight(view: str, spec_file: str, out_file: str) -> None:

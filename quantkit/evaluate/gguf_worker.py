@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .chat import render_chat, smoke_verdict
+from .chat import CHAT_CTX, chat_turns, render_chat
 from .metrics import score, scored_range, worker_main
 
 
@@ -26,7 +26,8 @@ def _load(model: str, ctx: int, threads: int):
 
     # With a CUDA build of llama.cpp (setup.sh makes one where there are a GPU and nvcc), every layer goes to the GPU.
     gpu_layers = -1 if llama_supports_gpu_offload() else 0
-    return Llama(model_path=str(model_file(Path(model))), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_gpu_layers=gpu_layers,
+    n_ctx = max(ctx, CHAT_CTX)
+    return Llama(model_path=str(model_file(Path(model))), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=ctx, n_gpu_layers=gpu_layers,
                  n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
 
 
@@ -69,42 +70,40 @@ def evaluate(model: str, spec: dict) -> dict:
 
     first, last = scored_range(spec["ctx"])
     llm = _load(model, spec["ctx"], spec["threads"])
-    dec = Decoder(llm, spec["ctx"])
+    dec = Decoder(llm, llm.n_ctx())
 
     def forward(window: np.ndarray) -> np.ndarray:
         dec.reset()
         return dec.decode(window, first)[: last - first]
 
     result = score(forward, spec, llm.n_vocab())
-    result["smoke"] = smoke_test(llm, dec, llama_cpp.llama_model_get_vocab(llm.model), spec["smoke"])
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    template = llm.metadata.get("tokenizer.chat_template")
+    piece = lambda t: llm.detokenize([t], special=True).decode("utf-8", errors="replace")  # noqa: E731
+
+    def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
+        """Greedy, until an end-of-generation token (llama.cpp's own set) or the cap."""
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        max_tokens = min(max_tokens, llm.n_ctx() - len(ids))
+        if max_tokens <= 0:
+            return f"<the prompt has {len(ids)} tokens, more than the {llm.n_ctx()} this check runs with>", None
+        dec.reset()
+        logits = dec.decode(ids, len(ids) - 1)
+        out: list[int] = []
+        for _ in range(max_tokens):
+            tok = int(np.argmax(logits[-1]))
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                return llm.detokenize(out, special=special).decode("utf-8", errors="replace"), piece(tok)
+            out.append(tok)
+            logits = dec.decode([tok], 0)
+        return llm.detokenize(out, special=special).decode("utf-8", errors="replace"), None
+
+    def render(messages: list[dict]) -> str:
+        return render_chat(template, messages, bos_token=piece(llm.token_bos()), eos_token=piece(llm.token_eos()))
+
+    result |= chat_turns(generate, render if template else None, spec, "the GGUF has no tokenizer.chat_template")
     dec.close()
     return result
-
-
-def smoke_test(llm, dec: Decoder, vocab, opts: dict) -> dict:
-    """Greedy ChatML-style turn: passes if the model ends its turn before the cap and the reply has the answer."""
-    import llama_cpp
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        return {"passed": False, "reply": "", "reason": "the GGUF has no tokenizer.chat_template"}
-    piece = lambda t: llm.detokenize([t], special=True).decode("utf-8", errors="replace")  # noqa: E731
-    messages = [{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}]
-    prompt = render_chat(template, messages, bos_token=piece(llm.token_bos()), eos_token=piece(llm.token_eos()))
-    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-    dec.reset()
-    logits = dec.decode(ids, len(ids) - 1)
-    out: list[int] = []
-    end_token = None
-    for _ in range(opts["max_tokens"]):
-        tok = int(np.argmax(logits[-1]))
-        if llama_cpp.llama_vocab_is_eog(vocab, tok):
-            end_token = piece(tok)
-            break
-        out.append(tok)
-        logits = dec.decode([tok], 0)
-    reply = llm.detokenize(out).decode("utf-8", errors="replace")
-    return smoke_verdict(reply, end_token, prompt, opts)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import smoke_verdict
+from .chat import chat_turns
 from .metrics import score, scored_range, worker_main
 
 
@@ -114,7 +114,7 @@ def evaluate(folder: str, spec: dict) -> dict:
         return logits.float().cpu().numpy()
 
     result = score(forward, spec, model.config.vocab_size)
-    result["smoke"] = smoke_test(model, tok, spec["smoke"])
+    result |= chat_turns(*chat_functions(model, tok), spec, "the checkpoint has no chat template")
     if device == "cuda":
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
     if note:
@@ -122,23 +122,27 @@ def evaluate(folder: str, spec: dict) -> dict:
     return result
 
 
-def smoke_test(model, tok, opts: dict) -> dict:
+def chat_functions(model, tok):
+    """(generate, render) for chat_turns: transformers' generate and apply_chat_template, as users run them."""
     import torch
 
-    if not tok.chat_template:
-        return {"passed": False, "reply": "", "reason": "the checkpoint has no chat template"}
-    messages = [{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=opts["max_tokens"], do_sample=False, eos_token_id=sorted(eos),
-                             pad_token_id=tok.pad_token_id or sorted(eos)[0])
-    new = out[0][ids.shape[1]:].tolist()
-    end_token = tok.convert_ids_to_tokens(new[-1]) if new and new[-1] in eos else None
-    reply = tok.decode(new[:-1] if end_token else new, skip_special_tokens=True)
-    return smoke_verdict(reply, end_token, prompt, opts)
+    eos.discard(None)
+
+    def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos),
+                                 pad_token_id=tok.pad_token_id or sorted(eos)[0])
+        new = out[0][ids.shape[1]:].tolist()
+        end_token = tok.convert_ids_to_tokens(new[-1]) if new and new[-1] in eos else None
+        return tok.decode(new[:-1] if end_token else new, skip_special_tokens=not special), end_token
+
+    def render(messages: list[dict]) -> str:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    return generate, render if tok.chat_template else None
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ import json
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .stats import MIN_BASE_LOGPROB, Precision, statistics
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -32,53 +33,72 @@ def scored_range(ctx: int) -> tuple[int, int]:
     return ctx // 2, ctx - 1
 
 
-@dataclass
 class Accumulator:
-    nll: float = 0.0
-    count: int = 0
-    kld: list[np.ndarray] = field(default_factory=list)
-    top1_hits: int = 0
+    """Per-position values of every scored window: llama-perplexity's statistics (stats.py) are computed from
+    them, and an evaluation with a precision target stops as soon as they are precise enough."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("nll", "nll_base", "kld", "p_diff", "same_top")}
 
     def add(self, logprobs: np.ndarray, targets: np.ndarray, ref_logprobs: np.ndarray | None = None) -> None:
-        self.nll -= float(logprobs[np.arange(len(targets)), targets].astype(np.float64).sum())
-        self.count += len(targets)
-        if ref_logprobs is not None:
-            ref = ref_logprobs.astype(np.float32)
-            # KL(reference || artifact) per position, as llama-perplexity --kl-divergence reports it.
-            # KL >= 0; the float16 storage of the reference can round a near-zero value below it.
-            self.kld.append(np.maximum((np.exp(ref) * (ref - logprobs)).sum(axis=-1), 0.0))
-            self.top1_hits += int((ref.argmax(axis=-1) == logprobs.argmax(axis=-1)).sum())
+        rows = np.arange(len(targets))
+        nll = -logprobs[rows, targets].astype(np.float64)
+        self.parts["nll"].append(nll)
+        if ref_logprobs is None:
+            return
+        ref = ref_logprobs.astype(np.float32)
+        nll_base = -ref[rows, targets].astype(np.float64)
+        # KL(reference || artifact) per position, over the reference's tokens above llama-perplexity's cutoff.
+        terms = np.exp(ref) * (ref - logprobs)
+        # KL >= 0; the float16 storage of the reference can round a near-zero value below it.
+        self.parts["kld"].append(np.maximum(np.where(ref > MIN_BASE_LOGPROB, terms, 0.0).sum(axis=-1, dtype=np.float64), 0.0))
+        self.parts["nll_base"].append(nll_base)
+        self.parts["p_diff"].append(np.exp(-nll) - np.exp(-nll_base))
+        self.parts["same_top"].append(ref.argmax(axis=-1) == logprobs.argmax(axis=-1))
 
-    @property
-    def perplexity(self) -> float:
-        return float(np.exp(self.nll / max(self.count, 1)))
+    def windows(self, per_window: int) -> int:
+        return sum(len(x) for x in self.parts["nll"]) // per_window
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:  # an open file: np.savez would add ".npz" to a name without it
+            np.savez(f, **{k: v for k in self.parts if (v := self.values(k)) is not None})
+
+    @classmethod
+    def load(cls, path: Path) -> "Accumulator":
+        acc = cls()
+        with np.load(path) as saved:
+            for k in saved.files:
+                acc.parts[k] = [saved[k]]
+        return acc
+
+    def values(self, key: str) -> np.ndarray | None:
+        return np.concatenate(self.parts[key]) if self.parts[key] else None
 
     def summary(self) -> dict:
-        out = {"perplexity": self.perplexity, "tokens_scored": self.count}
-        if self.kld:
-            k = np.concatenate(self.kld)
-            out |= {"kld_mean": float(k.mean()), "kld_p99": float(np.percentile(k, 99)),
-                    "top1_agreement": self.top1_hits / max(self.count, 1)}
-        return out
+        return statistics(*(self.values(k) for k in ("nll", "nll_base", "kld", "p_diff", "same_top")))
 
 
 class ReferenceRows:
-    """The reference's log-probabilities (float16 .npy, one row per scored position), written or read one
-    window at a time with plain file I/O: a memory map would count the whole file in the evaluating
-    process's resident memory (about 1 GB for the sample's 20,480 tokens, 3 GB with a 152k vocabulary)."""
+    """The reference's log-probabilities (float16 .npy, one row per scored position of every window of the
+    text), written or read one window at a time with plain file I/O: a memory map would count the whole file
+    in the evaluating process's resident memory (about 1 GB for the sample's 20,480 tokens, 3 GB with a 152k
+    vocabulary). The header names every window from the start; the rows are written as far as they were
+    needed ("a": reopened to write more windows)."""
 
     def __init__(self, path: str, mode: str, shape: tuple[int, int] | None = None) -> None:
-        self.f = open(path, "wb" if mode == "w" else "rb")
         if mode == "w":
+            self.f = open(path, "wb")
             np.lib.format.write_array_header_1_0(self.f, {"descr": np.dtype(np.float16).str, "fortran_order": False,
                                                          "shape": shape})
         else:
+            self.f = open(path, "r+b" if mode == "a" else "rb")
             version = np.lib.format.read_magic(self.f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, _ = read(self.f)
         self.offset, self.n_vocab = self.f.tell(), shape[1]
 
-    def write(self, rows: np.ndarray) -> None:
+    def write(self, first_row: int, rows: np.ndarray) -> None:
+        self.f.seek(self.offset + first_row * self.n_vocab * 2)
         self.f.write(rows.astype(np.float16).tobytes())
 
     def read(self, first_row: int, n_rows: int) -> np.ndarray:
@@ -90,33 +110,48 @@ class ReferenceRows:
 
 
 def score(forward: Callable[[np.ndarray], np.ndarray], spec: dict, n_vocab: int) -> dict:
-    """Run every window of spec["tokens"] through `forward` (window ids -> logits of the scored positions)
-    and accumulate; write the log-probabilities to spec["ref_write"], or compare with spec["ref_read"]."""
+    """Run windows of spec["tokens"] through `forward` (window ids -> logits of the scored positions) and
+    accumulate; write the log-probabilities to spec["ref_write"], or compare with spec["ref_read"].
+
+    spec["windows"] caps the windows scored (default: all); spec["state"] keeps the per-position values
+    between runs, so a later run with a higher cap goes on from where this one stopped; spec["precision"]
+    ({relative, confidence}) stops as soon as the mean KLD is that precise."""
     ctx = spec["ctx"]
     tokens = np.load(spec["tokens"])
     spans = windows(len(tokens), ctx)
     first, last = scored_range(ctx)
     per_window = last - first
+    stop = min(spec.get("windows") or len(spans), len(spans))
+    precision = Precision(**spec["precision"]) if spec.get("precision") else None
+    state = Path(spec["state"]) if spec.get("state") else None
+    acc = Accumulator.load(state) if state and state.exists() else Accumulator()
+    start = acc.windows(per_window)
     ref = None
     if spec.get("ref_write"):
-        ref = ReferenceRows(spec["ref_write"], "w", (len(spans) * per_window, n_vocab))
+        ref = ReferenceRows(spec["ref_write"], "a" if start else "w", (len(spans) * per_window, n_vocab))
     elif spec.get("ref_read"):
         ref = ReferenceRows(spec["ref_read"], "r")
-    acc = Accumulator()
-    for i, (a, b) in enumerate(spans):
+    done = precision is not None and precision.reached(acc.values("kld"))
+    for i in range(start, stop):
+        if done:
+            break
+        a, b = spans[i]
         window = tokens[a:b].copy()
         if spec.get("bos") is not None:
             window[0] = spec["bos"]
         lp = log_softmax(forward(window))
         if spec.get("ref_write"):
-            ref.write(lp)
+            ref.write(i * per_window, lp)
             acc.add(lp, window[first + 1:b - a])
         else:
             acc.add(lp, window[first + 1:b - a], None if ref is None else ref.read(i * per_window, per_window))
-        print(f"progress {i + 1}/{len(spans)}", file=sys.stderr, flush=True)
+        done = precision is not None and precision.reached(acc.values("kld"))
+        print(f"progress {i + 1}/{stop}", file=sys.stderr, flush=True)
     if ref is not None:
         ref.close()
-    return acc.summary()
+    if state:
+        acc.save(state)
+    return acc.summary() | {"windows": acc.windows(per_window), "precise": done}
 
 
 def worker_main(argv: list[str], commands: dict[str, Callable]) -> int:

@@ -18,11 +18,23 @@ from ..executors import Executor, HelperRun, LocalExecutor
 from ..fsutil import atomic_path, sha256_text
 from ..manifest import Manifest
 from ..memory import REFERENCE
-from ..plan import EvalResult
+from ..plan import STAT_KEYS, EvalResult
 from ..procs import run_python
 from ..profiles import Profile
 from ..progress import Reporter
+from .integrity import folder_facts
+from .metrics import windows
+from .probes import judge, prompts
+from .stats import parse_precision
 from .text import load_text
+
+# With evaluation.precision, every artifact is first scored on this many windows; the rest as they need.
+FIRST_ROUND = 8
+
+
+def runs_state(state_dir: Path, key: str) -> Path:
+    """An unfinished evaluation's per-position values, between rounds (and across an interrupted build)."""
+    return state_dir / f"eval-{key[:16]}.state.npz"
 
 WORKERS = {"gguf": "quantkit.evaluate.gguf_worker", "hf": "quantkit.evaluate.hf_worker",
            "exl2": "quantkit.evaluate.exl2_worker"}
@@ -40,6 +52,8 @@ class Evaluator:
         self.ctx = profile.evaluation.ctx
         self.ran: list[str] = []  # what was evaluated in this run (not taken from the manifest)
         self._tokens: tuple[Path, int | None] | None = None
+        self.source_chat = folder_facts(source)
+        self.precision = parse_precision(profile.evaluation.precision)
 
     def tokens(self) -> tuple[Path, int | None]:
         """The evaluation text as the source tokenizer's ids, and the BOS id each window starts with (if any)."""
@@ -78,40 +92,83 @@ class Evaluator:
         smoke = asdict(self.profile.smoke)
         ref_key = sha256_text(REFERENCE, self.source_key, self.m.sha256(tokens), str(self.ctx))
         spec = {"tokens": str(tokens), "bos": bos, "ctx": self.ctx, "threads": self.threads, "smoke": smoke}
-        return tokens, ref_key, sha256_text(ref_key, json.dumps(smoke, sort_keys=True)), spec
+        checks = self.profile.chat_checks
+        if checks.enabled and self.source_chat.template:
+            spec |= {"probes": prompts(self.source_chat, checks), "probe_tokens": checks.max_tokens}
+        if self.precision:
+            spec["precision"] = asdict(self.precision)
+        return tokens, ref_key, sha256_text(ref_key, json.dumps({k: v for k, v in spec.items() if k != "threads"},
+                                                                sort_keys=True)), spec
 
-    def reference(self) -> EvalResult:
-        """The fp16 source's own scores; its log-probabilities are kept for every artifact's KL-divergence."""
+    @property
+    def total_windows(self) -> int:
+        return len(windows(int(self.m.steps["tokens"]["count"]), self.ctx))
+
+    def reference(self, n_windows: int | None = None) -> EvalResult:
+        """The fp16 source's own scores; its log-probabilities are kept for every artifact's KL-divergence.
+        `n_windows`: at least this many windows of them (default: all); more are added to the same file."""
         _, ref_key, key, spec = self._keys()
-        ref_path = self.state / "reference-logprobs.npy"
+        want = min(n_windows or self.total_windows, self.total_windows)
+        ref_path, state = self.state / "reference-logprobs.npy", self.state / f"reference-{ref_key[:16]}.state.npz"
         rec = self.m.done(f"eval:{REFERENCE}", key)
-        if rec and self.m.done(REFERENCE, ref_key, ref_path):
+        have = self.m.done(REFERENCE, ref_key, ref_path)
+        if rec and have and have.get("windows", self.total_windows) >= want:
             return EvalResult(**rec["result"])
-        with atomic_path(ref_path) as tmp:
-            [run] = self.executor.run_helpers([self._helper("hf", self.source, {**spec, "reference": True, "ref_write": str(tmp)},
-                                                            "the fp16 source (reference)", memory_key=REFERENCE)], self.reporter)
-            raw = self._result(run)
-        self.m.record(REFERENCE, ref_key, ref_path)
+        if not have:
+            state.unlink(missing_ok=True)
+        spec = {**spec, "reference": True, "ref_write": str(ref_path), "windows": want, "state": str(state)}
+        if rec and have:  # more windows of a finished reference: its chat replies are already known
+            spec.pop("probes", None)
+        [run] = self.executor.run_helpers([self._helper("hf", self.source, spec, "the fp16 source (reference)",
+                                                        memory_key=REFERENCE)], self.reporter)
+        raw = self._result(run)
+        self.m.record(REFERENCE, ref_key, ref_path, windows=raw["windows"])
+        if rec and have:
+            raw = {**rec["raw"], **{k: v for k, v in raw.items() if k not in ("smoke", "probes")}}
         return self._record(f"eval:{REFERENCE}", key, raw, None, REFERENCE)
 
     def evaluate(self, artifacts: list[tuple[Path, str, int]]) -> list[EvalResult]:
         """Score each (artifact, runner, GPUs it needs) against the reference; the runs the manifest does not
-        already hold go to the executor together (on Ray, at once)."""
+        already hold go to the executor together (on Ray, at once). With evaluation.precision, in rounds: a few
+        windows each, then as many more as the least precise artifact needs (the reference grows with them)."""
         _, _, base_key, spec = self._keys()
         results: dict[Path, EvalResult] = {}
-        todo: dict[HelperRun, tuple[Path, str]] = {}
-        spec = {**spec, "ref_read": str(self.state / "reference-logprobs.npy")}
+        todo: dict[Path, tuple[str, int, str]] = {}
         for artifact, runner, gpus in artifacts:
             key = sha256_text("eval", runner, self.m.sha256(artifact), base_key)
             if rec := self.m.done(f"eval:{artifact.name}", key):
                 results[artifact] = EvalResult(**rec["result"])
-                continue
-            todo[self._helper(runner, artifact, spec, artifact.name, gpus)] = (artifact, key)
-        if todo:
-            ref = self.reference()
-            for run in self.executor.run_helpers(list(todo), self.reporter):
-                artifact, key = todo[run]
-                results[artifact] = self._record(f"eval:{artifact.name}", key, self._result(run), ref.perplexity, artifact.name)
+            else:
+                todo[artifact] = (runner, gpus, key)
+        total = self.total_windows
+        n = min(FIRST_ROUND, total) if self.precision else total
+        first: dict[Path, dict] = {}  # each artifact's first run: its chat replies and memory
+        while todo:
+            ref = self.reference(n)
+            runs = {}
+            for artifact, (runner, gpus, key) in todo.items():
+                state = runs_state(self.state, key)
+                run_spec = {**spec, "ref_read": str(self.state / "reference-logprobs.npy"), "windows": n, "state": str(state)}
+                if artifact in first:
+                    run_spec.pop("probes", None)
+                runs[self._helper(runner, artifact, run_spec, artifact.name, gpus)] = artifact
+            need = n
+            for run in self.executor.run_helpers(list(runs), self.reporter):
+                artifact = runs[run]
+                raw = self._result(run)
+                if artifact in first:
+                    prev = first[artifact]
+                    raw = {**prev, **{k: v for k, v in raw.items() if k not in ("smoke", "probes")},
+                           "peak_rss_bytes": max(prev.get("peak_rss_bytes", 0), raw.get("peak_rss_bytes", 0)),
+                           "seconds": prev.get("seconds", 0) + raw.get("seconds", 0)}
+                first[artifact] = raw
+                if raw.get("precise") or raw["windows"] >= total or not self.precision:
+                    runner, gpus, key = todo.pop(artifact)
+                    Path(runs_state(self.state, key)).unlink(missing_ok=True)
+                    results[artifact] = self._record(f"eval:{artifact.name}", key, raw, ref, artifact.name)
+                else:
+                    need = max(need, self.precision.windows_needed(raw["kld_mean"], raw["kld_se"], raw["windows"]))
+            n = min(total, max(need, n + 1))
         return [results[a] for a, _, _ in artifacts]
 
     def _helper(self, runner: str, target: Path, spec: dict, label: str, gpus: int = 0,
@@ -130,22 +187,23 @@ class Evaluator:
         self.ran.append(run.label.removeprefix("evaluate "))
         return raw
 
-    def _record(self, step: str, key: str, raw: dict, ref_ppl: float | None, label: str) -> EvalResult:
+    def _record(self, step: str, key: str, raw: dict, ref: EvalResult | None, label: str) -> EvalResult:
         smoke = raw["smoke"]
-        is_ref = ref_ppl is None
+        is_ref = ref is None
+        stats = {k: raw.get(k) for k in STAT_KEYS}
+        if is_ref:
+            stats |= {"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0}
+        probes = judge(raw.get("probes") or {}, self.profile.chat_checks, None if is_ref else ref.probes)
         result = EvalResult(
             perplexity=raw["perplexity"],
-            ppl_delta_pct=0.0 if is_ref else 100.0 * (raw["perplexity"] / ref_ppl - 1.0),
-            kld_mean=0.0 if is_ref else raw.get("kld_mean"),
-            kld_p99=0.0 if is_ref else raw.get("kld_p99"),
-            top1_agreement=1.0 if is_ref else raw.get("top1_agreement"),
+            ppl_delta_pct=0.0 if is_ref else 100.0 * (raw["perplexity"] / ref.perplexity - 1.0),
             tokens_scored=raw["tokens_scored"],
             smoke_passed=smoke["passed"], smoke_reply=smoke["reply"], smoke_reason=smoke["reason"],
             peak_rss_bytes=int(raw.get("peak_rss_bytes", 0)), peak_gpu_bytes=int(raw.get("peak_gpu_bytes", 0)),
             predicted_peak_bytes=self.memory.get(label, 0), seconds=float(raw.get("seconds", 0.0)),
-            note=raw.get("note", ""),
+            note=raw.get("note", ""), windows=int(raw.get("windows", 0)), probes=probes, **stats,
         )
         if result.note:
             self.reporter.warn(f"{label}: {result.note}")
-        self.m.record(step, key, result=asdict(result), smoke_prompt=smoke.get("prompt", ""))
+        self.m.record(step, key, result=asdict(result), smoke_prompt=smoke.get("prompt", ""), raw=raw)
         return result

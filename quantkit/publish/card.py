@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub import ModelCard, ModelCardData
 
 from .. import __version__
-from ..report import BITS_LEGEND, artifact_table, imatrix_lines, models
+from ..report import BITS_LEGEND, PM_LEGEND, artifact_table, chat_lines, imatrix_lines, models
 
 PLOT = "size-vs-kld.png"
 
@@ -67,8 +67,10 @@ def model_card(report: dict, repo_id: str, backend: str) -> ModelCard:
     arts = models(everything)
     folders = backend != "gguf"
     first = "branch" if folders else "file_link"
-    rows = artifact_table(arts, [first, "type", "bpw", *(["stated"] if folders else []), "size", "ppl", "kld", "top1", "smoke"],
-                          extra=("Use case", lambda a: use_hint(a["variant"], a["bits_per_weight"]))) + ["", BITS_LEGEND]
+    rows = artifact_table(arts, [first, "type", "bpw", *(["stated"] if folders else []), "size", "ppl", "kld", "top1", "smoke",
+                                 "tool", "json"],
+                          extra=("Use case", lambda a: ("**FAILED CHECKS**: " + "; ".join(a["failures"])) if a.get("failures")
+                                 else use_hint(a["variant"], a["bits_per_weight"]))) + ["", BITS_LEGEND + PM_LEGEND]
     fallbacks = [f"- {a['variant']}: {a['fallback_summary']}" for a in arts if a.get("fallback_summary")]
     pick = next((a for a in arts if a["variant"] in ("Q4_K_M", "4bit-g32", "4bit-g128", "4.0bpw-h6")), arts[-1])
     prompt = report.get("prompt_format")
@@ -96,6 +98,7 @@ def model_card(report: dict, repo_id: str, backend: str) -> ModelCard:
         "",
         f"![size vs KL-divergence]({PLOT})",
         "",
+        *(["## Chat template, tool calls and JSON mode", "", *chat_lines(report), ""] if ev.get("reference_result") else []),
         *[line for text in imatrix_lines(everything) for line in (text, "")],
     ]
     if fallbacks:

@@ -74,10 +74,11 @@ def folder_files(folder: Path, prefix: str = "") -> list[UploadFile]:
 
 
 def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None = None,
-                 offline: bool = False) -> list[RepoCommit]:
+                 offline: bool = False, allow_failed: bool = False) -> list[RepoCommit]:
     """Write each format's card and plot into BUILD/publish/<format>/ and list the commits: GGUF files
     on main; GPTQ/AWQ/EXL2 variants on a branch each, with the card on main. No network unless the
-    owner must be asked of the Hub."""
+    owner must be asked of the Hub. A build with failed checks is refused unless `allow_failed`; the
+    card then marks the files that failed."""
     build_dir = build_dir.absolute()
     report_path = build_dir / "report.json"
     if not report_path.is_file():
@@ -87,6 +88,11 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
         raise PublishError(f"{build_dir.name} was built with evaluation off, so none of its files was measured",
                            "quantkit publishes only measured files: build it again with evaluation on, on a machine "
                            "large enough for the reference (quantkit plan shows what each step needs)")
+    if (failed := [a for a in report["artifacts"] if a.get("failures")]) and not allow_failed:
+        raise PublishError(f"{len(failed)} file(s) of {build_dir.name} failed their checks: "
+                           + "; ".join(f"{a['filename']}: {a['failures'][0]}" for a in failed),
+                           "fix the build (see report.md, Failed checks), or pass --allow-failed to publish them "
+                           "marked as failed in the card")
     opts = report.get("publish") or {}
     owner = owner or opts.get("owner")
     if not owner:
