@@ -180,7 +180,6 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         if runner and item.is_model:
             result.integrity = [m.render() for m in check_chat(source_chat, artifact_facts(out / item.filename, runner))]
 
-    reference = evaluator.reference() if evaluating else None
     scored = []  # (result, (file, evaluation runner, GPUs it needs)) for every model artifact
     for item, result in zip(plan.artifacts, results):
         backend = backends.get(item.backend)
@@ -188,6 +187,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
             scored.append((result, (out / item.filename, backend.evaluator, backend.gpus)))
     for (result, _), evaluation in zip(scored, evaluator.evaluate([target for _, target in scored])):
         result.evaluation = evaluation
+    reference = evaluator.reference_result() if evaluating else None
 
     for r in results:
         r.failures = judge(r.to_dict(), plan.profile.bounds)

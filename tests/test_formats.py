@@ -10,6 +10,7 @@ from huggingface_hub import HfApi, ModelCard
 from conftest import PROFILES, run_cli
 from hub_server import HubServer, client_env, isolate_client
 from quantkit.evaluate.text import CALIBRATION
+from quantkit.report import label
 
 pytest.importorskip("gptqmodel", reason="the gptq extra is not installed (QUANTKIT_EXTRAS without gptq)")
 
@@ -69,6 +70,20 @@ def test_one_table_across_formats(formats_build):
     assert all(f"| {a['filename']} |" in md for a in report["artifacts"])
 
 
+def test_every_format_carries_integrity_and_probe_verdicts(formats_build):
+    """GPTQ and AWQ folders are checked from the tokenizer files transformers reads, and answer the tool-call and
+    JSON-mode probes through transformers and GPTQModel's kernels, as GGUF files do through llama.cpp."""
+    report = formats_build["report"]
+    md = (formats_build["dir"] / "report.md").read_text()
+    for a in report["artifacts"]:
+        assert a["integrity"] == [], (a["filename"], a["integrity"])
+        probes = a["evaluation"]["probes"]
+        assert set(probes) == {"tool_call", "json_mode"}, a["filename"]
+        assert all(r["reply"] and isinstance(r["agrees"], bool) for r in probes.values()), (a["filename"], probes)
+        assert f"- **{label(a)}**: template and stop tokens match; Tool call: " in md
+    assert "| Tool call | JSON mode |" in md
+
+
 def test_gptq_and_awq_folders_load_with_plain_transformers(formats_build):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,6 +126,9 @@ def test_publish_puts_each_variant_on_its_own_branch(formats_build, tmp_path, mo
             card = ModelCard.load(api.hf_hub_download(repo, "README.md"))
             assert card.data.base_model_relation == "quantized"
             assert f"hf download {repo} --revision 4bit-g32" in card.text
+            # The card carries the chat verdicts, the fp16 source's replies and this format's.
+            assert "## Chat template, tool calls and JSON mode" in card.text and "fp16 source, Tool call:" in card.text
+            assert f"- **{fmt} 4bit-g32**: template and stop tokens match; Tool call: " in card.text
         gguf = api.list_repo_files("alice/SmolLM2-135M-Instruct-GGUF")
         assert "SmolLM2-135M-Instruct-Q4_K_M.gguf" in gguf and "SmolLM2-135M-Instruct-GPTQ-4bit-g32" not in str(gguf)
     finally:

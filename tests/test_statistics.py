@@ -115,8 +115,10 @@ def test_precision_target_parses_and_stops():
     for bad in ("KLD 3%", "KLD ±0% at 95%", "PPL ±3% at 95%", "KLD ±3% at 100%"):
         with pytest.raises(ProfileError, match="not a precision target"):
             parse_precision(bad)
-    tight = np.full(1000, 0.05) + np.random.default_rng(1).normal(0, 0.001, 1000)
-    assert p.reached(tight) and not p.reached(tight[:50])  # too few positions to trust an error bar
-    wide = np.random.default_rng(2).exponential(0.05, 200)
-    assert not p.reached(wide)
+    tight = np.full(1200, 0.05) + np.random.default_rng(1).normal(0, 0.001, 1200)
+    assert p.reached(tight) and not p.reached(tight[:500])  # too few positions to trust an error bar
+    wide = np.random.default_rng(2).exponential(0.05, 1200)
+    assert not p.reached(wide)  # ±5.5% at 95%
+    tiny = np.random.default_rng(3).exponential(4e-5, 1200)  # F16-like: at the reference's resolution
+    assert p.reached(tiny)
     assert p.windows_needed(0.05, 0.005, 4) == pytest.approx(1.1 * 4 * (1.96 * 0.1 / 0.03) ** 2, abs=1)

@@ -50,7 +50,10 @@ def smoke_verdict(reply: str, end_token: str | None, prompt: str, opts: dict) ->
 def chat_turns(generate, render, spec: dict, missing: str = "the artifact has no chat template") -> dict:
     """The smoke test and the probes of one runner. `generate(prompt, max_tokens, special=True)` decodes
     greedily and returns (reply, end-of-turn token or None); `render(messages)` is the artifact's own template
-    (None: it has none, and `missing` says so). The probes' prompts come rendered, from the source's template (evaluate/probes.py)."""
+    (None: it has none, and `missing` says so). The probes' prompts come rendered, from the source's template (evaluate/probes.py).
+    `chat: false` in the spec: none of it (a later round of scoring, whose chat turns are already known)."""
+    if spec.get("chat") is False:
+        return {}
     opts = spec["smoke"]
     if render is None:
         smoke = {"passed": False, "reply": "", "reason": missing, "prompt": ""}

@@ -116,41 +116,32 @@ def _folder_template(folder: Path, cfg: dict) -> str | None:
     return value
 
 
-def gguf_facts(path: Path, *, runtime: bool = True) -> ChatFacts:
-    """GGUF metadata, and (runtime) the end-of-generation set llama.cpp derives from it when it loads the file."""
-    from gguf import GGUFReader
-
-    from ..backends.gguf_shards import model_file
-
-    first = model_file(path)
-    fields = GGUFReader(first).fields
-
-    def value(key: str):
-        f = fields.get(key)
-        return None if f is None else f.contents()
-
-    names, types = value("tokenizer.ggml.tokens") or [], value("tokenizer.ggml.token_type") or []
-    special = {names[i]: i for i, t in enumerate(types) if t == 3}  # llama.cpp's CONTROL tokens
-    tokens = {k: value(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot")}
-    texts = {i: names[i] for i in set(tokens.values()) | set(special.values()) if i is not None and i < len(names)}
-    return ChatFacts(template=value("tokenizer.chat_template"), tokens=tokens, special=special,
-                     stop_ids=_llama_eog(first) if runtime else None, texts=texts)
-
-
-def _llama_eog(path: Path) -> frozenset[int]:
-    """llama.cpp's end-of-generation tokens for this file (EOS, EOT and the end-of-turn tokens it recognises)."""
+def gguf_facts(path: Path) -> ChatFacts:
+    """A GGUF as llama.cpp reads it when it loads the file (its vocabulary only): the chat template, the BOS,
+    EOS and EOT ids, the control tokens, and the end-of-generation set llama.cpp derives from them."""
     import llama_cpp
     from llama_cpp._utils import suppress_stdout_stderr
+
+    from ..backends.gguf_shards import model_file
 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     with suppress_stdout_stderr(disable=False):
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        model = llama_cpp.llama_model_load_from_file(str(model_file(path)).encode(), params)
     if not model:
         raise SourceError(f"llama.cpp cannot read the vocabulary of {path.name}", "rebuild the file")
     try:
         vocab = llama_cpp.llama_model_get_vocab(model)
-        return frozenset(i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i))
+        text = lambda i: llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", errors="replace")  # noqa: E731
+        n = llama_cpp.llama_vocab_n_tokens(vocab)
+        ids = {"bos": llama_cpp.llama_vocab_bos(vocab), "eos": llama_cpp.llama_vocab_eos(vocab),
+               "eot": llama_cpp.llama_vocab_eot(vocab)}
+        tokens = {k: (None if i == llama_cpp.LLAMA_TOKEN_NULL else i) for k, i in ids.items()}
+        special = {text(i): i for i in range(n) if llama_cpp.llama_vocab_get_attr(vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL}
+        template = llama_cpp.llama_model_chat_template(model, None)
+        return ChatFacts(template=template.decode("utf-8") if template else None, tokens=tokens, special=special,
+                         stop_ids=frozenset(i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)),
+                         texts={i: text(i) for i in {*tokens.values(), *special.values()} if i is not None})
     finally:
         llama_cpp.llama_model_free(model)
 

@@ -48,10 +48,13 @@ class Accumulator:
             return
         ref = ref_logprobs.astype(np.float32)
         nll_base = -ref[rows, targets].astype(np.float64)
-        # KL(reference || artifact) per position, over the reference's tokens above llama-perplexity's cutoff.
-        terms = np.exp(ref) * (ref - logprobs)
+        # KL(reference || artifact) per position, over the reference's tokens above llama-perplexity's cutoff;
+        # in place, as this runs on every scored position.
+        terms = np.subtract(ref, logprobs)
+        terms *= np.exp(ref)
+        terms[ref <= MIN_BASE_LOGPROB] = 0.0
         # KL >= 0; the float16 storage of the reference can round a near-zero value below it.
-        self.parts["kld"].append(np.maximum(np.where(ref > MIN_BASE_LOGPROB, terms, 0.0).sum(axis=-1, dtype=np.float64), 0.0))
+        self.parts["kld"].append(np.maximum(terms.sum(axis=-1, dtype=np.float64), 0.0))
         self.parts["nll_base"].append(nll_base)
         self.parts["p_diff"].append(np.exp(-nll) - np.exp(-nll_base))
         self.parts["same_top"].append(ref.argmax(axis=-1) == logprobs.argmax(axis=-1))

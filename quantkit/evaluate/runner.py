@@ -7,6 +7,7 @@ tokenizer) against the same reference: the fp16 source checkpoint, run once thro
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +33,14 @@ from .text import load_text
 FIRST_ROUND = 8
 
 
+def merge_runs(earlier: dict, later: dict) -> dict:
+    """One evaluation from two rounds: the later one's statistics (it went on from the earlier one's tokens), the
+    earlier one's chat replies, the larger peak memory and the time of both."""
+    return {**earlier, **{k: v for k, v in later.items() if k not in ("smoke", "probes")},
+            "peak_rss_bytes": max(earlier.get("peak_rss_bytes", 0), later.get("peak_rss_bytes", 0)),
+            "seconds": earlier.get("seconds", 0) + later.get("seconds", 0)}
+
+
 def runs_state(state_dir: Path, key: str) -> Path:
     """An unfinished evaluation's per-position values, between rounds (and across an interrupted build)."""
     return state_dir / f"eval-{key[:16]}.state.npz"
@@ -54,6 +63,7 @@ class Evaluator:
         self._tokens: tuple[Path, int | None] | None = None
         self.source_chat = folder_facts(source)
         self.precision = parse_precision(profile.evaluation.precision)
+        self.last_reference: EvalResult | None = None
 
     def tokens(self) -> tuple[Path, int | None]:
         """The evaluation text as the source tokenizer's ids, and the BOS id each window starts with (if any)."""
@@ -113,19 +123,25 @@ class Evaluator:
         rec = self.m.done(f"eval:{REFERENCE}", key)
         have = self.m.done(REFERENCE, ref_key, ref_path)
         if rec and have and have.get("windows", self.total_windows) >= want:
-            return EvalResult(**rec["result"])
+            self.last_reference = EvalResult(**rec["result"])
+            return self.last_reference
         if not have:
             state.unlink(missing_ok=True)
         spec = {**spec, "reference": True, "ref_write": str(ref_path), "windows": want, "state": str(state)}
         if rec and have:  # more windows of a finished reference: its chat replies are already known
-            spec.pop("probes", None)
+            spec["chat"] = False
         [run] = self.executor.run_helpers([self._helper("hf", self.source, spec, "the fp16 source (reference)",
                                                         memory_key=REFERENCE)], self.reporter)
         raw = self._result(run)
         self.m.record(REFERENCE, ref_key, ref_path, windows=raw["windows"])
         if rec and have:
-            raw = {**rec["raw"], **{k: v for k, v in raw.items() if k not in ("smoke", "probes")}}
-        return self._record(f"eval:{REFERENCE}", key, raw, None, REFERENCE)
+            raw = merge_runs(rec["raw"], raw)
+        self.last_reference = self._record(f"eval:{REFERENCE}", key, raw, None, REFERENCE)
+        return self.last_reference
+
+    def reference_result(self) -> EvalResult:
+        """The reference as far as the evaluations needed it (all of the text, without a precision target)."""
+        return self.last_reference or self.reference(FIRST_ROUND if self.precision else None)
 
     def evaluate(self, artifacts: list[tuple[Path, str, int]]) -> list[EvalResult]:
         """Score each (artifact, runner, GPUs it needs) against the reference; the runs the manifest does not
@@ -150,17 +166,14 @@ class Evaluator:
                 state = runs_state(self.state, key)
                 run_spec = {**spec, "ref_read": str(self.state / "reference-logprobs.npy"), "windows": n, "state": str(state)}
                 if artifact in first:
-                    run_spec.pop("probes", None)
+                    run_spec["chat"] = False
                 runs[self._helper(runner, artifact, run_spec, artifact.name, gpus)] = artifact
             need = n
             for run in self.executor.run_helpers(list(runs), self.reporter):
                 artifact = runs[run]
                 raw = self._result(run)
                 if artifact in first:
-                    prev = first[artifact]
-                    raw = {**prev, **{k: v for k, v in raw.items() if k not in ("smoke", "probes")},
-                           "peak_rss_bytes": max(prev.get("peak_rss_bytes", 0), raw.get("peak_rss_bytes", 0)),
-                           "seconds": prev.get("seconds", 0) + raw.get("seconds", 0)}
+                    raw = merge_runs(first[artifact], raw)
                 first[artifact] = raw
                 if raw.get("precise") or raw["windows"] >= total or not self.precision:
                     runner, gpus, key = todo.pop(artifact)
@@ -196,7 +209,9 @@ class Evaluator:
         probes = judge(raw.get("probes") or {}, self.profile.chat_checks, None if is_ref else ref.probes)
         result = EvalResult(
             perplexity=raw["perplexity"],
-            ppl_delta_pct=0.0 if is_ref else 100.0 * (raw["perplexity"] / ref.perplexity - 1.0),
+            # Against the reference on the same tokens (PPL(Q)/PPL(base), as llama-perplexity): with a precision
+            # target, an artifact may stop before the reference does.
+            ppl_delta_pct=0.0 if is_ref else 100.0 * math.expm1(raw["ln_ppl_ratio"]),
             tokens_scored=raw["tokens_scored"],
             smoke_passed=smoke["passed"], smoke_reply=smoke["reply"], smoke_reason=smoke["reason"],
             peak_rss_bytes=int(raw.get("peak_rss_bytes", 0)), peak_gpu_bytes=int(raw.get("peak_gpu_bytes", 0)),

@@ -17,8 +17,14 @@ from ..errors import ProfileError
 
 # llama-perplexity leaves out of the KL-divergence the reference's tokens below this log-probability.
 MIN_BASE_LOGPROB = -16.0
-# Fewer scored positions than this and llama.cpp prints no error bars (nor do we stop on them).
+# Fewer scored positions than this and llama.cpp prints no error bars.
 MIN_COUNT = 100
+# A precision target is not trusted before this many positions (4 windows of 512): positions within a window
+# are correlated, so one window's error bar is too optimistic.
+MIN_PRECISION_COUNT = 1000
+# Below this (nats), a KLD is at the resolution of the float16 reference rows: llama.cpp's F16 file of the
+# sample measures 4e-5. An error bar this small is precise enough whatever the relative error.
+KLD_RESOLUTION = 1e-4
 
 
 def mean_and_se(x: np.ndarray) -> tuple[float, float]:
@@ -90,17 +96,17 @@ class Precision:
         return NormalDist().inv_cdf(0.5 + self.confidence / 2)
 
     def reached(self, kld: np.ndarray) -> bool:
-        if kld is None or len(kld) < MIN_COUNT:
+        if kld is None or len(kld) < MIN_PRECISION_COUNT:
             return False
         mean, se = mean_and_se(kld)
-        return mean > 0 and self.z * se <= self.relative * mean
+        return self.z * se <= max(self.relative * mean, KLD_RESOLUTION)
 
     def windows_needed(self, mean: float, se: float, windows: int) -> int:
         """Windows for the target at this spread: the standard error falls as one over the root of the count
         (10% more, so that most artifacts finish in the next round)."""
-        if mean <= 0 or se <= 0:
+        if se <= 0:
             return windows + 1
-        return math.ceil(1.1 * windows * (self.z * se / (self.relative * mean)) ** 2)
+        return math.ceil(1.1 * windows * (self.z * se / max(self.relative * mean, KLD_RESOLUTION)) ** 2)
 
     def describe(self) -> str:
         return f"KLD ±{100 * self.relative:g}% at {100 * self.confidence:g}%"
