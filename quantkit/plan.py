@@ -83,7 +83,12 @@ class BuildPlan:
                 f"(ctx {ev.ctx}{', max ' + str(ev.max_tokens) + ' tokens' if ev.max_tokens else ''}); "
                 f"smoke test: {self.profile.smoke.question!r} -> must contain {self.profile.smoke.expect!r}"
             )
+            if ev.precision:
+                lines.append(f"  each file scored until {ev.precision} (at most {ev.max_tokens or 'all'} tokens)")
+            if self.profile.chat_checks.enabled:
+                lines.append("  chat checks: template and stop tokens vs the source; tool-call and JSON-mode replies vs the fp16 source's")
             lines += [f"  {e.step:70} peak memory ~{human_size(e.peak_bytes)}" for e in self.evaluations]
+            lines += [f"  bound  {b.describe()}" for b in self.profile.bounds]
         else:
             lines.append("evaluation: off (evaluation.enabled: false): files are built and described, not measured")
         if steps := self.memory_steps():
