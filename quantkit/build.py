@@ -129,8 +129,9 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     # The evaluation text is tokenized first: one too short for the context fails before any build.
     executor = executor or LocalExecutor()
     evaluating = plan.profile.evaluation.enabled
+    source_chat = folder_facts(plan.source.path)
     evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads, executor,
-                          memory={e.target: e.peak_bytes for e in plan.evaluations})
+                          memory={e.target: e.peak_bytes for e in plan.evaluations}, source_chat=source_chat)
     tokens = None
     if evaluating:
         ids, bos = evaluator.tokens()
@@ -174,7 +175,6 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         result.predicted_peak_bytes = item.predicted_peak_bytes
         results.append(result)
 
-    source_chat = folder_facts(plan.source.path)
     for item, result in zip(plan.artifacts, results):
         runner = backends.get(item.backend).evaluator
         if runner and item.is_model:

@@ -66,10 +66,9 @@ def chat_functions(logits, tok, folder: str):
             out.append(nxt)
         return tok.decode(out, skip_special_tokens=not special), None
 
-    def render(messages: list[dict]) -> str:
-        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from .hf_worker import template_render
 
-    return generate, render if tok.chat_template else None
+    return generate, template_render(tok)
 
 
 def preflight(view: str, spec_file: str, out_file: str) -> None:

@@ -139,10 +139,14 @@ def chat_functions(model, tok):
         end_token = tok.convert_ids_to_tokens(new[-1]) if new and new[-1] in eos else None
         return tok.decode(new[:-1] if end_token else new, skip_special_tokens=not special), end_token
 
-    def render(messages: list[dict]) -> str:
-        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return generate, template_render(tok)
 
-    return generate, render if tok.chat_template else None
+
+def template_render(tok):
+    """The folder's chat template through transformers' apply_chat_template (None: it has none)."""
+    if not tok.chat_template:
+        return None
+    return lambda messages: tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 if __name__ == "__main__":

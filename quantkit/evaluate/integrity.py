@@ -54,12 +54,15 @@ class ChatFacts:
         """One fixed conversation through this template; a template that raises renders as its error."""
         conv = CONVERSATIONS.get(name) or _TURN
         try:
-            return render_chat(self.template or "", conv["messages"], tools=conv.get("tools"),
-                               add_generation_prompt=conv.get("add_generation_prompt", True),
-                               bos_token=self.texts.get(self.tokens.get("bos"), ""),
-                               eos_token=self.texts.get(self.tokens.get("eos"), ""))
+            return self.render_messages(conv["messages"], conv.get("tools"), conv.get("add_generation_prompt", True))
         except (TemplateError, TypeError, ValueError) as e:
             return f"<error: {e}>"
+
+    def render_messages(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True) -> str:
+        """Any chat through this template, with this vocabulary's BOS and EOS texts."""
+        return render_chat(self.template or "", messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.texts.get(self.tokens.get("bos"), ""),
+                           eos_token=self.texts.get(self.tokens.get("eos"), ""))
 
     def end_of_turn(self) -> str | None:
         """The special token the template puts after an assistant reply (<|im_end|> for ChatML)."""

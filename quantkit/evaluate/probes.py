@@ -41,9 +41,6 @@ HERMES_TOOLS = (
 HERMES_JSON = ("You are a helpful assistant that answers in JSON. Here's the json schema you must adhere to:\n<schema>\n"
                "{schema}\n<schema>")
 
-PROBES = ("tool_call", "json_mode")
-
-
 @dataclass
 class ProbeResult:
     reply: str
@@ -80,12 +77,7 @@ def check_tools(tools: object, where: str) -> None:
 def prompts(facts, opts) -> dict[str, str]:
     """Each probe's prompt through the source's template: with tools=[...] when the template uses them,
     else with Hermes 2 Pro's system prompts."""
-    from .chat import render_chat
-
-    def render(messages: list[dict], tools: list | None = None) -> str:
-        return render_chat(facts.template, messages, tools=tools, bos_token=facts.texts.get(facts.tokens.get("bos"), ""),
-                           eos_token=facts.texts.get(facts.tokens.get("eos"), ""))
-
+    render = facts.render_messages
     user = {"role": "user", "content": opts.tool_question}
     if "tools" in (facts.template or ""):
         tool_prompt = render([user], opts.tools)

@@ -23,7 +23,7 @@ from ..plan import STAT_KEYS, EvalResult
 from ..procs import run_python
 from ..profiles import Profile
 from ..progress import Reporter
-from .integrity import folder_facts
+from .integrity import ChatFacts, folder_facts
 from .metrics import windows
 from .probes import judge, prompts
 from .stats import parse_precision
@@ -51,7 +51,8 @@ WORKERS = {"gguf": "quantkit.evaluate.gguf_worker", "hf": "quantkit.evaluate.hf_
 
 class Evaluator:
     def __init__(self, manifest: Manifest, profile: Profile, source: Path, source_key: str, reporter: Reporter,
-                 threads: int, executor: Executor | None = None, memory: dict[str, int] | None = None) -> None:
+                 threads: int, executor: Executor | None = None, memory: dict[str, int] | None = None,
+                 source_chat: ChatFacts | None = None) -> None:
         """`memory`: each step's predicted peak (artifact file name, or "reference"), for Ray's placement and the report."""
         self.m, self.profile, self.source, self.source_key = manifest, profile, source, source_key
         self.memory = memory or {}
@@ -61,7 +62,7 @@ class Evaluator:
         self.ctx = profile.evaluation.ctx
         self.ran: list[str] = []  # what was evaluated in this run (not taken from the manifest)
         self._tokens: tuple[Path, int | None] | None = None
-        self.source_chat = folder_facts(source)
+        self.source_chat = source_chat or folder_facts(source)
         self.precision = parse_precision(profile.evaluation.precision)
         self.last_reference: EvalResult | None = None
 

@@ -17,8 +17,6 @@ from ..errors import ProfileError
 
 # llama-perplexity leaves out of the KL-divergence the reference's tokens below this log-probability.
 MIN_BASE_LOGPROB = -16.0
-# Fewer scored positions than this and llama.cpp prints no error bars.
-MIN_COUNT = 100
 # A precision target is not trusted before this many positions (4 windows of 512): positions within a window
 # are correlated, so one window's error bar is too optimistic.
 MIN_PRECISION_COUNT = 1000
