@@ -7,15 +7,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import backends
+from . import formats
 from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
-from .evaluate.integrity import artifact_facts, check as check_chat, check_source_template, folder_facts
+from .evaluate.integrity import check as check_chat, check_source_template, folder_facts
 from .gates import judge
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .llamacpp import bindings_version
 from .manifest import Manifest
-from .memory import REFERENCE, StepMemory, chat_kv_bytes, evaluation_peak, machine_memory, reference_peak
+from .memory import REFERENCE, StepMemory, machine_memory, reference_peak
 from .plan import ArtifactPlan, ArtifactResult, BuildPlan
 from .profiles import Profile, load_profile
 from .progress import Reporter
@@ -58,7 +58,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         when = options.pop("if_unavailable", "fail")
         if when not in ("fail", "skip"):
             raise ProfileError(f"{name}.if_unavailable must be fail or skip, got {when!r}", "fix the profile")
-        backend = backends.get(name)
+        backend = formats.get(name)
         backend.validate(options)
         try:
             backend.check(remote_gpus)  # every backend's needs, before any of them plans or builds
@@ -81,11 +81,11 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
                                       reference_peak(stats.params, stats.weight_bytes, stats.largest_module, vocab, ev.ctx,
                                                      stats.expert_bytes)))
         for item in items:
-            runner = backends.get(item.backend).evaluator
-            if runner and item.is_model:
+            fmt = formats.get(item.backend)
+            if fmt.runner and item.is_model:
                 held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
-                                              evaluation_peak(runner, held, vocab, ev.ctx, chat_kv_bytes(src.config))))
+                                              fmt.evaluation_peak(held, vocab, ev.ctx, src.config)))
     # Absolute: llama.cpp's converter runs with its own working directory.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,
@@ -136,13 +136,13 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     if evaluating:
         ids, bos = evaluator.tokens()
         tokens = {"tokens": str(ids), "bos": bos, "ctx": plan.profile.evaluation.ctx}
-    ctx = backends.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp,
+    ctx = formats.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp,
                                 evaluation_text=plan.profile.evaluation.text, evaluation=tokens)
     built, keys, recs = [], {}, {}
 
     def record(item: ArtifactPlan, facts: dict) -> None:
         path = out / item.filename
-        described = backends.get(item.backend).describe(item, path, facts)
+        described = formats.get(item.backend).describe(item, path, facts)
         described.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
         described.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
         described.seconds = float(facts.get("seconds", 0.0))
@@ -175,16 +175,13 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         result.predicted_peak_bytes = item.predicted_peak_bytes
         results.append(result)
 
-    for item, result in zip(plan.artifacts, results):
-        runner = backends.get(item.backend).evaluator
-        if runner and item.is_model:
-            result.integrity = [m.render() for m in check_chat(source_chat, artifact_facts(out / item.filename, runner))]
-
     scored = []  # (result, (file, evaluation runner, GPUs it needs)) for every model artifact
     for item, result in zip(plan.artifacts, results):
-        backend = backends.get(item.backend)
-        if backend.evaluator and item.is_model and evaluating:
-            scored.append((result, (out / item.filename, backend.evaluator, backend.gpus)))
+        fmt = formats.get(item.backend)
+        if fmt.runner and item.is_model:
+            result.integrity = [m.render() for m in check_chat(source_chat, fmt.chat_facts(out / item.filename))]
+            if evaluating:
+                scored.append((result, (out / item.filename, fmt.runner, fmt.gpus)))
     for (result, _), evaluation in zip(scored, evaluator.evaluate([target for _, target in scored])):
         result.evaluation = evaluation
     reference = evaluator.reference_result() if evaluating else None

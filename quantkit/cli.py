@@ -263,11 +263,11 @@ def sample() -> None:
 
 @app.command("backends")
 def list_backends() -> None:
-    """List the registered backends (built in and from the quantkit.backends entry point) and what each lacks."""
-    from . import backends
+    """List the formats (built in, and from the quantkit.formats entry point) and what each lacks here."""
+    from . import formats
 
-    for name in backends.names():
-        reqs = backends.get(name).requirements()
+    for name in formats.names():
+        reqs = formats.get(name).requirements()
         missing = [r for r in reqs if not r.available]
         if missing:
             typer.echo(f"{name:10} missing: " + "; ".join(f"{r.what} ({r.hint})" if r.hint else r.what for r in missing))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from .backends import BuildContext, get
+from .formats import BuildContext, get
 from .errors import QuantkitError, ToolError
 from .fsutil import human_size
 from .plan import ArtifactPlan

@@ -27,15 +27,6 @@ REFERENCE = "reference"  # the target name of the reference step
 # experts are copied into fused tensors on load, so they count twice (3.10 GB for the 0.52B MoE).
 REFERENCE_FIXED = 1_000_000_000
 REFERENCE_PER_PARAM = 0.04
-# A GGUF evaluated by llama.cpp: Python and llama-cpp-python, the memory-mapped file and the copies
-# llama.cpp's CPU backend makes of some types (ArtifactPlan.runtime_bytes), the KV cache and compute
-# buffers of one window. Measured on the F16 files: 0.69, 6.43 and 15.08 GB.
-GGUF_EVAL_FIXED = 300_000_000
-# A GPTQ/AWQ folder through transformers and GPTQModel's kernels (measured at 38M and 0.52B parameters).
-HF_EVAL_FIXED = 1_300_000_000
-# EXL2 runs on the GPU; the host holds exllamav2, torch and the file it reads from. Not measured yet (no
-# GPU machine): an allowance, not a fit.
-EXL2_EVAL_FIXED = 1_500_000_000
 
 
 @dataclass(frozen=True)
@@ -61,7 +52,7 @@ def machine_memory() -> int:
     return 0
 
 
-def _scored_logits(vocab: int, ctx: int) -> int:
+def scored_logits(vocab: int, ctx: int) -> int:
     """float32 logits and log-probabilities of the scored half of one window, and the float16 reference rows."""
     return (ctx // 2) * vocab * (4 + 4 + 2)
 
@@ -69,7 +60,7 @@ def _scored_logits(vocab: int, ctx: int) -> int:
 def reference_peak(params: int, weight_bytes: int, largest_module: int, vocab: int, ctx: int,
                    expert_bytes: int = 0) -> int:
     return int(REFERENCE_FIXED + REFERENCE_PER_PARAM * params + weight_bytes + expert_bytes + 4 * largest_module
-               + _scored_logits(vocab, ctx))
+               + scored_logits(vocab, ctx))
 
 
 def chat_kv_bytes(config: dict) -> int:
@@ -82,22 +73,14 @@ def chat_kv_bytes(config: dict) -> int:
     return 2 * layers * CHAT_CTX * int(config.get("num_key_value_heads") or heads) * head_dim * 2
 
 
-def evaluation_peak(runner: str, artifact_bytes: int, vocab: int, ctx: int, kv_bytes: int = 0) -> int:
-    """One artifact's evaluation, by the runner that measures it ("gguf", "hf", "exl2"); `kv_bytes`: llama.cpp's
-    KV cache (chat_kv_bytes), which only the gguf runner allocates up front."""
-    fixed = {"gguf": GGUF_EVAL_FIXED, "hf": HF_EVAL_FIXED, "exl2": EXL2_EVAL_FIXED}.get(runner, HF_EVAL_FIXED)
-    held = 0 if runner == "exl2" else artifact_bytes  # exl2 streams the file to the GPU
-    return fixed + held + _scored_logits(vocab, ctx) + (kv_bytes if runner == "gguf" else 0)
-
-
 def job_peak(profile, params: int, chosen: list) -> int:
     """The heaviest step of a build of `profile` for a model of `params` parameters when nothing else is known
     (a job queued from a Hub listing): 16-bit weights, a vocabulary of 152k, the largest module 5% of the model."""
     vocab, ev = 152_064, profile.evaluation
-    steps = [b.step_peak(params) for b in chosen]
+    steps = [f.step_peak(params) for f in chosen]
     if ev.enabled:
         steps.append(reference_peak(params, 2 * params, params // 20, vocab, ev.ctx))
-        steps += [evaluation_peak(b.evaluator, 2 * params, vocab, ev.ctx) for b in chosen if b.evaluator]
+        steps += [f.evaluation_peak(2 * params, vocab, ev.ctx, None) for f in chosen if f.runner]
     return max(steps, default=0)
 
 

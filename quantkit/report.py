@@ -8,7 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
-from .backends.imatrix import describe_idle
 from .evaluate.chat import render_chat
 from .evaluate.metrics import scored_range
 from .evaluate.parity import Parity
@@ -49,7 +48,7 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
         "profile": plan.profile.name,
         "llama_cpp_python": llama_version,
         "evaluation": {
-            "text": _public_text_name(ev.text), "tokens": tokens, "ctx": ev.ctx,
+            "text": public_text_name(ev.text), "tokens": tokens, "ctx": ev.ctx,
             "method": f"non-overlapping windows of {ev.ctx} tokens; positions {first}..{last - 1} of each window "
                       "are scored (llama-perplexity's layout); KL-divergence is KL(reference || artifact) per "
                       "scored position, averaged; top-1 is the share of positions where both argmaxes agree",
@@ -138,7 +137,7 @@ def _memory_cells(step: dict) -> str:
             f"{f'{seconds:.1f} s' if seconds else '—'} |")
 
 
-def _public_text_name(spec: str) -> str:
+def public_text_name(spec: str) -> str:
     """A user's text file is named by its file name only: reports must not carry local paths."""
     return spec if spec.startswith(("builtin:", "hf:")) else f"file:{Path(spec).name}"
 
@@ -165,8 +164,10 @@ def _probe_cell(e: dict, probe: str) -> str:
 
 
 def label(a: dict) -> str:
-    """Q4_K_M for GGUF files (the format is in the name), "GPTQ 4bit-g32" for folder formats."""
-    return a["variant"] if a["backend"] == "gguf" else f"{a['backend'].upper()} {a['variant']}"
+    """How tables name an artifact, as its format says: "Q4_K_M" (a GGUF type), "GPTQ 4bit-g32"."""
+    from . import formats
+
+    return formats.get(a["backend"]).label(a["variant"])
 
 
 BITS_LEGEND = ("Bits/param: the file's weights in bits over the model's parameters, embeddings and output head "
@@ -211,19 +212,15 @@ def models(artifacts: list[dict]) -> list[dict]:
     return [a for a in artifacts if a.get("role") not in AUX_ROLES]
 
 
-def imatrix_lines(artifacts: list[dict]) -> list[str]:
-    """What the importance matrix is, how it was made, and which files used it."""
-    lines = []
-    for im in (a for a in artifacts if a.get("role") == "imatrix"):
-        d = im.get("details") or {}
-        users = [label(a) for a in artifacts if im["filename"] in (a.get("uses") or [])]
-        lines.append(f"`{im['filename']}` ({human_size(im['size_bytes'])}) is the importance matrix, computed by "
-                     f"llama.cpp's llama-imatrix on {d.get('chunks', '?')} chunks of {d.get('chunk_tokens', '?')} "
-                     f"tokens of `{_public_text_name(d.get('text', '?'))}` (calibration text, disjoint from the evaluation "
-                     f"text). Quantized with it: {', '.join(users) or 'none'}; the others without."
-                     + (f" Calibration routed no token to {describe_idle(idle)}: llama.cpp quantized those experts "
-                        "without importance weights." if (idle := d.get("experts_without_data")) else ""))
-    return lines
+def format_notes(artifacts: list[dict]) -> dict[str, list[str]]:
+    """Each format's own sections about its artifacts (GGUF: the importance matrix), by title."""
+    from . import formats
+
+    out: dict[str, list[str]] = {}
+    for name in dict.fromkeys(a["backend"] for a in artifacts):
+        for title, paragraphs in formats.get(name).notes([a for a in artifacts if a["backend"] == name]).items():
+            out.setdefault(title, []).extend(paragraphs)
+    return out
 
 
 STATS_LEGEND = ("llama-perplexity's statistics against the fp16 source, with its definitions: ln(PPL ratio) is the "
@@ -309,8 +306,8 @@ def render_markdown(data: dict) -> str:
     if notes := [f"- **{label(a)}**: {a['evaluation']['note']}" for a in data["artifacts"]
                  if (a.get("evaluation") or {}).get("note")]:
         lines += ["", "## Notes", "", *notes]
-    if imatrix := imatrix_lines(data["artifacts"]):
-        lines += ["", "## Importance matrix", "", *imatrix]
+    for title, paragraphs in format_notes(data["artifacts"]).items():
+        lines += ["", f"## {title}", ""] + [line for text in paragraphs for line in (text, "")][:-1]
     smoke = data["smoke"]
     lines += ["", "## Smoke test", "",
               f"System: {smoke['system']!r}; user: {smoke['question']!r}; greedy, at most {smoke['max_tokens']} tokens; "

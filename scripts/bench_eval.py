@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from quantkit.backends import BuildContext  # noqa: E402
-from quantkit.backends.gguf import GGUFBackend  # noqa: E402
+from quantkit.formats import BuildContext  # noqa: E402
+from quantkit.formats.gguf import GGUFFormat  # noqa: E402
 from quantkit.evaluate.text import BUILTIN  # noqa: E402
 from quantkit.llamacpp import find_tool  # noqa: E402
 from quantkit.plan import ArtifactPlan  # noqa: E402
@@ -42,12 +42,12 @@ def make_gguf(work: Path, qtype: str, threads: int) -> Path:
     source = resolve(str(ensure_sample()))
     ctx = BuildContext(source=source, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
     f16 = ArtifactPlan(backend="gguf", variant="F16", filename="model-F16.gguf", predicted_bytes=0, role="intermediate")
-    GGUFBackend().build(f16, ctx)
+    GGUFFormat().build(f16, ctx)
     if qtype == "F16":
         return work / f16.filename
     q = ArtifactPlan(backend="gguf", variant=qtype, filename=f"model-{qtype}.gguf", predicted_bytes=0,
                      depends_on=f16.filename, options={"type": qtype})
-    GGUFBackend().build(q, ctx)
+    GGUFFormat().build(q, ctx)
     return work / q.filename
 
 
@@ -72,7 +72,7 @@ def main() -> None:
                 "threads": args.threads, "smoke": asdict(SmokeOptions())}
         (work / "spec.json").write_text(json.dumps(spec))
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "quantkit.evaluate.gguf_worker", "evaluate", str(model),
+        subprocess.run([sys.executable, "-m", "quantkit.formats.gguf.evaluate_worker", "evaluate", str(model),
                         str(work / "spec.json"), str(work / "out.json")], check=True, stderr=subprocess.DEVNULL)
         quantkit_s = time.perf_counter() - start
         ours = json.loads((work / "out.json").read_text())

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from quantkit.backends import BuildContext  # noqa: E402
-from quantkit.backends.gguf import GGUFBackend  # noqa: E402
+from quantkit.formats import BuildContext  # noqa: E402
+from quantkit.formats.gguf import GGUFFormat  # noqa: E402
 from quantkit.plan import ArtifactPlan  # noqa: E402
 from quantkit.progress import Reporter  # noqa: E402
 from quantkit.sample import ensure_sample  # noqa: E402
@@ -85,7 +85,7 @@ def convert(model: Path, work: Path, threads: int) -> tuple[Path, float, int, in
     ctx = BuildContext(source=source, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
     start = time.perf_counter()
     with AnonPeak() as anon:
-        facts = GGUFBackend().build(item, ctx)
+        facts = GGUFFormat().build(item, ctx)
     os.sync()
     return work / item.filename, time.perf_counter() - start, facts["peak_rss_bytes"], anon.peak
 
@@ -95,7 +95,7 @@ def quantize_quantkit(f16: Path, work: Path, qtype: str, threads: int) -> float:
                         depends_on=f16.name, options={"type": qtype})
     ctx = BuildContext(source=None, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
     start = time.perf_counter()
-    GGUFBackend().build(item, ctx)
+    GGUFFormat().build(item, ctx)
     return time.perf_counter() - start
 
 

@@ -9,6 +9,8 @@ import pytest
 from quantkit.sample import ensure_sample
 
 TESTS = Path(__file__).parent
+TOKEN = "qk-test-token-alice-0123456789"  # alice's, on the test Hub server
+OTHER = "qk-test-token-bob-0123456789"
 PROFILES = TESTS / "profiles"
 REPO = TESTS.parent
 
@@ -34,3 +36,18 @@ def sample_build(sample_model, tmp_path_factory):
     proc = run_cli("build", sample_model, "--profile", PROFILES / "fast.yaml", "--out", out, check=True)
     folder = out / sample_model.name
     return {"dir": folder, "out": out, "report": json.loads((folder / "report.json").read_text()), "proc": proc}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A real HTTP server speaking the Hub API (tests/hub_server.py), with users alice (TOKEN) and bob (OTHER);
+    `hub.env` points quantkit's child processes at it."""
+    from hub_server import HubServer, client_env, isolate_client
+
+    isolate_client(monkeypatch, tmp_path / "hf_home_tests")  # the test's own client: plain LFS, no ~/.cache
+    server = HubServer(tmp_path / "hub", {TOKEN: {"alice"}, OTHER: {"bob"}}, names={TOKEN: "alice", OTHER: "bob"})
+    server.start()
+    server.env = {**client_env(server.endpoint, tmp_path / "hf_home"), "HF_TOKEN": TOKEN,
+                  "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
+    yield server
+    server.stop()

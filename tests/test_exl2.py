@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import PROFILES, REPO, run_cli
-from quantkit.backends.exl2 import cuda_devices
+from quantkit.gpus import cuda_devices
 
 CUDA = cuda_devices() > 0
 no_cuda_only = pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU; these tests are for machines without one")
@@ -55,7 +55,7 @@ def test_planning_never_imports_exllamav2(sample_model, tmp_path):
     """exllamav2 compiles its CUDA extension on import; quantkit imports it only in EXL2's child processes."""
     code = ("import sys; from quantkit.build import make_plan; "
             f"make_plan({str(sample_model)!r}, {str(_profile(tmp_path, 'skip'))!r}, {str(tmp_path)!r}); "
-            "from quantkit import backends; [backends.get(n).requirements() for n in backends.names()]; "
+            "from quantkit import formats; [formats.get(n).requirements() for n in formats.names()]; "
             "assert 'exllamav2' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
@@ -95,7 +95,7 @@ def test_calibration_parquet_is_what_exllamav2_reads(tmp_path):
     from quantkit.evaluate.text import CALIBRATION
 
     out = tmp_path / "cal.parquet"
-    subprocess.run([sys.executable, "-m", "quantkit.backends.exl2_worker", "parquet", str(CALIBRATION["botchan"]),
+    subprocess.run([sys.executable, "-m", "quantkit.formats.exl2.worker", "parquet", str(CALIBRATION["botchan"]),
                     str(out)], check=True, cwd=REPO)
     df = pandas.read_parquet(out, engine="fastparquet")  # exactly how exllamav2's tokenize.py reads it
     text = CALIBRATION["botchan"].read_text(encoding="utf-8")

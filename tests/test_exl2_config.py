@@ -5,14 +5,14 @@ refuse a runtime which cannot reproduce the fp16 source."""
 import json
 import os
 
-from quantkit.backends.exl2_view import exllamav2_config, source_view
+from quantkit.config_view import source_view, transformers4_config
 from quantkit.evaluate.parity import Parity
 
 
 def test_the_samples_config_gets_its_rope_base_at_the_top_level(sample_model):
     config = json.loads((sample_model / "config.json").read_text())
     assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 100000.0  # transformers 5
-    out = exllamav2_config(config)
+    out = transformers4_config(config)
     assert out["rope_theta"] == 100000.0
     assert "rope_scaling" not in out  # default RoPE: nothing to scale
     assert out["torch_dtype"] == "float16" and out["tie_word_embeddings"] is True
@@ -22,23 +22,23 @@ def test_the_samples_config_gets_its_rope_base_at_the_top_level(sample_model):
 def test_scaled_rope_becomes_rope_scaling():
     llama3 = {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
-    out = exllamav2_config(llama3)
+    out = transformers4_config(llama3)
     assert out["rope_theta"] == 500000.0
     assert out["rope_scaling"] == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    yarn = exllamav2_config({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0,
+    yarn = transformers4_config({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0,
                                                  "original_max_position_embeddings": 32768}})
     assert yarn["rope_scaling"]["rope_type"] == "yarn" and yarn["rope_scaling"]["factor"] == 4.0
     # A config that already has the old keys keeps them as they are.
     old = {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0}}
-    assert exllamav2_config(old)["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    assert transformers4_config(old)["rope_scaling"] == {"type": "linear", "factor": 2.0}
 
 
 def test_rope_per_attention_type_takes_the_full_attention_base():
     gemma3 = {"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
                                   "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}}
-    out = exllamav2_config(gemma3)
+    out = transformers4_config(gemma3)
     assert out["rope_theta"] == 1e6 and out["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
 
 

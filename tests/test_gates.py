@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from conftest import PROFILES, run_cli
-from quantkit.evaluate.integrity import check, folder_facts, gguf_facts
+from quantkit.evaluate.integrity import check, folder_facts
+from quantkit.formats.gguf.chat_facts import gguf_facts
 from quantkit.llamacpp import find_tree
 from quantkit.profiles import load_profile
 

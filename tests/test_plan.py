@@ -1,6 +1,6 @@
 """`quantkit plan` and the Python API: a plan is printed, nothing is built."""
 
-from quantkit import backends
+from quantkit import formats
 from quantkit.build import make_plan
 
 from conftest import run_cli
@@ -27,6 +27,6 @@ def test_python_api_plan(sample_model, tmp_path):
 
 
 def test_backends_command_lists_gguf():
-    assert "gguf" in backends.names()
+    assert "gguf" in formats.names()
     listed = [line.split()[0] for line in run_cli("backends", check=True).stdout.splitlines()]
-    assert listed == backends.names()
+    assert listed == formats.names()

@@ -5,25 +5,9 @@ import hashlib
 import json
 import re
 
-import pytest
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 
-from conftest import PROFILES, run_cli
-from hub_server import HubServer, client_env, isolate_client
-
-TOKEN = "qk-test-token-alice-0123456789"
-OTHER = "qk-test-token-bob-0123456789"
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    isolate_client(monkeypatch, tmp_path / "hf_home_tests")  # the test's own client: plain LFS, no ~/.cache
-    server = HubServer(tmp_path / "hub", {TOKEN: {"alice"}, OTHER: {"bob"}}, names={TOKEN: "alice", OTHER: "bob"})
-    server.start()
-    server.env = {**client_env(server.endpoint, tmp_path / "hf_home"), "HF_TOKEN": TOKEN,
-                  "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
-    yield server
-    server.stop()
+from conftest import OTHER, PROFILES, TOKEN, run_cli
 
 
 def _api(hub):

@@ -4,7 +4,7 @@ reference of every format, and GPTQ/AWQ folders through GPTQModel's kernels).
   tokenize:  python -m quantkit.evaluate.hf_worker tokenize FOLDER TEXT_FILE OUT.npy BOS.json
   evaluate:  python -m quantkit.evaluate.hf_worker evaluate FOLDER SPEC.json OUT.json
 
-SPEC is the same as gguf_worker's. `reference: true` keeps the weights as stored (fp16 or bf16, 2 bytes
+SPEC is the same for every runner (evaluate/metrics.py). `reference: true` keeps the weights as stored (fp16 or bf16, 2 bytes
 a parameter) and computes in float32: each module's weights are widened just before it runs and dropped
 after, so the results are those of a float32 copy of the model (docs/evaluation.md) at half its memory.
 `weights: "float32"` loads a whole float32 copy instead (4 bytes a parameter): the old reference, which

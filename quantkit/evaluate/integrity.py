@@ -2,8 +2,8 @@
 the tokens that end a turn, its special tokens), checked against the source. A quant that renders a prompt
 differently, or never stops because its end-of-turn token is not one, is broken whatever its perplexity.
 
-Read from the files a runtime reads: GGUF metadata (and llama.cpp's own end-of-generation set), or a
-folder's tokenizer files (transformers, vLLM, exllamav2 and mlx-lm read the same ones).
+Read from the files a runtime reads: a folder's tokenizer files (transformers, vLLM, exllamav2 and mlx-lm
+read the same ones) here; a format whose runtime reads something else says so (Format.chat_facts).
 """
 
 from __future__ import annotations
@@ -119,36 +119,6 @@ def _folder_template(folder: Path, cfg: dict) -> str | None:
     return value
 
 
-def gguf_facts(path: Path) -> ChatFacts:
-    """A GGUF as llama.cpp reads it when it loads the file (its vocabulary only): the chat template, the BOS,
-    EOS and EOT ids, the control tokens, and the end-of-generation set llama.cpp derives from them."""
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    from ..backends.gguf_shards import model_file
-
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    with suppress_stdout_stderr(disable=False):
-        model = llama_cpp.llama_model_load_from_file(str(model_file(path)).encode(), params)
-    if not model:
-        raise SourceError(f"llama.cpp cannot read the vocabulary of {path.name}", "rebuild the file")
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(model)
-        text = lambda i: llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", errors="replace")  # noqa: E731
-        n = llama_cpp.llama_vocab_n_tokens(vocab)
-        ids = {"bos": llama_cpp.llama_vocab_bos(vocab), "eos": llama_cpp.llama_vocab_eos(vocab),
-               "eot": llama_cpp.llama_vocab_eot(vocab)}
-        tokens = {k: (None if i == llama_cpp.LLAMA_TOKEN_NULL else i) for k, i in ids.items()}
-        special = {text(i): i for i in range(n) if llama_cpp.llama_vocab_get_attr(vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL}
-        template = llama_cpp.llama_model_chat_template(model, None)
-        return ChatFacts(template=template.decode("utf-8") if template else None, tokens=tokens, special=special,
-                         stop_ids=frozenset(i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)),
-                         texts={i: text(i) for i in {*tokens.values(), *special.values()} if i is not None})
-    finally:
-        llama_cpp.llama_model_free(model)
-
-
 def check(source: ChatFacts, artifact: ChatFacts) -> list[Mismatch]:
     """Every field where the artifact would behave differently from the source in a chat."""
     out = []
@@ -187,8 +157,3 @@ def check_source_template(source: ChatFacts) -> None:
     if source.template and (r := source.render("system + user")).startswith("<error:"):
         raise SourceError(f"the source's chat template fails to render a system + user chat: {r[8:-1]}",
                           "fix chat_template in tokenizer_config.json or chat_template.jinja")
-
-
-def artifact_facts(path: Path, runner: str) -> ChatFacts:
-    """What the runtime of this artifact's format reads: GGUF metadata for llama.cpp, tokenizer files otherwise."""
-    return gguf_facts(path) if runner == "gguf" else folder_facts(path)

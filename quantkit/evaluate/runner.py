@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ProfileError
 from ..executors import Executor, HelperRun, LocalExecutor
+from ..formats.base import HF_RUNNER
 from ..fsutil import atomic_path, sha256_text
 from ..manifest import Manifest
 from ..memory import REFERENCE
@@ -44,9 +45,6 @@ def merge_runs(earlier: dict, later: dict) -> dict:
 def runs_state(state_dir: Path, key: str) -> Path:
     """An unfinished evaluation's per-position values, between rounds (and across an interrupted build)."""
     return state_dir / f"eval-{key[:16]}.state.npz"
-
-WORKERS = {"gguf": "quantkit.evaluate.gguf_worker", "hf": "quantkit.evaluate.hf_worker",
-           "exl2": "quantkit.evaluate.exl2_worker"}
 
 
 class Evaluator:
@@ -82,7 +80,7 @@ class Evaluator:
             text_file, bos_file = self.state / "eval-text.txt", self.state / "eval-bos.json"
             text_file.write_text(text, encoding="utf-8")
             with atomic_path(out) as tmp:
-                run_python(["-m", WORKERS["hf"], "tokenize", str(self.source), str(text_file), str(tmp), str(bos_file)],
+                run_python(["-m", HF_RUNNER, "tokenize", str(self.source), str(text_file), str(tmp), str(bos_file)],
                            what="tokenizer")
                 if self.profile.evaluation.max_tokens:
                     ids = np.load(tmp)[: self.profile.evaluation.max_tokens]
@@ -131,7 +129,7 @@ class Evaluator:
         spec = {**spec, "reference": True, "ref_write": str(ref_path), "windows": want, "state": str(state)}
         if rec and have:  # more windows of a finished reference: its chat replies are already known
             spec["chat"] = False
-        [run] = self.executor.run_helpers([self._helper("hf", self.source, spec, "the fp16 source (reference)",
+        [run] = self.executor.run_helpers([self._helper(HF_RUNNER, self.source, spec, "the fp16 source (reference)",
                                                         memory_key=REFERENCE)], self.reporter)
         raw = self._result(run)
         self.m.record(REFERENCE, ref_key, ref_path, windows=raw["windows"])
@@ -145,7 +143,7 @@ class Evaluator:
         return self.last_reference or self.reference(FIRST_ROUND if self.precision else None)
 
     def evaluate(self, artifacts: list[tuple[Path, str, int]]) -> list[EvalResult]:
-        """Score each (artifact, runner, GPUs it needs) against the reference; the runs the manifest does not
+        """Score each (artifact, runner module, GPUs it needs) against the reference; the runs the manifest does not
         already hold go to the executor together (on Ray, at once). With evaluation.precision, in rounds: a few
         windows each, then as many more as the least precise artifact needs (the reference grows with them)."""
         _, _, base_key, spec = self._keys()
@@ -190,7 +188,7 @@ class Evaluator:
         name = re.sub(r"[^\w.-]", "_", target.name)
         spec_file, result_file = self.state / f"eval-{name}.spec.json", self.state / f"eval-{name}.result.json"
         spec_file.write_text(json.dumps(spec))
-        return HelperRun(f"evaluate {label}", ("-m", WORKERS[runner], "evaluate", str(target), str(spec_file), str(result_file)),
+        return HelperRun(f"evaluate {label}", ("-m", runner, "evaluate", str(target), str(spec_file), str(result_file)),
                          self.state, cpus=self.threads, gpus=gpus, memory=self.memory.get(memory_key or target.name, 0))
 
     def _result(self, run: HelperRun) -> dict:

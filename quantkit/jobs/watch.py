@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import backends
+from .. import formats
 from ..errors import QuantkitError, SourceError
 from ..fsutil import parse_scaled
 from ..memory import job_peak
@@ -87,9 +87,9 @@ def profile_ref(profile: str) -> str:
 def job_needs(profile: Profile, params: int) -> tuple[bool, int]:
     """Whether the job needs a GPU worker, and its memory: the heaviest step, by the formulas `quantkit plan`
     uses, from the Hub's parameter count alone (the build plans exactly once it has the checkpoint)."""
-    gpu = any(backends.get(name).gpus and (opts or {}).get("if_unavailable", "fail") == "fail"
+    gpu = any(formats.get(name).gpus and (opts or {}).get("if_unavailable", "fail") == "fail"
               for name, opts in profile.backends.items())
-    return gpu, job_peak(profile, params, [backends.get(name) for name in profile.backends])
+    return gpu, job_peak(profile, params, [formats.get(name) for name in profile.backends])
 
 
 def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Path = "builds",

@@ -55,7 +55,7 @@ class Worker:
         self.running: dict[int, _Running] = {}
         self.stopping = False
         if self.o.gpus is None:
-            from ..backends.exl2 import cuda_devices
+            from ..gpus import cuda_devices
 
             self.o.gpus = cuda_devices()
         self.memory = self.o.memory_bytes or int(0.9 * machine_memory())

@@ -20,7 +20,8 @@ from ..errors import QuantkitError
 from ..fsutil import human_size, sha256_file, write_text_atomic
 from ..plan import AUX_ROLES
 from ..progress import Reporter
-from .card import FORMATS, PLOT, model_card
+from .. import formats
+from .card import PLOT, model_card
 from .plot import size_vs_kld
 
 
@@ -75,8 +76,8 @@ def folder_files(folder: Path, prefix: str = "") -> list[UploadFile]:
 
 def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None = None,
                  offline: bool = False, allow_failed: bool = False) -> list[RepoCommit]:
-    """Write each format's card and plot into BUILD/publish/<format>/ and list the commits: GGUF files
-    on main; GPTQ/AWQ/EXL2 variants on a branch each, with the card on main. No network unless the
+    """Write each repo's card and plot into BUILD/publish/ and list the commits, as each format lays out its
+    repos (Card.layout): GGUF files on main; GPTQ/AWQ/EXL2 variants on a branch each, with the card on main. No network unless the
     owner must be asked of the Hub. A build with failed checks is refused unless `allow_failed`; the
     card then marks the files that failed."""
     build_dir = build_dir.absolute()
@@ -101,24 +102,29 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
         owner = _whoami(token)
     private = bool(opts.get("private"))
     commits = []
-    for backend in dict.fromkeys(a["backend"] for a in report["artifacts"]):
-        arts = [a for a in report["artifacts"] if a["backend"] == backend]
-        fmt = FORMATS.get(backend, backend)
-        repo_id = opts.get("repo", "{owner}/{model}-{format}").format(owner=owner, model=report["model"], format=fmt)
-        _check_repo_id(repo_id)
+    for name in dict.fromkeys(a["backend"] for a in report["artifacts"]):
+        fmt = formats.get(name)
+        arts = [a for a in report["artifacts"] if a["backend"] == name]
         for a in arts:
             path = build_dir / a["filename"]
             if not path.exists() or (path.is_file() and path.stat().st_size != a["size_bytes"]):
                 raise PublishError(f"{a['filename']} is missing or changed since the report was written",
                                    "re-run the same quantkit build command to complete the build folder")
-        stage = build_dir / "publish" / backend
-        stage.mkdir(parents=True, exist_ok=True)
-        sub = {**report, "quantized_by": opts.get("quantized_by") or owner, "artifacts": arts}
-        write_text_atomic(stage / "README.md", str(model_card(sub, repo_id, backend)))
-        size_vs_kld(sub, stage / PLOT)
-        card = folder_files(stage)
-        message = f"quantkit: {report['model']} {fmt}"
-        if backend == "gguf":
+        sub = {**report, "quantized_by": opts.get("quantized_by") or owner}
+        pattern = opts.get("repo", "{owner}/{model}-{format}")
+        message = f"quantkit: {report['model']} {fmt.card.display}"
+        if fmt.card.layout == "repos":  # a repo per variant, its folder on main (mlx-community's way)
+            if "{variant}" not in pattern:
+                pattern += "-{variant}"
+            for a in (a for a in arts if a.get("role") not in AUX_ROLES):
+                repo_id = _repo_id(pattern, owner, report, fmt, a["variant"])
+                card = _stage(build_dir / "publish" / f"{name}-{a['variant']}", {**sub, "artifacts": [a]}, repo_id, fmt)
+                commits.append(RepoCommit(repo_id, "main", private, card + folder_files(build_dir / a["filename"]),
+                                          f"{message} {a['variant']}"))
+            continue
+        repo_id = _repo_id(pattern, owner, report, fmt)
+        card = _stage(build_dir / "publish" / name, {**sub, "artifacts": arts}, repo_id, fmt)
+        if fmt.card.layout == "files":
             files = list(card)
             for a in arts:  # a file, or a folder of shards that keeps its name in the repo
                 path = build_dir / a["filename"]
@@ -132,6 +138,20 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
             commits += [RepoCommit(repo_id, a["variant"], private, folder_files(build_dir / a["filename"]),
                                    f"{message} {a['variant']}") for a in arts if a.get("role") not in AUX_ROLES]
     return commits
+
+
+def _repo_id(pattern: str, owner: str, report: dict, fmt, variant: str = "") -> str:
+    repo_id = pattern.format(owner=owner, model=report["model"], format=fmt.card.display, variant=variant)
+    _check_repo_id(repo_id)
+    return repo_id
+
+
+def _stage(stage: Path, report: dict, repo_id: str, fmt) -> list[UploadFile]:
+    """The card and plot of one repo, written into BUILD/publish/<...>/."""
+    stage.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stage / "README.md", str(model_card(report, repo_id, fmt)))
+    size_vs_kld(report, stage / PLOT)
+    return folder_files(stage)
 
 
 def publish(commits: list[RepoCommit], *, token: str | None = None, reporter: Reporter | None = None,
@@ -150,7 +170,7 @@ def publish(commits: list[RepoCommit], *, token: str | None = None, reporter: Re
         reporter.info(f"publishing {c.repo_id} ({human_size(sum(f.size for f in c.files))})")
         _retrying(lambda: api.create_repo(c.repo_id, private=c.private, exist_ok=True), attempts, backoff_s, reporter)
         if c.branch != "main":
-            # Folder formats (GPTQ, AWQ, EXL2): one branch per variant, made from main, which holds the card.
+            # A branch per variant (GPTQ, AWQ, EXL2), made from main, which holds the card.
             _retrying(lambda: api.create_branch(c.repo_id, branch=c.branch, exist_ok=True), attempts, backoff_s, reporter)
         results.append(_retrying(lambda: _commit(api, c, reporter), attempts, backoff_s, reporter))
     return results

@@ -1,7 +1,7 @@
 """Child process: evaluate an EXL2 folder with exllamav2 (CUDA only).
 
-  evaluate:   python -m quantkit.evaluate.exl2_worker evaluate FOLDER SPEC.json OUT.json
-  preflight:  python -m quantkit.evaluate.exl2_worker preflight SOURCE_VIEW SPEC.json OUT.json
+  evaluate:   python -m quantkit.formats.exl2.evaluate_worker evaluate FOLDER SPEC.json OUT.json
+  preflight:  python -m quantkit.formats.exl2.evaluate_worker preflight SOURCE_VIEW SPEC.json OUT.json
 
 The forward pass is exllamav2's; the chat template and decoding come from the folder's own
 tokenizer files through transformers, as for the other formats.
@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from .chat import chat_turns
-from .metrics import score, scored_range, worker_main
+from ...evaluate.chat import chat_turns
+from ...evaluate.metrics import score, scored_range, worker_main
 
 
 def _load(folder: str, ctx: int):
@@ -66,7 +66,7 @@ def chat_functions(logits, tok, folder: str):
             out.append(nxt)
         return tok.decode(out, skip_special_tokens=not special), None
 
-    from .hf_worker import template_render
+    from ...evaluate.hf_worker import template_render
 
     return generate, template_render(tok)
 
@@ -81,8 +81,8 @@ def preflight(view: str, spec_file: str, out_file: str) -> None:
 
     import torch
 
-    from .hf_worker import load_model
-    from .metrics import Accumulator, log_softmax, windows
+    from ...evaluate.hf_worker import load_model
+    from ...evaluate.metrics import Accumulator, log_softmax, windows
 
     spec = json.loads(Path(spec_file).read_text())
     ctx, first, last = spec["ctx"], *scored_range(spec["ctx"])

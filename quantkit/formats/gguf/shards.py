@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..llamacpp import find_tool
-from ..procs import Finished, run_program
+from ...llamacpp import find_tool
+from ...procs import Finished, run_program
 
 
 def model_file(path: Path) -> Path:

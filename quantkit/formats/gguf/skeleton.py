@@ -5,7 +5,7 @@ takes seconds and no disk space, and never reads the weights: the converter's te
 are only computed when written. llama_model_quantize's dry run on it gives every artifact's exact
 size before the f16 file exists (`quantkit plan`, and the disk check before a build).
 
-Usage: python -m quantkit.backends.gguf_skeleton LLAMA_CPP_TREE CONVERTER_ARGS...
+Usage: python -m quantkit.formats.gguf.skeleton LLAMA_CPP_TREE CONVERTER_ARGS...
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Child process: quantize one GPTQ or AWQ variant with GPTQModel.
 
-Usage: python -m quantkit.backends.gptq_worker SPEC.json
+Usage: python -m quantkit.formats.gptq.worker SPEC.json
 SPEC: method (gptq|awq), source, out, bits, group_size, desc_act, sym, calibration {text, samples, seq_len}.
 """
 
@@ -11,14 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from ..fsutil import drop_local_paths
+from ...fsutil import drop_local_paths
 
 
 def calibration_texts(source: str, spec: dict) -> list[str]:
     """`samples` consecutive slices of `seq_len` tokens of the calibration text (never the evaluation text)."""
     from transformers import AutoTokenizer
 
-    from ..evaluate.text import calibration_text
+    from ...evaluate.text import calibration_text
 
     text = calibration_text(spec["text"], spec["evaluation_text"])
     tok = AutoTokenizer.from_pretrained(source)

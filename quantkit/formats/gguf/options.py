@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ProfileError
-from ..evaluate.text import CALIBRATION
-from ..fsutil import parse_bytes
-from .gguf_types import INTERMEDIATES, NEEDS_IMATRIX, ftypes, ggml_types, normalize
+from ...errors import ProfileError
+from ...evaluate.text import CALIBRATION
+from ...fsutil import parse_bytes
+from .types import INTERMEDIATES, NEEDS_IMATRIX, ftypes, ggml_types, normalize
 
 DEFAULT_SPLIT = "48G"
 _BACKEND_KEYS = {"types", "intermediate", "imatrix", "split_max_size"}

@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import sha256_text, write_json_atomic
-from ..llamacpp import LlamaCppTree
-from ..paths import cache_dir
-from ..procs import run_python
-from ..source import Source
-from .gguf_options import GGUFOptions
-from .gguf_sizes import SizePrediction, predict_from_dry_run
-from .gguf_types import INTERMEDIATES, ftypes, ggml_types
+from ...fsutil import sha256_text, write_json_atomic
+from ...llamacpp import LlamaCppTree
+from ...paths import cache_dir
+from ...procs import run_python
+from ...source import Source
+from .options import GGUFOptions
+from .sizes import SizePrediction, predict_from_dry_run
+from .types import INTERMEDIATES, ftypes, ggml_types
 
 # Peak memory of a step: a fixed part (Python, torch, llama.cpp) plus working copies of the largest
 # tensor, because the converter and the quantizer stream tensors one at a time (lazy tensors,
@@ -89,14 +89,14 @@ def _predict(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".skeleton-") as tmp:
         skeleton = Path(tmp) / "skeleton.gguf"
-        run_python(["-m", "quantkit.backends.gguf_skeleton", str(tree.root), str(source.path),
+        run_python(["-m", "quantkit.formats.gguf.skeleton", str(tree.root), str(source.path),
                     "--outtype", INTERMEDIATES[opts.intermediate], "--outfile", str(skeleton)],
                    what="llama.cpp converter (planning sizes)")
         tensors = list(GGUFReader(skeleton).tensors)
         plan = SizePlan(files={opts.intermediate: SizePrediction(skeleton.stat().st_size)})
         if opts.variants:
             specs = [quantize_spec(v.options(), skeleton, Path(tmp) / "dry.gguf", 1, dry_run=True) for v in opts.variants]
-            lines = run_python(["-m", "quantkit.backends.gguf_quantize_worker", json.dumps(specs)],
+            lines = run_python(["-m", "quantkit.formats.gguf.quantize_worker", json.dumps(specs)],
                                what="llama.cpp quantizer (dry run)").lines
             chunks = _per_spec(lines)
             for v, chunk in zip(opts.variants, chunks):

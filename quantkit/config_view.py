@@ -1,11 +1,11 @@
-"""The source as exllamav2 0.3 reads it: a folder of links to the checkpoint's files, with config.json
-translated from what transformers 5 writes to the keys exllamav2 looks for.
+"""The source as runtimes written for transformers 4 read it: a folder of links to the checkpoint's files,
+with config.json given the top-level keys they look for.
 
-transformers 5 moved `rope_theta` and `rope_scaling` into `rope_parameters`. exllamav2 reads the
-top-level keys and, finding none, silently uses its default base of 10000: measured on the sample,
-whose base is 100000, exllamav2 then scored perplexity 202 on text where transformers scores 11.7.
-exllamav2's converter copies this config.json into every output folder, so the EXL2 folders load
-right in exllamav2 and TabbyAPI too.
+transformers 5 moved `rope_theta` and `rope_scaling` into `rope_parameters`. exllamav2 0.3 and mlx-lm 0.32
+read the top-level keys and, finding none, silently use a default base of 10000: measured on the sample,
+whose base is 100000, exllamav2 then scored perplexity 202 on text where transformers scores 11.7. Both
+converters copy this config.json into every output folder, so their folders load right in exllamav2,
+TabbyAPI and mlx-lm too.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 
-def exllamav2_config(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` with the keys exllamav2 reads added (the transformers 5 ones are kept)."""
+def transformers4_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the keys transformers 4 wrote added (the transformers 5 ones are kept)."""
     out = dict(config)
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and rope and "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values()):
-        # One entry per attention type (Gemma 3): exllamav2 takes the sliding layers' base from its own tables.
+        # One entry per attention type (Gemma 3): the runtimes take the sliding layers' base from their own tables.
         rope = rope.get("full_attention") or next(iter(rope.values()))
     if isinstance(rope, dict):
         if "rope_theta" in rope:
@@ -30,7 +30,7 @@ def exllamav2_config(config: dict[str, Any]) -> dict[str, Any]:
         kind = rope.get("rope_type") or rope.get("type") or "default"
         if kind != "default" and not config.get("rope_scaling"):
             out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-            if "original_max_position_embeddings" in rope:  # longrope: exllamav2 reads it at the top level
+            if "original_max_position_embeddings" in rope:  # longrope: read at the top level
                 out.setdefault("original_max_position_embeddings", rope["original_max_position_embeddings"])
     if "dtype" in config and "torch_dtype" not in config:
         out["torch_dtype"] = config["dtype"]
@@ -46,5 +46,5 @@ def source_view(source: Path, folder: Path) -> Path:
         if f.is_file() and f.name != "config.json":
             os.symlink(f.resolve(), folder / f.name)
     config = json.loads((source / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(exllamav2_config(config), indent=2))
+    (folder / "config.json").write_text(json.dumps(transformers4_config(config), indent=2))
     return folder

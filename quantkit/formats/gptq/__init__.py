@@ -1,5 +1,6 @@
-"""GPTQ and AWQ backends through GPTQModel (it writes the standard `quant_method: gptq` / `awq`
-checkpoints that transformers, vLLM and exllama load). Each variant is a folder."""
+"""GPTQ and AWQ through GPTQModel (it writes the standard `quant_method: gptq` / `awq` checkpoints that
+transformers, vLLM and exllama load). Each variant is a folder, evaluated by transformers (the reference's
+runner) and published as a branch of the format's repo."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ProfileError
-from ..evaluate.text import CALIBRATION
-from ..fsutil import atomic_dir
-from ..plan import ArtifactPlan, ArtifactResult
-from ..procs import run_python
-from ..source import Source, param_count, safetensors_header, tensor_stats
-from . import Backend, BuildContext, Requirement, package
+from ...errors import ProfileError
+from ...evaluate.text import CALIBRATION
+from ...fsutil import atomic_dir
+from ...plan import ArtifactPlan, ArtifactResult
+from ...procs import run_python
+from ...source import Source, param_count, safetensors_header, tensor_stats
+from ..base import HF_RUNNER, BuildContext, Card, Format, Requirement, package
 
 INSTALL_HINT = "install the gptq extra: QUANTKIT_EXTRAS=test,gptq ./scripts/setup.sh (or pip install 'quantkit[gptq]')"
 
@@ -33,11 +34,13 @@ class Method:
     peak_per_param: float = 2.7
 
 
-class GPTQModelBackend(Backend):
-    """Shared by the gptq and awq backends: plan-time checks, the worker process, the folder's facts."""
+class GPTQModelFormat(Format):
+    """Shared by the gptq and awq formats: plan-time checks, the worker process, the folder's facts."""
 
     method = Method("gptq", "GPTQ", (2, 3, 4, 8))
-    evaluator = "hf"
+    runner = HF_RUNNER
+    card = Card(display="GPTQ", made_with="GPTQModel", featured=("4bit-g32", "4bit-g128"),
+                loads_in="They load in transformers (with optimum and GPTQModel installed), vLLM and exllama.")
 
     def requirements(self) -> list[Requirement]:
         return [package("gptqmodel", "gptqmodel", INSTALL_HINT), package("optimum", "optimum", INSTALL_HINT)]
@@ -102,7 +105,7 @@ class GPTQModelBackend(Backend):
                     step.update(int(done), int(total))
 
             # cwd: GPTQModel writes a logs/ folder into the working directory; keep it with the build's state.
-            done = run_python(["-m", "quantkit.backends.gptq_worker", str(spec_file)], on_line=on_line, cwd=spec_file.parent,
+            done = run_python(["-m", "quantkit.formats.gptq.worker", str(spec_file)], on_line=on_line, cwd=spec_file.parent,
                        env={"GPTQMODEL_CPU_WORKERS": str(ctx.threads)}, what=f"GPTQModel ({self.method.name})")
             spec_file.unlink()
         return {"source_params": param_count(ctx.source.path), "peak_rss_bytes": done.peak_rss_bytes}
@@ -123,13 +126,15 @@ class GPTQModelBackend(Backend):
         )
 
 
-class GPTQBackend(GPTQModelBackend):
+class GPTQFormat(GPTQModelFormat):
     name = "gptq"
 
 
-class AWQBackend(GPTQModelBackend):
+class AWQFormat(GPTQModelFormat):
     name = "awq"
     method = Method("awq", "AWQ", (4,))
+    card = Card(display="AWQ", made_with="GPTQModel", featured=("4bit-g32", "4bit-g128"),
+                loads_in="They load in transformers (with GPTQModel installed) and vLLM.")
 
 
 def _linear_widths(source: Source) -> set[int]:
@@ -137,3 +142,6 @@ def _linear_widths(source: Source) -> set[int]:
     cfg = source.config
     widths = {cfg.get("hidden_size"), cfg.get("intermediate_size")}
     return {int(w) for w in widths if w}
+
+
+FORMATS = {"gptq": GPTQFormat, "awq": AWQFormat}

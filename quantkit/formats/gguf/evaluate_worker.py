@@ -1,6 +1,6 @@
 """Child process: evaluate one GGUF with llama-cpp-python.
 
-  evaluate:  python -m quantkit.evaluate.gguf_worker evaluate MODEL SPEC.json OUT.json
+  evaluate:  python -m quantkit.formats.gguf.evaluate_worker evaluate MODEL SPEC.json OUT.json
 
 SPEC holds: tokens (path to .npy), bos (id each window starts with, or null), ctx, threads,
 ref_read (path to the reference's log-probabilities), smoke options. Progress goes to stderr as
@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from .chat import CHAT_CTX, chat_turns, render_chat
-from .metrics import score, scored_range, worker_main
+from ...evaluate.chat import CHAT_CTX, chat_turns, render_chat
+from ...evaluate.metrics import score, scored_range, worker_main
 
 
 def _load(model: str, ctx: int, threads: int):
@@ -22,7 +22,7 @@ def _load(model: str, ctx: int, threads: int):
 
     from llama_cpp import Llama, llama_supports_gpu_offload
 
-    from ..backends.gguf_shards import model_file
+    from .shards import model_file
 
     # With a CUDA build of llama.cpp (setup.sh makes one where there are a GPU and nvcc), every layer goes to the GPU.
     gpu_layers = -1 if llama_supports_gpu_offload() else 0

@@ -1,4 +1,4 @@
-"""EXL2 backend: exllamav2's own converter. One measurement pass per model (measurement.json, an
+"""EXL2: exllamav2's own converter. One measurement pass per model (measurement.json, an
 artifact of its own), reused by every bitrate; each bitrate is a folder, published as a branch
 (`4.0bpw-h6`). exllamav2 needs a CUDA GPU: without one the plan refuses, or skips EXL2 when the
 profile says `if_unavailable: skip`. exllamav2 is never imported in this process (on import it
@@ -7,19 +7,20 @@ compiles its CUDA extension); its work runs in child processes."""
 from __future__ import annotations
 
 import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import ProfileError, ToolError
-from ..evaluate.text import calibration_text
-from ..fsutil import atomic_dir, atomic_path, drop_local_paths, write_text_atomic
-from ..plan import ArtifactPlan, ArtifactResult
-from ..procs import Finished, run_python
-from ..source import Source, param_count, tensor_stats
-from . import Backend, BuildContext, Requirement, package
-from ..evaluate.parity import Parity
-from .exl2_view import source_view
+from ...errors import ProfileError, ToolError
+from ...evaluate.text import calibration_text
+from ...fsutil import atomic_dir, atomic_path, drop_local_paths, write_text_atomic
+from ...plan import ArtifactPlan, ArtifactResult
+from ...procs import Finished, run_python
+from ...source import Source, param_count, tensor_stats
+from ...gpus import cuda_devices
+from ...memory import scored_logits
+from ..base import BuildContext, Card, Format, Requirement, package
+from ...evaluate.parity import Parity
+from ...config_view import source_view
 
 INSTALL_HINT = "install the exl2 extra: QUANTKIT_EXTRAS=test,gptq,exl2 ./scripts/setup.sh (or pip install 'quantkit[exl2]')"
 _KEYS = {"bits", "head_bits", "calibration", "measurement"}  # and if_unavailable, read by the plan
@@ -30,19 +31,18 @@ _KEYS = {"bits", "head_bits", "calibration", "measurement"}  # and if_unavailabl
 _LAYER_OVERHEAD_BITS = 0.07
 
 
-@cache
-def cuda_devices() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+# EXL2 runs on the GPU; the host holds exllamav2, torch and the file it reads from. Not measured yet (no
+# GPU machine): an allowance, not a fit.
+EXL2_EVAL_FIXED = 1_500_000_000
 
 
-class EXL2Backend(Backend):
+class EXL2Format(Format):
     name = "exl2"
-    evaluator = "exl2"
+    runner = "quantkit.formats.exl2.evaluate_worker"
     gpus = 1
+    eval_fixed_bytes = EXL2_EVAL_FIXED
+    card = Card(display="exl2", made_with="exllamav2's converter", featured=("4.0bpw-h6",),
+                loads_in="They load in exllamav2 and TabbyAPI.")
 
     def requirements(self) -> list[Requirement]:
         return [package("exllamav2", "exllamav2", INSTALL_HINT),
@@ -133,7 +133,7 @@ class EXL2Backend(Backend):
                                "set evaluation.enabled: true, or leave exl2 out of the profile")
         spec_file, result_file = view.parent / "exl2-preflight.spec.json", view.parent / "exl2-preflight.json"
         spec_file.write_text(json.dumps({**ctx.evaluation, "windows": 4}))
-        run_python(["-m", "quantkit.evaluate.exl2_worker", "preflight", str(view), str(spec_file), str(result_file)],
+        run_python(["-m", "quantkit.formats.exl2.evaluate_worker", "preflight", str(view), str(spec_file), str(result_file)],
                    what="exllamav2 parity preflight")
         raw = json.loads(result_file.read_text())
         parity = Parity("exllamav2, fp16 source", raw["kld_mean"], raw["top1_agreement"], raw["tokens_scored"])
@@ -141,7 +141,7 @@ class EXL2Backend(Backend):
         if not parity.passed:
             raise ToolError(f"exllamav2 does not reproduce {ctx.source.name} in fp16 ({parity.problems()}), so its EXL2 "
                             "files would be measured and published wrong",
-                            "check the model's config.json against what exllamav2 reads (quantkit/backends/exl2_view.py); "
+                            "check the model's config.json against what exllamav2 reads (quantkit/config_view.py); "
                             "or leave exl2 out of the profile")
         return parity
 
@@ -150,7 +150,7 @@ class EXL2Backend(Backend):
         path = ctx.out_dir / ".quantkit" / "exl2-calibration.parquet"
         source = path.with_suffix(".txt")
         write_text_atomic(source, calibration_text(text_spec, ctx.evaluation_text))
-        run_python(["-m", "quantkit.backends.exl2_worker", "parquet", str(source), str(path)], what="calibration parquet")
+        run_python(["-m", "quantkit.formats.exl2.worker", "parquet", str(source), str(path)], what="calibration parquet")
         return path
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
@@ -170,6 +170,15 @@ class EXL2Backend(Backend):
             stated_bits=float(cfg.get("bits") or item.options["bits"]),
         )
 
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
+        return self.eval_fixed_bytes + scored_logits(vocab, ctx)  # the file streams to the GPU, not held here
+
+    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+        return ["With TabbyAPI, put the downloaded folder in its `models/` folder; with exllamav2:", "",
+                "```python", "from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config", "",
+                f'config = ExLlamaV2Config("{local_dir}")',
+                "model = ExLlamaV2(config)", "model.load_autosplit(ExLlamaV2Cache(model, lazy=True))", "```"]
+
 
 def _other_files(source: Source) -> int:
     """config, tokenizer and chat template: the converter copies them into every folder."""
@@ -182,3 +191,6 @@ def _check(done: Finished, expected: Path) -> None:
         errors = [line.strip() for line in done.lines if line.lstrip().startswith("##")]
         raise ToolError(f"exllamav2 did not write {expected.name}: {(errors or done.lines[-1:] or ['no output'])[-1]}",
                         "the last lines of its output:\n" + "\n".join(done.lines[-15:]))
+
+
+FORMATS = {"exl2": EXL2Format}

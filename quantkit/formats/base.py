@@ -1,0 +1,163 @@
+"""What a format is: everything quantkit knows of one kind of quantized model, asked through one class.
+
+A Format plans and builds its artifacts (plan, build, describe), says how they are measured (the runner
+module that scores one against the reference, the files its runtime reads its chat template from, the
+memory that takes), and how they are published (the card's facts, the repo layout, the usage snippet).
+The core (build, evaluate, report, publish) asks the format and knows no format by name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import ProfileError
+from ..evaluate.integrity import ChatFacts, folder_facts
+from ..plan import ArtifactPlan, ArtifactResult
+from ..progress import Reporter
+from ..source import Source
+from ..memory import scored_logits
+
+# A GPTQ/AWQ-like folder through transformers (the reference runner): torch, transformers and the kernels
+# (measured at 38M and 0.52B parameters).
+HF_EVAL_FIXED = 1_300_000_000
+# The module that scores a folder transformers can load (and the fp16 source itself).
+HF_RUNNER = "quantkit.evaluate.hf_worker"
+
+# Where a format's files go on the Hub: "files" (one repo, every artifact a file on main), "branches" (one
+# repo, a branch per variant, the card on main) or "repos" (a repo per variant, the folder on main).
+Layout = Literal["files", "branches", "repos"]
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a format's model card and repo say of it."""
+
+    display: str  # the format as repo names, titles and table labels write it: "GGUF", "GPTQ", "exl2"
+    made_with: str = ""  # "GPTQModel": the card says "made with quantkit using ..."
+    loads_in: str = ""  # "They load in transformers and vLLM."
+    layout: Layout = "branches"
+    tags: tuple[str, ...] = ()  # besides the format's name, "quantized" and "quantkit"
+    library_name: str | None = None
+    featured: tuple[str, ...] = ()  # variants the usage snippet shows first, when built
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    source: Source
+    out_dir: Path
+    reporter: Reporter
+    threads: int
+    llama_cpp: str | None = None  # user llama.cpp checkout, if any
+    evaluation_text: str = "builtin:botchan"  # calibration must not contain it
+    # The evaluation's token ids, for checks a backend runs against the reference before it builds (EXL2's
+    # parity preflight): {"tokens": path of the .npy, "bos": id or None, "ctx": window}; None with evaluation off.
+    evaluation: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """Something a backend needs on this machine, checked before any work starts."""
+
+    what: str  # "package gptqmodel", "a CUDA GPU"
+    available: bool
+    hint: str = ""  # how to get it
+    gpu: bool = False  # a GPU on this machine: a Ray cluster with GPU nodes meets it instead
+
+
+def package(dist: str, module: str, hint: str) -> Requirement:
+    """A Python package, found without importing it (heavy imports stay lazy)."""
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return Requirement(f"package {dist}", False, hint)
+    return Requirement(f"package {dist} {version}", importlib.util.find_spec(module) is not None, hint)
+
+
+class Format(ABC):
+    name: str = ""
+    # The module that scores an artifact against the reference, run as `python -m RUNNER evaluate TARGET SPEC
+    # OUT` (evaluate/metrics.py: worker_main); None: the artifacts are reported without evaluation.
+    runner: str | None = None
+    # GPUs one build step (and evaluation) needs: a worker without one does not take the job, Ray places the
+    # step on a GPU node.
+    gpus: int = 0
+    # The runner's own memory besides the artifact it holds and the scored logits.
+    eval_fixed_bytes: int = HF_EVAL_FIXED
+    card: Card = Card(display="")
+
+    def requirements(self) -> list[Requirement]:
+        """What this backend needs; `quantkit backends` lists it, and a plan refuses a backend that lacks any."""
+        return []
+
+    def validate(self, options: dict[str, Any]) -> None:
+        """Check the profile's options without the source or this machine's means, so a mistake in them is
+        reported even where the backend cannot run (plan() validates again, with the source)."""
+
+    def check(self, remote_gpus: bool = False) -> None:
+        """Refuse if this machine lacks a requirement (`remote_gpus`: the steps run where GPUs are, on Ray)."""
+        missing = [r for r in self.requirements() if not r.available and not (r.gpu and remote_gpus)]
+        if missing:
+            raise ProfileError(f"backend {self.name} needs {', '.join(r.what for r in missing)}",
+                               "; ".join(r.hint for r in missing if r.hint) or "install what it needs")
+
+    def step_peak(self, params: int) -> int:
+        """Peak memory of this backend's heaviest build step for a model of `params` 16-bit parameters, when only
+        the count is known (a job queued from a Hub listing); plan() gives each step's exact estimate."""
+        return 0
+
+    @abstractmethod
+    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+        """Validate `options` from the profile and list the artifacts; no heavy work here."""
+
+    @abstractmethod
+    def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
+        """Write `item.filename` under ctx.out_dir (atomically); return facts only the build saw."""
+
+    @abstractmethod
+    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
+        """What the report says of a built artifact (size, types, bits per weight), given build()'s facts."""
+
+
+    # Evaluation
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
+        """Peak memory of scoring one artifact of `artifact_bytes` (its runtime size) for a model of `config`
+        (None: only the parameter count is known)."""
+        return self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx)
+
+    def chat_facts(self, path: Path) -> ChatFacts:
+        """The chat template, special tokens and stop tokens as the artifact's runtime reads them."""
+        return folder_facts(path)
+
+    # Reports and cards
+    def label(self, variant: str) -> str:
+        """How tables name a variant: "GPTQ 4bit-g32"."""
+        return f"{self.name.upper()} {variant}"
+
+    def made_with(self, report: dict) -> str:
+        return self.card.made_with or self.name
+
+    def use_hint(self, variant: str, bits_per_weight: float) -> str:
+        """The card's "Use case" cell."""
+        return "low-bit; check the KL-divergence before use" if 0 < bits_per_weight < 4 else ""
+
+    def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
+        """Sections (title -> paragraphs) the report and the card add about this format's artifacts (GGUF: the
+        importance matrix)."""
+        return {}
+
+    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+        """The card's "Run" section (markdown lines) for one published variant; `local_dir`: where the Download
+        section put it. By default: transformers, from the variant's branch."""
+        revision = f', revision="{artifact["variant"]}"' if self.card.layout == "branches" else ""
+        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{revision})',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision})', "```"]
+
+
+# Third-party packages written against the first API name their class Backend.
+Backend = Format
