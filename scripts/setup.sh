@@ -10,8 +10,8 @@ CACHE=${QUANTKIT_CACHE:-$HOME/.cache/quantkit}
 LLAMA_VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 # Optional parts to install (pyproject's extras): test, gptq (GPTQ/AWQ through GPTQModel, about
 # 6 GB with the torch it needs), exl2 (exllamav2; it installs anywhere but runs only on a CUDA
-# GPU) and ray (build steps on a Ray cluster). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
-EXTRAS=${QUANTKIT_EXTRAS:-test,gptq,exl2,ray}
+# GPU), mlx (mlx and mlx-lm, CPU wheels on Linux) and ray (build steps on a Ray cluster). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
+EXTRAS=${QUANTKIT_EXTRAS:-test,gptq,exl2,mlx,ray}
 # GPTQModel needs torch>=2.14.1; without it, the CPU wheel of 2.13.0 (a plain `torch` would pull a
 # multi-GB CUDA build anyway).
 case ",$EXTRAS," in
