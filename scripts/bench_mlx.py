@@ -11,6 +11,7 @@ Usage: .venv/bin/python scripts/bench_mlx.py [--quantized 8] [--tokens 512] [--t
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,10 @@ def main() -> int:
         ckpt = Path(tmp) / "ckpt"
         ckpt.mkdir()
         mx.save_safetensors(str(ckpt / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "pt"})
-        (ckpt / "config.json").write_text((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        for key in ("quantization", "quantization_config"):
+            config.pop(key)
+        (ckpt / "config.json").write_text(json.dumps(config))
         hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
         x = torch.tensor([ids[:args.tokens]])
         with torch.inference_mode():
