@@ -20,7 +20,8 @@ Usage (see tests/test_hub_server.py for a full fixture):
     server.fail_next("POST", r"/commit/", status=500)
     server.drop_next("PUT", r"^/_lfs/")
     server.hold_next("PUT", r"^/_lfs/", seconds=60)   # a stalled upload; returns an Event set when it stalls
-    server.requests                    # [Logged(method, path, status), ...]; status 0 = connection dropped
+    server.cut_next("GET", r"/resolve/", after_bytes=4096)  # a download cut off mid-file
+    server.requests                    # [Logged(method, path, status, sent, range), ...]; status 0 = connection dropped
     server.stop()
 
 Request bodies and served files are held in memory: fine for test files of tens of MB, not for real checkpoints.
@@ -65,6 +66,8 @@ class Logged(NamedTuple):
     method: str
     path: str  # without the query string, still percent-encoded as sent
     status: int  # 0 when the connection was dropped without an answer
+    sent: int = 0  # bytes of body sent (less than promised when cut off)
+    range: str = ""  # the Range header the client sent: how a resumed download asks for the rest
 
 
 class HubError(Exception):
@@ -146,7 +149,7 @@ class HubServer:
         class Handler(_Handler):
             server_hub = hub
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="hub-server", daemon=True)  # short poll: stop() returns at once
@@ -179,6 +182,14 @@ class HubServer:
         with self._lock:
             self._faults.append(fault)
         return fault.started
+
+    def cut_next(self, method: str, path_regex: str, after_bytes: int, count: int = 1) -> None:
+        """Answer the next `count` matching requests with their full headers (Content-Length included), send only
+        the first `after_bytes` of the body, then close the connection: a download cut off mid-file."""
+        fault = _Fault("cut", method, path_regex, count)
+        fault.after_bytes = after_bytes
+        with self._lock:
+            self._faults.append(fault)
 
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         with self._lock:
@@ -660,6 +671,15 @@ class HubServer:
         return 200, headers, data
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # A client that gave up (a timeout, a killed process) is what fault tests make: not worth a traceback.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class _Request(NamedTuple):
     method: str
     path: str
@@ -715,15 +735,18 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, payload = 500, {"Content-Type": "application/json"}, json.dumps({"error": repr(e)}).encode()
         if fault and fault.kind == "drop":
             return self._drop(path)
+        body = payload if self.command != "HEAD" else b""
+        if fault and fault.kind == "cut":
+            body = body[:fault.after_bytes]
+            self.close_connection = True
         with hub._lock:  # logged before answering: once the client has its answer, the log shows the request
-            hub.requests.append(Logged(self.command, path, status))
+            hub.requests.append(Logged(self.command, path, status, len(body), self.headers.get("Range", "")))
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+        self.wfile.write(body)
 
     def _drop(self, path):
         with self.server_hub._lock:
