@@ -40,12 +40,14 @@ class BuildResult:
 def make_plan(source: str | Source, profile: str | Profile | None = None, out: str | Path = "builds", *,
               revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
               llama_cpp: str | None = None, remote_gpus: bool = False, memory_limit: int | None = None,
-              memory_where: str = "this machine") -> BuildPlan:
+              memory_where: str = "this machine", reporter: Reporter | None = None) -> BuildPlan:
     """What a build will make. `remote_gpus`: the steps run on a Ray cluster with GPU nodes, so a backend that
     needs a GPU is planned even where this machine has none. `memory_limit`: what one step may use (default:
-    this machine's memory, or $QUANTKIT_MEMORY); BuildPlan.check_memory() refuses steps beyond it."""
+    this machine's memory, or $QUANTKIT_MEMORY); BuildPlan.check_memory() refuses steps beyond it. `reporter` hears
+    of the download's retries and of a source taken from the Hugging Face cache."""
     src = source if isinstance(source, Source) else resolve(
-        source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        log=reporter.warn if reporter else None)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     ev = prof.evaluation
     if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:

@@ -73,7 +73,8 @@ def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: O
 
     reporter = Reporter()
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, llama_cpp=llama_cpp, memory_limit=_memory_limit(memory))
+                  trust_remote_code=trust_remote_code, llama_cpp=llama_cpp, memory_limit=_memory_limit(memory),
+                  reporter=reporter)
     typer.echo(p.render())
     p.check_memory()
 
@@ -105,7 +106,8 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
         limit, where = executor.max_memory, "the largest Ray node"
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
                   trust_remote_code=trust_remote_code, llama_cpp=llama_cpp,
-                  remote_gpus=bool(executor and executor.max_gpus), memory_limit=limit, memory_where=where)
+                  remote_gpus=bool(executor and executor.max_gpus), memory_limit=limit, memory_where=where,
+                  reporter=reporter)
     reporter.info(p.render())
     result = run_build(p, reporter=reporter, threads=threads or None, llama_cpp=llama_cpp, executor=executor)
     typer.echo(Path(result.report_md).read_text().split("\n## ")[0].rstrip())
@@ -176,7 +178,7 @@ def watch(orgs: list[str] = typer.Argument(..., help="Hub users or organisations
         except QuantkitError as e:
             if not every:
                 raise
-            typer.echo(f"error: {e} (next pass in {every:.0f}s)", err=True)  # a Hub hiccup must not end the watch
+            typer.echo(f"error: {e}; next pass in {every:g}s", err=True)  # a Hub outage must not end the watch
         if not every:
             return
         time.sleep(every)
@@ -276,24 +278,28 @@ def list_backends() -> None:
 
 
 def main() -> None:
+    import click
+
+    from .exits import Status, crash_log, fail
+
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, click returns typer.Exit's code
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except QuantkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"  fix: {e.hint}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        fail(Status(e.exit_code, str(e), e.hint, e.retryable))
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except click.ClickException as e:  # usage errors
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except Exception as e:  # a bug, here or in a plugin: one line for the user, the traceback in a file
+        message = (str(e).splitlines() or [""])[0][:300]
+        log = crash_log(e)
+        fail(Status(1, f"unexpected {type(e).__name__}" + (f": {message}" if message else ""),
+                    f"this is a bug: the traceback is in {log}; please include that file in a bug report"))

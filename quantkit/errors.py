@@ -4,13 +4,15 @@ from __future__ import annotations
 
 
 class QuantkitError(Exception):
-    """Base class: `str(err)` is the cause, `err.hint` says what to do about it."""
+    """Base class: `str(err)` is the cause, `err.hint` says what to do about it. `retryable`: the same command
+    may succeed later unchanged (the network failed), so a worker queues its job again."""
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str = "") -> None:
+    def __init__(self, message: str, hint: str = "", *, retryable: bool = False) -> None:
         super().__init__(message)
         self.hint = hint
+        self.retryable = retryable
 
 
 class SourceError(QuantkitError):

@@ -42,6 +42,7 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
         "model": src.name,
         # Never an absolute local path: reports get published.
         "source": {"repo_id": src.repo_id, "revision": src.revision, "local": src.repo_id is None,
+                   "from_cache": src.from_cache,
                    "architecture": src.architecture, "dtype": src.dtype, "license": src.license,
                    "base_model": src.repo_id or src.base_model, "model_type": src.config.get("model_type")},
         "prompt_format": prompt_format(src.chat_template),
@@ -268,6 +269,8 @@ def render_markdown(data: dict) -> str:
     ev = data["evaluation"]
     src = data["source"]
     origin = f"{src['repo_id']} @ {src['revision']}" if src["repo_id"] else "a local folder"
+    if src.get("from_cache"):
+        origin += f", from the local Hugging Face cache ({src['from_cache']})"
     lines = [
         f"# {data['model']}: quantization report",
         "",

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NoReturn
 
 import yaml
 
+from . import network, resumable
 from .errors import SourceError
+from .fsutil import write_text_atomic
 
 # What a conversion needs from a repo: weights as safetensors, configs, tokenizer, chat template.
 ALLOW_PATTERNS = [
@@ -31,6 +33,7 @@ class Source:
     name: str  # model name used in file names: "SmolLM2-135M-Instruct"
     repo_id: str | None = None  # set when downloaded from the Hub
     revision: str | None = None  # the resolved commit sha of a Hub download
+    from_cache: str | None = None  # why the snapshot came from the Hugging Face cache without asking the Hub
     architecture: str = ""
     dtype: str = "float16"
     license: str | None = None
@@ -40,13 +43,15 @@ class Source:
 
     def describe(self) -> str:
         if self.repo_id:
-            return f"{self.repo_id}@{(self.revision or '')[:12]}"
+            cached = f" (from the Hugging Face cache: {self.from_cache})" if self.from_cache else ""
+            return f"{self.repo_id}@{(self.revision or '')[:12]}{cached}"
         return str(self.path)
 
 
 def resolve(spec: str, *, revision: str | None = None, allow_pickle: bool = False,
-            trust_remote_code: bool = False, name: str | None = None) -> Source:
-    """`spec` is a local folder or a Hub repo id ("ORG/MODEL")."""
+            trust_remote_code: bool = False, name: str | None = None,
+            log: Callable[[str], None] | None = None) -> Source:
+    """`spec` is a local folder or a Hub repo id ("ORG/MODEL"). `log` hears of retries and of a cached build."""
     local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -54,41 +59,122 @@ def resolve(spec: str, *, revision: str | None = None, allow_pickle: bool = Fals
         return inspect(local, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, name=name)
     if not _REPO_ID.match(spec):
         raise SourceError(f"{spec!r} is neither an existing folder nor a Hub repo id", "use ORG/MODEL or a path to a folder")
-    folder, commit = download(spec, revision=revision, allow_pickle=allow_pickle)
+    folder, commit, cached = download(spec, revision=revision, allow_pickle=allow_pickle, log=log)
+    if cached and log:
+        log(f"using {spec}@{commit[:12]} from the Hugging Face cache: {cached}")
     src = inspect(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                   name=name or spec.split("/")[-1])
-    return Source(**{**src.__dict__, "repo_id": spec, "revision": commit})
+    return Source(**{**src.__dict__, "repo_id": spec, "revision": commit, "from_cache": cached})
 
 
-def download(repo_id: str, *, revision: str | None = None, allow_pickle: bool = False) -> tuple[Path, str]:
-    """snapshot_download the files a conversion needs; HF_ENDPOINT and HF_TOKEN apply as usual."""
+def download(repo_id: str, *, revision: str | None = None, allow_pickle: bool = False,
+             log: Callable[[str], None] | None = None) -> tuple[Path, str, str | None]:
+    """The snapshot of `revision` (default: main) with the files a conversion needs, in the Hugging Face cache
+    (HF_HUB_CACHE, shared with every tool that downloads models); HF_ENDPOINT and HF_TOKEN apply as usual.
+    Returns the folder, its commit, and why it came from the cache without the Hub (None: the Hub answered).
+    With HF_HUB_OFFLINE, or when the Hub cannot be reached, a cached snapshot is used (never a mix of two)."""
     from huggingface_hub import HfApi, snapshot_download
+
+    hub = network.endpoint()
+    patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    if network.offline_mode():
+        why = "HF_HUB_OFFLINE is set"
+        return (*_cached(repo_id, revision, patterns, why), why)
+    try:
+        # Pin the commit first, so the files and the report's revision are the same snapshot.
+        commit = network.retrying(lambda: HfApi().model_info(repo_id, revision=revision, timeout=network.timeout_s()).sha,
+                                  what=f"asking {hub} for {repo_id}", log=log)
+    except network.GaveUp as e:
+        why = network.outage(e)
+        return (*_cached(repo_id, revision, patterns, why), why)
+    except Exception as e:
+        _refuse(e, repo_id, revision)
+
+    def fetch() -> str:
+        # Files already in the cache are not fetched again; a large file cut off mid-way resumes from its part.
+        resumable.prefetch(repo_id, commit, patterns, _cache_folder(repo_id) / "blobs")
+        return snapshot_download(repo_id, revision=commit, allow_patterns=patterns, etag_timeout=network.timeout_s())
+
+    try:
+        folder = network.retrying(fetch, what=f"downloading {repo_id}", log=log)
+    except network.GaveUp as e:
+        raise SourceError(f"the download of {repo_id} failed: {network.outage(e)}",
+                          "run the same command again later: the download resumes where it stopped", retryable=True) from e
+    except Exception as e:
+        _refuse(e, repo_id, revision)
+    _remember_ref(repo_id, revision, commit)
+    return Path(folder), commit, None
+
+
+def _refuse(e: Exception, repo_id: str, revision: str | None) -> NoReturn:
+    """Raise what the Hub's answer means for the user, or `e` itself when it is not the Hub's."""
     from huggingface_hub.errors import (
         GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        # Pin the commit first, so the files and the report's revision are the same snapshot.
-        commit = HfApi().model_info(repo_id, revision=revision).sha
-        patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
-        # The Hugging Face cache (HF_HUB_CACHE), shared with every other tool that downloads models.
-        folder = snapshot_download(repo_id, revision=commit, allow_patterns=patterns)
-    except GatedRepoError as e:
-        raise SourceError(f"{repo_id} is gated on {endpoint}", "accept its terms on the Hub, then set HF_TOKEN") from e
-    except RepositoryNotFoundError as e:
-        raise SourceError(
-            f"repo {repo_id} not found on {endpoint}",
-            "check the name; for a private repo set HF_TOKEN to a token that can read it",
-        ) from e
-    except RevisionNotFoundError as e:
+    hub = network.endpoint()
+    if isinstance(e, GatedRepoError):
+        raise SourceError(f"{repo_id} is gated on {hub}", "accept its terms on the Hub, then set HF_TOKEN") from e
+    if isinstance(e, RepositoryNotFoundError):
+        raise SourceError(f"repo {repo_id} not found on {hub}",
+                          "check the name; for a private repo set HF_TOKEN to a token that can read it") from e
+    if isinstance(e, RevisionNotFoundError):
         raise SourceError(f"revision {revision!r} not found in {repo_id}", "pass an existing branch, tag or commit") from e
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise SourceError(
-            f"cannot download {repo_id} from {endpoint}: {str(e).splitlines()[0]}",
-            "check the network and HF_ENDPOINT, or build from a local folder",
-        ) from e
-    return Path(folder), commit
+    if isinstance(e, (HfHubHTTPError, LocalEntryNotFoundError, OSError)):
+        raise SourceError(f"cannot download {repo_id} from {hub}: {network.short(e)}",
+                          "check the name, HF_ENDPOINT and HF_TOKEN, or build from a local folder") from e
+    raise e
+
+
+def _cache_folder(repo_id: str) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+
+
+def _remember_ref(repo_id: str, revision: str | None, commit: str) -> None:
+    """Record which commit a branch or tag named, in the cache's refs/ as huggingface_hub does, so that an offline
+    build later finds it (downloading by commit, as quantkit does to pin a snapshot, records no ref)."""
+    rev = revision or "main"
+    if rev == commit:
+        return
+    try:
+        write_text_atomic(_cache_folder(repo_id) / "refs" / rev, commit)  # no newline: the client reads it raw
+    except OSError:
+        pass  # best effort: a read-only cache still builds online
+
+
+def _cached(repo_id: str, revision: str | None, patterns: list[str], why: str) -> tuple[Path, str]:
+    """The cached snapshot of `revision` (a branch or tag through the cache's refs/, or a commit), refused unless
+    complete by the file list cached with it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    rev = revision or "main"
+    try:
+        folder = Path(snapshot_download(repo_id, revision=rev, allow_patterns=patterns, local_files_only=True))
+    except IncompleteSnapshotError as e:
+        missing = re.search(r"is incomplete: (.*?)\. ", str(e))
+        raise SourceError(f"{why}, and the cached snapshot of {repo_id} ({rev}) is incomplete"
+                          + (f": {missing[1]}" if missing else ""),
+                          "build once with the Hub reachable to finish the download (it resumes), "
+                          "or build from a complete local folder", retryable=True) from e
+    except LocalEntryNotFoundError as e:
+        known = _cached_revisions(repo_id)
+        raise SourceError(f"{why}, and {repo_id} ({rev}) is not in the Hugging Face cache"
+                          + (f" (cached: {known})" if known else ""),
+                          "build once with the Hub reachable (unset HF_HUB_OFFLINE), pass --revision with a cached "
+                          "commit, or build from a local folder", retryable=not network.offline_mode()) from e
+    return folder, folder.name
+
+
+def _cached_revisions(repo_id: str) -> str:
+    """What the cache holds of a repo, for the refusal: "main -> 1a2b3c4d5e6f, snapshot 7a8b...". """
+    root = _cache_folder(repo_id)
+    refs = {p.relative_to(root / "refs").as_posix(): p.read_text().strip()[:12]
+            for p in sorted((root / "refs").rglob("*")) if p.is_file()}
+    snaps = [p.name[:12] for p in sorted((root / "snapshots").glob("*")) if p.is_dir()]
+    return ", ".join([f"{r} -> {c}" for r, c in refs.items()] + [f"snapshot {c}" for c in snaps if c not in refs.values()])
 
 
 # Any of these makes a tokenizer transformers and llama.cpp's converter can load.

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -51,3 +52,28 @@ def hub(tmp_path, monkeypatch):
                   "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
     yield server
     server.stop()
+
+
+SAMPLE_REPO = "alice/SmolLM2-135M-Instruct"
+
+
+@contextlib.contextmanager
+def sample_on_hub(sample_model: Path, tmp: Path):
+    """The sample as alice/SmolLM2-135M-Instruct on a test Hub server of its own, for a module's tests:
+    `hub.commit` is its commit, `hub.env` points quantkit's child processes at it."""
+    from huggingface_hub import HfApi
+    from hub_server import HubServer, client_env, isolate_client
+
+    mp = pytest.MonkeyPatch()
+    isolate_client(mp, tmp / "hf_home_tests")
+    server = HubServer(tmp / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
+    server.start()
+    server.env = {**client_env(server.endpoint, tmp / "hf_home"), "HF_TOKEN": TOKEN, "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
+    try:
+        api = HfApi(endpoint=server.endpoint, token=TOKEN)
+        api.create_repo(SAMPLE_REPO)
+        server.commit = api.upload_folder(repo_id=SAMPLE_REPO, folder_path=sample_model).oid
+        yield server
+    finally:
+        server.stop()
+        mp.undo()

@@ -15,12 +15,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from conftest import PROFILES, REPO, run_cli
-from hub_server import HubServer, client_env, isolate_client
+from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, run_cli, sample_on_hub
 from quantkit.jobs.queue import JobQueue
 
-TOKEN = "qk-test-token-alice-0123456789"
-SOURCE = "alice/SmolLM2-135M-Instruct"
 PROFILE = PROFILES / "jobs.yaml"
 
 
@@ -39,18 +36,8 @@ def _wait(predicate, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def hub(sample_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("jobs-hub")
-    mp = pytest.MonkeyPatch()
-    isolate_client(mp, tmp / "hf_home_tests")
-    server = HubServer(tmp / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
-    server.start()
-    server.env = {**client_env(server.endpoint, tmp / "hf_home"), "HF_TOKEN": TOKEN, "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
-    api = HfApi(endpoint=server.endpoint, token=TOKEN)
-    api.create_repo(SOURCE)
-    server.source_commit = api.upload_folder(repo_id=SOURCE, folder_path=sample_model).oid
-    yield server
-    server.stop()
-    mp.undo()
+    with sample_on_hub(sample_model, tmp_path_factory.mktemp("jobs-hub")) as server:
+        yield server
 
 
 def _cli(hub, queue, *args, **kw):
@@ -71,10 +58,10 @@ def built_by_worker(hub, tmp_path_factory):
 def test_watch_queues_once_worker_builds_and_publishes(hub, built_by_worker):
     first, second, queue = built_by_worker["first"], built_by_worker["second"], built_by_worker["queue"]
     assert "1 new job(s), 0 already queued or built" in first.stdout
-    assert f"{SOURCE}@{hub.source_commit[:12]}" in first.stdout
+    assert f"{SOURCE}@{hub.commit[:12]}" in first.stdout
 
     [job] = JobQueue(queue).list()
-    assert (job.state, job.attempts, job.exit_code, job.revision) == ("done", 1, 0, hub.source_commit)
+    assert (job.state, job.attempts, job.exit_code, job.revision) == ("done", 1, 0, hub.commit)
     assert "1 job(s) done, 0 failed" in built_by_worker["work"].stdout
 
     # The worker's build published (publish.auto), byte for byte.
@@ -85,7 +72,7 @@ def test_watch_queues_once_worker_builds_and_publishes(hub, built_by_worker):
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     assert ggufs == sorted(lfs) and len(ggufs) == 3
     assert all(lfs[name] == _sha(folder / name) for name in ggufs)
-    assert json.loads((folder / "report.json").read_text())["source"]["revision"] == hub.source_commit
+    assert json.loads((folder / "report.json").read_text())["source"]["revision"] == hub.commit
 
     # The second pass: nothing new; the quant repo the worker published is recognised, not queued.
     assert "0 new job(s), 1 already queued or built" in second.stdout
@@ -135,7 +122,7 @@ def test_the_same_job_on_ray_makes_the_same_files(hub, built_by_worker, ray_clus
     assert "alice/SmolLM2-135M-Instruct-GGUF@main: " in log  # and it published, as the profile says
 
 
-def test_a_new_source_commit_is_a_new_job_and_filters_apply(hub, built_by_worker, tmp_path):
+def test_a_new_commit_is_a_new_job_and_filters_apply(hub, built_by_worker, tmp_path):
     queue = built_by_worker["queue"]
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
     commit = api.upload_file(path_or_fileobj=b"notes\n", path_in_repo="NOTES.md", repo_id=SOURCE).oid

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import network
 from ..errors import ProfileError, SourceError
 from ..paths import DATA_DIR
 
@@ -59,10 +60,15 @@ def _hub_text(spec: str) -> str:
     repo, split, column = (spec.split(":") + [None, None])[:3]
     column = column or "text"
     try:
-        folder = Path(snapshot_download(repo, repo_type="dataset",
-                                        allow_patterns=["*.txt", "*.jsonl", "*.parquet"]))
+        # A cached copy is used when the Hub cannot be reached (huggingface_hub's own fallback).
+        folder = Path(network.retrying(lambda: snapshot_download(repo, repo_type="dataset",
+                                                                 allow_patterns=["*.txt", "*.jsonl", "*.parquet"]),
+                                       what=f"downloading dataset {repo}"))
+    except network.GaveUp as e:
+        raise SourceError(f"cannot download dataset {repo}: {network.outage(e)}",
+                          "run the same command again later, or use a local text file", retryable=True) from e
     except Exception as e:  # huggingface_hub raises many types; all mean "not available"
-        raise SourceError(f"cannot download dataset {repo}: {str(e).splitlines()[0]}", "check the name and HF_TOKEN") from e
+        raise SourceError(f"cannot download dataset {repo}: {network.short(e)}", "check the name and HF_TOKEN") from e
     files = sorted(p for p in folder.rglob("*") if p.is_file() and (not split or split in p.as_posix()))
     parts: list[str] = []
     for p in files:

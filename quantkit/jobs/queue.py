@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import QuantkitError
+from ..paths import state_dir
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 
@@ -36,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL,
     exit_code INTEGER,
     error TEXT,
+    not_before REAL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
     UNIQUE (repo_id, revision, profile)
@@ -47,8 +49,7 @@ def default_queue_path() -> Path:
     """QUANTKIT_QUEUE, else $XDG_STATE_HOME/quantkit/queue.db: state to keep, not a cache to wipe."""
     if env := os.environ.get("QUANTKIT_QUEUE"):
         return Path(env).expanduser()
-    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return state / "quantkit" / "queue.db"
+    return state_dir() / "queue.db"
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,14 @@ class Job:
     lease_until: float | None
     exit_code: int | None
     error: str | None
+    not_before: float | None  # a job queued again after a network failure waits until then
     created: float
     updated: float
 
     def render(self) -> str:
         who = f" on {self.worker}" if self.state == "running" else ""
+        if self.state == "queued" and self.not_before and self.not_before > time.time():
+            who = f", next attempt at {time.strftime('%H:%M:%S', time.localtime(self.not_before))}"
         why = f": {self.error}" if self.error and self.state in ("failed", "queued") else ""
         return (f"#{self.id:<4} {self.state:9} {self.repo_id}@{self.revision[:12]}  profile {self.profile}  "
                 f"attempt {self.attempts}/{self.max_attempts}{who}{why}")
@@ -84,6 +88,8 @@ class JobQueue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._db() as db:
                 db.executescript(_SCHEMA)
+                if "not_before" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
+                    db.execute("ALTER TABLE jobs ADD COLUMN not_before REAL")  # a queue made before retries waited
         except (OSError, sqlite3.Error) as e:
             raise QuantkitError(f"cannot open the job queue {self.path}: {e}",
                                 "pass --queue (or set QUANTKIT_QUEUE) to a file in a folder you can write to") from e
@@ -154,7 +160,8 @@ class JobQueue:
             self._expire(db, now)
             row = db.execute(
                 "SELECT * FROM jobs WHERE state = 'queued' AND (needs_gpu = 0 OR ?) AND (? IS NULL OR memory_bytes <= ?) "
-                "ORDER BY id LIMIT 1", (int(gpu), memory_bytes, memory_bytes)).fetchone()
+                "AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT 1",
+                (int(gpu), memory_bytes, memory_bytes, now)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state = 'running', worker = ?, lease_until = ?, attempts = attempts + 1, "
@@ -176,14 +183,20 @@ class JobQueue:
                              (now + lease_s, now, job_id, worker))
             return cur.rowcount == 1
 
-    def finish(self, job_id: int, worker: str, exit_code: int, error: str | None = None) -> bool:
-        """Record how a claimed job ended; False if it was no longer this worker's."""
-        state = "done" if exit_code == 0 else "failed"
+    def finish(self, job_id: int, worker: str, exit_code: int, error: str | None = None, *,
+               retry_in: float | None = None) -> str | None:
+        """Record how a claimed job ended and return its new state; None if it was no longer this worker's.
+        `retry_in`: a failure worth another attempt (the network failed) queues the job again, to be taken no
+        sooner than that many seconds from now, unless it has had all its attempts."""
+        now = time.time()
+        retry = exit_code != 0 and retry_in is not None
         with self._write() as db:
-            cur = db.execute("UPDATE jobs SET state = ?, exit_code = ?, error = ?, worker = NULL, lease_until = NULL, "
-                             "updated = ? WHERE id = ? AND worker = ? AND state = 'running'",
-                             (state, exit_code, error, time.time(), job_id, worker))
-            return cur.rowcount == 1
+            cur = db.execute(
+                "UPDATE jobs SET state = CASE WHEN ? = 0 THEN 'done' WHEN ? AND attempts < max_attempts THEN 'queued' "
+                "ELSE 'failed' END, exit_code = ?, error = ?, not_before = ?, worker = NULL, lease_until = NULL, "
+                "updated = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                (exit_code, int(retry), exit_code, error, now + retry_in if retry else None, now, job_id, worker))
+            return self._get(db, job_id).state if cur.rowcount == 1 else None
 
     def pending(self) -> int:
         """Jobs that are queued or running (a running one may come back if its worker died)."""
@@ -198,8 +211,8 @@ class JobQueue:
                 raise QuantkitError(f"job #{job_id} is {job.state}; only failed or cancelled jobs can be retried",
                                     "see `quantkit jobs show`" if job.state != "done" else
                                     "it is done; delete its build folder and retry it to build it again")
-            db.execute("UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, exit_code = NULL, updated = ? "
-                       "WHERE id = ?", (time.time(), job_id))
+            db.execute("UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, exit_code = NULL, not_before = NULL, "
+                       "updated = ? WHERE id = ?", (time.time(), job_id))
             return self._get(db, job_id)
 
     def cancel(self, job_id: int) -> Job:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import formats
+from .. import formats, network
 from ..errors import QuantkitError, SourceError
 from ..fsutil import parse_scaled
 from ..memory import job_peak
@@ -98,23 +98,38 @@ def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Pat
     from huggingface_hub.errors import HfHubHTTPError
 
     prof = load_profile(profile)  # a bad profile fails the pass, not every job later
+    if network.offline_mode():
+        raise SourceError("watch lists models on the Hub, and HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE")
     result = WatchResult()
     api = HfApi()
+    hub = network.endpoint()
+    listed = []  # every organisation first: a pass that fails queues nothing
     for org in orgs:
         try:
-            listed = list(api.list_models(author=org, expand=_EXPAND))
-        except HfHubHTTPError as e:
-            raise SourceError(f"cannot list the models of {org!r}: {str(e).splitlines()[0]}",
-                              "check the organisation name, HF_ENDPOINT and your network (HF_TOKEN for private repos)") from e
-        for info in listed:
-            if why := filters.reject(info):
-                result.skipped.append((info.id, why))
-                continue
-            gpu, memory = job_needs(prof, info.safetensors.total)
-            job = queue.enqueue(info.id, info.sha, profile_ref(profile), out, needs_gpu=gpu, memory_bytes=memory,
-                                max_attempts=max_attempts)
-            if job:
-                result.enqueued.append(job)
-            else:
-                result.known.append(f"{info.id}@{info.sha[:12]}")
+            # huggingface_hub retries a listing itself (5 times, backing off to 8 s); quietly, so that a pass
+            # that fails says so in one line.
+            network.bound_requests()
+            with network.quiet_client():
+                listed += api.list_models(author=org, expand=_EXPAND)
+        except Exception as e:
+            if network.is_transient(e):
+                raise SourceError(f"cannot list the models of {org!r}: {network.outage(e)}",
+                                  "check the network and HF_ENDPOINT; nothing was queued, and the next pass tries again",
+                                  retryable=True) from e
+            if isinstance(e, HfHubHTTPError):
+                raise SourceError(f"cannot list the models of {org!r} on {hub}: {network.short(e)}",
+                                  "check the organisation name, HF_ENDPOINT and your network "
+                                  "(HF_TOKEN for private repos)") from e
+            raise
+    for info in listed:
+        if why := filters.reject(info):
+            result.skipped.append((info.id, why))
+            continue
+        gpu, memory = job_needs(prof, info.safetensors.total)
+        job = queue.enqueue(info.id, info.sha, profile_ref(profile), out, needs_gpu=gpu, memory_bytes=memory,
+                            max_attempts=max_attempts)
+        if job:
+            result.enqueued.append(job)
+        else:
+            result.known.append(f"{info.id}@{info.sha[:12]}")
     return result

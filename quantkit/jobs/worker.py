@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import network
+from ..exits import STATUS_ENV, read_status
 from ..memory import machine_memory
 from ..procs import die_with_parent
 from .queue import Job, JobQueue
@@ -106,8 +108,11 @@ class Worker:
         log.flush()
         args = [sys.executable, "-m", "quantkit", "build", job.repo_id, "--revision", job.revision, "--profile", job.profile,
                 "--out", job.out, "--threads", str(self.threads)] + (["--ray", self.o.ray] if self.o.ray else [])
+        status = _status_path(self.q, job.id)
+        status.unlink(missing_ok=True)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", STATUS_ENV: str(status)},
+                                preexec_fn=die_with_parent)
         self.running[job.id] = _Running(job, proc, log, time.monotonic())
         self.log(f"#{job.id} {job.repo_id}@{job.revision[:12]}: started (attempt {job.attempts}/{job.max_attempts}), "
                  f"log {log_path}")
@@ -126,8 +131,15 @@ class Worker:
             del self.running[job_id]
             r.log.close()
             seconds = time.monotonic() - r.started
-            error = None if code == 0 else _last_error(self.q.log_path(job_id)) or f"exit code {code}"
-            self.q.finish(job_id, self.o.name, code, error)
+            status = read_status(_status_path(self.q, job_id)) if code else None
+            error = None if code == 0 else (status and status.error) or _last_error(self.q.log_path(job_id)) or f"exit code {code}"
+            # A build the network failed may work later: queued again, after a pause that doubles each attempt.
+            retry_in = 30 * network.backoff_s() * 2 ** (r.job.attempts - 1) if status and status.retryable else None
+            state = self.q.finish(job_id, self.o.name, code, error, retry_in=retry_in)
+            if state == "queued":
+                self.log(f"#{job_id} {r.job.repo_id}@{r.job.revision[:12]}: failed (exit {code}): {error}; queued again, "
+                         f"attempt {r.job.attempts + 1}/{r.job.max_attempts} in {retry_in:.0f}s or later")
+                continue
             (summary.done if code == 0 else summary.failed).append(job_id)
             state = "done" if code == 0 else f"failed (exit {code}): {error}"
             self.log(f"#{job_id} {r.job.repo_id}@{r.job.revision[:12]}: {state} after {seconds:.0f}s")
@@ -141,6 +153,10 @@ class Worker:
             r.proc.kill()
             r.proc.wait()
         r.log.close()
+
+
+def _status_path(q: JobQueue, job_id: int) -> Path:
+    return q.logs / f"{job_id}.status.json"
 
 
 def _last_error(log: Path) -> str | None:

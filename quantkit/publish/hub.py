@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import network
 from ..errors import QuantkitError
 from ..fsutil import human_size, sha256_file, write_text_atomic
 from ..plan import AUX_ROLES
@@ -161,7 +160,10 @@ def publish(commits: list[RepoCommit], *, token: str | None = None, reporter: Re
     token = token or hub_token()
     if not token:
         raise PublishError("no Hub token", "set HF_TOKEN, or run `hf auth login`")
-    backoff_s = float(os.environ.get("QUANTKIT_RETRY_BACKOFF_S", 2.0)) if backoff_s is None else backoff_s
+    if network.offline_mode():
+        raise PublishError("publishing needs the Hub, and HF_HUB_OFFLINE is set",
+                           "unset HF_HUB_OFFLINE (quantkit publish --dry-run shows the plan offline)")
+    backoff_s = network.backoff_s() if backoff_s is None else backoff_s
     from huggingface_hub import HfApi
 
     api = api or HfApi(token=token)
@@ -206,35 +208,16 @@ def _git_blob_sha1(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _transient(e: BaseException) -> bool:
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if isinstance(e, HfHubHTTPError):
-        status = getattr(e.response, "status_code", None)
-        return status is not None and (status >= 500 or status == 429)
-    # Connection resets, dropped answers, timeouts: from hf_xet, httpx or the socket layer.
-    return isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in {
-        "RemoteProtocolError", "ConnectError", "ReadError", "WriteError", "ReadTimeout", "WriteTimeout",
-        "ConnectTimeout", "PoolTimeout", "NetworkError", "TransportError"}
-
-
 def _retrying(fn: Callable, attempts: int, backoff_s: float, reporter: Reporter):
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:
-            if not _transient(e):
-                raise _explain(e) from e
-            if i == attempts - 1:
-                raise PublishError(f"the Hub kept failing after {attempts} attempts: {_short(e)}",
-                                   "the repo is unchanged; run the same command again later") from e
-            wait = backoff_s * 2 ** i
-            reporter.warn(f"{_short(e)}; retrying in {wait:.1f}s ({i + 1}/{attempts - 1})")
-            time.sleep(wait)
-
-
-def _short(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+    try:
+        return network.retrying(fn, what="the Hub", attempts=attempts, backoff=backoff_s, log=reporter.warn)
+    except network.GaveUp as e:
+        raise PublishError(f"the Hub kept failing after {attempts} attempts: {network.short(e.last)}",
+                           "the repo is unchanged; run the same command again later", retryable=True) from e
+    except Exception as e:
+        if (err := _explain(e)) is e:
+            raise
+        raise err from e
 
 
 def _explain(e: Exception) -> Exception:
@@ -244,7 +227,7 @@ def _explain(e: Exception) -> Exception:
     if isinstance(e, HfHubHTTPError) and status == 401:
         return PublishError("the Hub rejected the token (401)", "set HF_TOKEN to a valid token with write access")
     if isinstance(e, HfHubHTTPError) and status == 403:
-        return PublishError(f"the token may not write there (403): {_short(e)}",
+        return PublishError(f"the token may not write there (403): {network.short(e)}",
                             "use a token with write access to that user or organisation, or change --owner")
     if isinstance(e, HfHubHTTPError) and status == 412:
         return PublishError("the repo changed while publishing (412)", "run the same command again")
@@ -256,14 +239,12 @@ def _whoami(token: str | None) -> str:
     if not token:
         raise PublishError("cannot tell the repo owner: no --owner and no Hub token",
                            "pass --owner NAME (and set HF_TOKEN to upload)")
+    if network.offline_mode():
+        raise PublishError("cannot ask the Hub who owns the token: HF_HUB_OFFLINE is set",
+                           "pass --owner NAME, or unset HF_HUB_OFFLINE")
     from huggingface_hub import HfApi
 
-    try:
-        return HfApi(token=token).whoami()["name"]
-    except Exception as e:
-        if _transient(e):
-            raise PublishError(f"cannot reach the Hub: {_short(e)}", "check the network and HF_ENDPOINT") from e
-        raise _explain(e) from e
+    return _retrying(lambda: HfApi(token=token).whoami()["name"], 5, network.backoff_s(), Reporter())
 
 
 def _check_repo_id(repo_id: str) -> None:
