@@ -289,6 +289,15 @@ def test_an_unexpected_exception_prints_one_line_and_logs_the_traceback(tmp_path
         from quantkit.formats import Format
 
         class Buggy(Format):
+            def plan(self, source, options, ctx_llama_cpp=None):
+                return []
+
+            def build(self, item, ctx):
+                return {}
+
+            def describe(self, item, path, facts):
+                return {}
+
             def requirements(self):
                 return [1 / 0]
     """))
