@@ -19,8 +19,8 @@ from .fsutil import sha256_file
 LARGE = 16 << 20  # smaller files are cheap to fetch again
 
 
-def prefetch(repo_id: str, commit: str, patterns: list[str], blobs: Path) -> list[str]:
-    """Fetch into `blobs` the large files of `commit` that match `patterns` and are not there yet; their names."""
+def prefetch(repo_id: str, commit: str, patterns: list[str], blobs: Path) -> None:
+    """Fetch into `blobs` the large files of `commit` that match `patterns` and are not there yet."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
@@ -28,12 +28,9 @@ def prefetch(repo_id: str, commit: str, patterns: list[str], blobs: Path) -> lis
     xet = not constants.HF_HUB_DISABLE_XET and _has_hf_xet()
     entries = [e for e in HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
                if isinstance(e, RepoFile) and e.lfs is not None and e.size >= LARGE and not (xet and e.xet_hash)]
-    fetched = []
     for e in filter_repo_objects(entries, allow_patterns=patterns, key=lambda e: e.path):
         if not (blobs / e.lfs.sha256).exists():
             _fetch(repo_id, commit, e.path, e.size, e.lfs.sha256, blobs)
-            fetched.append(e.path)
-    return fetched
 
 
 def _has_hf_xet() -> bool:
