@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -13,10 +14,9 @@ from .evaluate.integrity import check as check_chat, check_source_template, fold
 from .gates import judge
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
-from .llamacpp import bindings_version
-from .manifest import Manifest
+from .manifest import SCHEMA, Manifest
 from .memory import REFERENCE, StepMemory, machine_memory, reference_peak
-from .plan import ArtifactPlan, ArtifactResult, BuildPlan
+from .plan import ArtifactPlan, ArtifactResult, BuildPlan, from_record
 from .profiles import Profile, load_profile
 from .progress import Reporter
 from .report import parity_checks, write_reports
@@ -39,9 +39,10 @@ class BuildResult:
 
 def make_plan(source: str | Source, profile: str | Profile | None = None, out: str | Path = "builds", *,
               revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-              llama_cpp: str | None = None, remote_gpus: bool = False, memory_limit: int | None = None,
+              converter: str | None = None, remote_gpus: bool = False, memory_limit: int | None = None,
               memory_where: str = "this machine", reporter: Reporter | None = None) -> BuildPlan:
-    """What a build will make. `remote_gpus`: the steps run on a Ray cluster with GPU nodes, so a backend that
+    """What a build will make. `converter`: a checkout of a format's converter to use instead of the bundled one
+    (GGUF: a llama.cpp tree; the CLI's --llama-cpp). `remote_gpus`: the steps run on a Ray cluster with GPU nodes, so a backend that
     needs a GPU is planned even where this machine has none. `memory_limit`: what one step may use (default:
     this machine's memory, or $QUANTKIT_MEMORY); BuildPlan.check_memory() refuses steps beyond it. `reporter` hears
     of the download's retries and of a source taken from the Hugging Face cache."""
@@ -72,7 +73,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         chosen.append((backend, options))
     items = []
     for backend, options in chosen:
-        items += backend.plan(src, options, llama_cpp)
+        items += backend.plan(src, options, converter)
     vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
     tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
     scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2 if ev.enabled else 0
@@ -88,14 +89,14 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
                 held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
                                               fmt.evaluation_peak(held, vocab, ev.ctx, src.config)))
-    # Absolute: llama.cpp's converter runs with its own working directory.
+    # Absolute: converters run in working directories of their own.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,
                      memory_limit=machine_memory() if memory_limit is None else memory_limit, memory_where=memory_where)
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
-              llama_cpp: str | None = None, executor: Executor | None = None) -> BuildResult:
+              converter: str | None = None, executor: Executor | None = None) -> BuildResult:
     """Build what is missing, evaluate, report. `executor`: where the artifact steps run (default: here,
     one after another; quantkit.executors.RayExecutor: as tasks on a Ray cluster)."""
     from .evaluate.runner import Evaluator
@@ -117,11 +118,13 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
                              "pass --out to a folder you can write to") from e
     manifest = Manifest(out)
     manifest.lock()
+    if manifest.upgraded:
+        reporter.info(f"{out.name} was built by an older quantkit (manifest schema {manifest.schema}, now {SCHEMA}): "
+                      "what it keyed differently is made again, the rest is kept")
     for p in remove_partials(out):
         reporter.info(f"removed {p.name} left by an interrupted run")
 
     source_key = _source_key(plan.source, manifest)
-    llama_version = bindings_version()
     missing = [a for a in plan.artifacts if not (out / a.filename).exists()]
     need = sum(a.predicted_bytes for a in missing)
     if not (manifest.state_dir / "reference-logprobs.npy").exists():
@@ -138,41 +141,42 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     if evaluating:
         ids, bos = evaluator.tokens()
         tokens = {"tokens": str(ids), "bos": bos, "ctx": plan.profile.evaluation.ctx}
-    ctx = formats.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, llama_cpp=llama_cpp,
+    ctx = formats.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, converter=converter,
                                 evaluation_text=plan.profile.evaluation.text, evaluation=tokens)
-    built, keys, recs = [], {}, {}
+    built, keys, tools = [], {}, {}
+    described: dict[str, ArtifactResult] = {}
 
     def record(item: ArtifactPlan, facts: dict) -> None:
         path = out / item.filename
-        described = formats.get(item.backend).describe(item, path, facts)
-        described.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
-        described.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
-        described.seconds = float(facts.get("seconds", 0.0))
-        recs[item.filename] = manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts,
-                                              result=described.to_dict())
+        result = formats.get(item.backend).describe(item, path, facts)
+        result.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
+        result.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
+        result.seconds = float(facts.get("seconds", 0.0))
+        result.tools = tools[item.filename]
+        described[item.filename] = result
+        manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts, result=result.to_dict())
 
     for wave in _waves(plan.artifacts):
         todo = []
         for item in wave:
-            parent_key = keys.get(item.depends_on, "")
-            parent_sha = manifest.sha256(out / item.depends_on) if item.depends_on else source_key
-            keys[item.filename] = key = sha256_text("artifact", item.backend, item.variant, repr(sorted(item.options.items())),
-                                                    parent_key, parent_sha, *(keys[u] for u in item.uses), llama_version)
+            keys[item.filename] = key = _artifact_key(item, ctx, keys, manifest, source_key, tools)
             rec = manifest.done(f"artifact:{item.filename}", key, out / item.filename)
+            old = from_record(ArtifactResult, {k: v for k, v in rec["result"].items() if k != "evaluation"}) \
+                if rec and isinstance(rec.get("result"), dict) else None
             if rec is None:
                 todo.append(item)
-            elif "result" not in rec:  # built, then interrupted before it was described
+            elif old is None:  # built, then interrupted before it was described (or described by an older quantkit)
                 record(item, rec.get("facts", {}))
                 built.append(item.filename)
             else:
-                recs[item.filename] = rec
+                described[item.filename] = old
                 reporter.info(f"✓ {item.filename} (up to date)")
         for item, facts in executor.build(todo, ctx):
             record(item, facts)
             built.append(item.filename)
     results = []
     for item in plan.artifacts:
-        result = ArtifactResult(**{k: v for k, v in recs[item.filename]["result"].items() if k != "evaluation"})
+        result = described[item.filename]
         result.role, result.uses, result.predicted_bytes = item.role, list(item.uses), item.predicted_bytes  # plan facts
         result.predicted_peak_bytes = item.predicted_peak_bytes
         results.append(result)
@@ -190,7 +194,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
 
     for r in results:
         r.failures = judge(r.to_dict(), plan.profile.bounds)
-    report_json, report_md = write_reports(plan, results, reference, llama_version, manifest)
+    report_json, report_md = write_reports(plan, results, reference, manifest)
     for check in parity_checks([r.to_dict() for r in results]):
         if not check.passed:
             reporter.warn(f"{check.render()}: every file this runtime measured is suspect")
@@ -223,6 +227,19 @@ def _waves(items: list[ArtifactPlan]) -> list[list[ArtifactPlan]]:
     for item in items:
         waves[depth[item.filename]].append(item)
     return waves
+
+
+def _artifact_key(item: ArtifactPlan, ctx: formats.BuildContext, keys: dict[str, str], manifest: Manifest,
+                  source_key: str, tools: dict[str, dict[str, str]]) -> str:
+    """Everything that changes the artifact's bytes: its plan, what it is made from (the parent's content, the
+    keys of the artifacts it uses), and what its format says besides (its own tools' versions, the content of
+    files its options name). Never a path: a moved build folder keeps its keys."""
+    fmt = formats.get(item.backend)
+    tools[item.filename] = fmt.tools(item, ctx)
+    parent_sha = manifest.sha256(ctx.out_dir / item.depends_on) if item.depends_on else source_key
+    made_by = json.dumps({"tools": tools[item.filename], "inputs": fmt.inputs(item, ctx)}, sort_keys=True)
+    return sha256_text("artifact", item.backend, item.variant, repr(sorted(item.options.items())),
+                       keys.get(item.depends_on, ""), parent_sha, *(keys[u] for u in item.uses), made_by)
 
 
 def _source_key(source: Source, manifest: Manifest) -> str:

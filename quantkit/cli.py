@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__
+from . import DEFAULT_PROFILE, __version__
 from .errors import QuantkitError
 
 app = typer.Typer(help="Turn a Hugging Face fp16 checkpoint into a checked set of quantized models.",
@@ -17,7 +17,7 @@ app = typer.Typer(help="Turn a Hugging Face fp16 checkpoint into a checked set o
 SourceArg = typer.Argument(None, help="Hub repo id (ORG/MODEL) or a local checkpoint folder.", show_default=False)
 SampleOpt = typer.Option(False, "--sample", help="Use the bundled sample model (SmolLM2-135M-Instruct, built offline).")
 ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile name (see profiles/) or a YAML file "
-                          "(default: gguf-standard; sample with --sample).", show_default=False)
+                          f"(default: {DEFAULT_PROFILE}; sample with --sample).", show_default=False)
 OutOpt = typer.Option(Path("builds"), "--out", "-o", help="Parent folder; the build goes into OUT/<Model>/.")
 RevisionOpt = typer.Option(None, "--revision", help="Branch, tag or commit of a Hub repo.")
 PickleOpt = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code).")
@@ -59,7 +59,7 @@ def _source(source: Optional[str], sample: bool, profile: Optional[str], reporte
         from .sample import ensure_sample
 
         return str(ensure_sample(log=reporter.info)), profile or "sample"
-    return source, profile or "gguf-standard"
+    return source, profile or DEFAULT_PROFILE
 
 
 @app.command()
@@ -73,7 +73,7 @@ def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: O
 
     reporter = Reporter()
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, llama_cpp=llama_cpp, memory_limit=_memory_limit(memory),
+                  trust_remote_code=trust_remote_code, converter=llama_cpp, memory_limit=_memory_limit(memory),
                   reporter=reporter)
     typer.echo(p.render())
     p.check_memory()
@@ -105,11 +105,11 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
     if executor and limit is None:
         limit, where = executor.max_memory, "the largest Ray node"
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, llama_cpp=llama_cpp,
+                  trust_remote_code=trust_remote_code, converter=llama_cpp,
                   remote_gpus=bool(executor and executor.max_gpus), memory_limit=limit, memory_where=where,
                   reporter=reporter)
     reporter.info(p.render())
-    result = run_build(p, reporter=reporter, threads=threads or None, llama_cpp=llama_cpp, executor=executor)
+    result = run_build(p, reporter=reporter, threads=threads or None, converter=llama_cpp, executor=executor)
     typer.echo(Path(result.report_md).read_text().split("\n## ")[0].rstrip())
     typer.echo(f"\nbuilt {len(result.built)}, evaluated {len(result.evaluated)} in {result.seconds:.1f}s -> {p.out_dir}")
     if publish_ or p.profile.publish.auto:
@@ -155,7 +155,7 @@ def _queue(path: Optional[Path]):
 
 @app.command()
 def watch(orgs: list[str] = typer.Argument(..., help="Hub users or organisations whose models to watch."),
-          profile: str = typer.Option("gguf-standard", "--profile", "-p", help="Profile every job builds with."),
+          profile: str = typer.Option(DEFAULT_PROFILE, "--profile", "-p", help="Profile every job builds with."),
           out: Path = OutOpt, queue: Optional[Path] = QueueOpt,
           architecture: list[str] = typer.Option([], "--architecture", help="Only these config architectures "
                                                  "(repeatable), e.g. LlamaForCausalLM."),

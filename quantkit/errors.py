@@ -33,6 +33,12 @@ class DiskSpaceError(QuantkitError):
     exit_code = 5
 
 
+class BuildFolderError(QuantkitError):
+    """The build folder's record cannot be used: written by a newer quantkit, or not a quantkit manifest."""
+
+    exit_code = 5
+
+
 class NotEnoughMemory(QuantkitError):
     """A step of the build needs more memory than the machine (or the largest Ray node) has."""
 

@@ -93,7 +93,7 @@ class RayExecutor:
             import ray
         except ImportError:
             raise QuantkitError("--ray needs the ray package", "install the ray extra: pip install 'quantkit[ray]' "
-                                "(or QUANTKIT_EXTRAS=test,gptq,exl2,ray ./scripts/setup.sh)") from None
+                                "(./scripts/setup.sh installs it by default)") from None
         import quantkit
 
         self.ray = ray

@@ -33,10 +33,13 @@ def sha256_text(*parts: str) -> str:
 
 
 class HashCache:
-    """sha256 of files, re-read only when size or mtime changed (re-runs hash GBs otherwise)."""
+    """sha256 of files, re-read only when size or mtime changed (re-runs hash GBs otherwise). Files under `root`
+    (the build folder) are cached by their path relative to it, so the folder can move; others by a hash of
+    their absolute path, since the cache lives in the build folder, which must not name local paths."""
 
-    def __init__(self, entries: dict | None = None) -> None:
+    def __init__(self, entries: dict | None = None, root: Path | None = None) -> None:
         self.entries: dict[str, list] = dict(entries or {})
+        self.root = root.resolve() if root else None
 
     def sha256(self, path: Path) -> str:
         """A file's sha256; for a folder (GPTQ/AWQ variants), a hash of its files' names and hashes."""
@@ -44,15 +47,19 @@ class HashCache:
             files = sorted(p for p in path.rglob("*") if p.is_file())
             return sha256_text(*(f"{p.relative_to(path).as_posix()}:{self.sha256(p)}" for p in files))
         st = path.stat()
-        # Keyed by a hash of the absolute path: the manifest lives in the build folder, which must
-        # not name local paths.
-        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+        key = self._key(path)
         hit = self.entries.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
         digest = sha256_file(path)
         self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
         return digest
+
+    def _key(self, path: Path) -> str:
+        full = path.resolve()
+        if self.root is not None and full.is_relative_to(self.root):
+            return "./" + full.relative_to(self.root).as_posix()
+        return hashlib.sha256(str(full).encode()).hexdigest()[:32]
 
 
 @contextlib.contextmanager

@@ -51,13 +51,13 @@ def parse_bounds(data, where: str) -> tuple[Bound, ...]:
     if data is None:
         return ()
     if not isinstance(data, list):
-        raise ProfileError(f"{where} must be a list of rules", "e.g. bounds: [{variants: [Q4_K_M], max_kld: 0.05}]")
+        raise ProfileError(f"{where} must be a list of rules", "e.g. bounds: [{variants: [VARIANT], max_kld: 0.05}]")
     fields = Bound.__dataclass_fields__
     out = []
     for i, rule in enumerate(data):
         at = f"{where}[{i}]"
         if not isinstance(rule, dict):
-            raise ProfileError(f"{at} must be a mapping", "e.g. {variants: [Q4_K_M], max_kld: 0.05}")
+            raise ProfileError(f"{at} must be a mapping", "e.g. {variants: [VARIANT], max_kld: 0.05}")
         if unknown := set(rule) - set(fields):
             raise ProfileError(f"{at}: unknown key(s) {sorted(unknown)}", f"allowed: {', '.join(fields)}")
         values = {}
@@ -82,22 +82,39 @@ def parse_bounds(data, where: str) -> tuple[Bound, ...]:
 
 
 def judge(artifact: dict, bounds: tuple[Bound, ...]) -> list[str]:
-    """What fails for one artifact (a report's artifact entry): its integrity, then every matching bound."""
+    """What fails for one artifact (a report's artifact entry): its integrity, then every matching bound. A bound
+    that cannot be checked (nothing measured the number it limits) fails too, saying why: a release gate that
+    passes what it never saw would publish an unmeasured file as a checked one."""
+    from .plan import MODEL_ROLES  # plan -> profiles -> gates: not at import time
+
     e = artifact.get("evaluation") or {}
     failures = [f"chat integrity: {m}" for m in artifact.get("integrity") or []]
-    if not e:
+    if artifact.get("role", "model") not in MODEL_ROLES:
         return failures
     probes = e.get("probes") or {}
     for b in (b for b in bounds if b.matches(artifact)):
+        if not e:
+            failures.append(f"not measured, so its bound cannot be checked (evaluation.enabled is false, or the "
+                            f"format has no evaluation runner; {b.describe()})")
+            continue
         for key, measured, limit, worse in (
                 ("KLD", e.get("kld_mean"), b.max_kld, lambda m, x: m > x),
                 ("KLD p99", e.get("kld_p99"), b.max_kld_p99, lambda m, x: m > x),
                 ("top-1", e.get("top1_agreement"), b.min_top1, lambda m, x: m < x),
                 ("ΔPPL %", e.get("ppl_delta_pct"), b.max_ppl_delta_pct, lambda m, x: m > x)):
-            if limit is not None and measured is not None and worse(measured, limit):
+            if limit is None:
+                continue
+            if measured is None:
+                failures.append(f"{key} was not measured, so its bound cannot be checked ({b.describe()})")
+            elif worse(measured, limit):
                 failures.append(f"{key} {measured:.4g} (bound {'≥' if key == 'top-1' else '≤'} {limit:g}; {b.describe()})")
         for probe, needed in (("tool_call", b.tool_calls), ("json_mode", b.json_mode)):
             r = probes.get(probe)
-            if needed and r is not None and not r.get("agrees"):
+            if not needed:
+                continue
+            if r is None:
+                failures.append(f"{probe.replace('_', ' ')}: no probe ran, so its bound cannot be checked (chat_checks "
+                                f"are off, or the source has no chat template; {b.describe()})")
+            elif not r.get("agrees"):
                 failures.append(f"{probe.replace('_', ' ')}: {r.get('agreement')} (bound: as the source; {b.describe()})")
     return failures

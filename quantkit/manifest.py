@@ -3,6 +3,12 @@
 A step is done when its key (a hash of everything it was made from) matches and its output
 file still has the recorded sha256. Anything else is redone, so editing or deleting a file in
 the build folder is always safe.
+
+Keys are made of content (hashes, versions, settings), never of paths, and files inside the build
+folder are cached by their path relative to it: a folder moved or mounted elsewhere resumes as it was.
+The file carries a schema version. A folder written by an older quantkit is read as it is: steps whose
+keys this one makes differently are redone, the rest is kept. One written by a newer quantkit is refused,
+rather than overwritten with what this one understands of it.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import QuantkitError
+from .errors import BuildFolderError, QuantkitError
 from .fsutil import HashCache, write_json_atomic
 
 STATE_DIR = ".quantkit"
+# 1: keys held the evaluation tokens' path and llama-cpp-python's version for every format; hashes were cached by
+#    absolute path. 2: content-only keys with each format's own tools and inputs; hashes cached relative to the folder.
+SCHEMA = 2
 
 
 class Manifest:
@@ -23,10 +32,27 @@ class Manifest:
         self.out_dir = out_dir
         self.state_dir = out_dir / STATE_DIR
         self.path = self.state_dir / "manifest.json"
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        try:
+            data = json.loads(self.path.read_text()) if self.path.exists() else {"version": SCHEMA}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BuildFolderError(f"{self.path} is not a quantkit manifest ({e})",
+                                f"delete {self.state_dir} to rebuild the folder from scratch, or use another --out") from e
+        # A manifest from before versions were written is schema 1.
+        self.schema = data.get("version", 1) if isinstance(data, dict) else 0
+        if not isinstance(self.schema, int) or self.schema < 1:
+            raise BuildFolderError(f"{self.path} is not a quantkit manifest", f"delete {self.state_dir}, or use another --out")
+        if self.schema > SCHEMA:
+            raise BuildFolderError(f"{out_dir} was built by a newer quantkit (manifest schema {self.schema}; this one "
+                                f"reads up to {SCHEMA})", "upgrade quantkit, or build into another --out")
         self.steps: dict[str, dict[str, Any]] = data.get("steps", {})
-        self.hashes = HashCache(data.get("hashes"))
+        # Schema 1 cached hashes by absolute path: none of its entries can match, so none are kept.
+        self.hashes = HashCache(data.get("hashes") if self.schema == SCHEMA else None, root=out_dir)
         self._lock = None
+
+    @property
+    def upgraded(self) -> bool:
+        """Written by an older quantkit: what it keyed differently is redone by this build."""
+        return self.schema < SCHEMA
 
     def lock(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -59,4 +85,4 @@ class Manifest:
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, {"version": 1, "steps": self.steps, "hashes": self.hashes.entries})
+        write_json_atomic(self.path, {"version": SCHEMA, "steps": self.steps, "hashes": self.hashes.entries})

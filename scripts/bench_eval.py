@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from quantkit.formats import BuildContext  # noqa: E402
 from quantkit.formats.gguf import GGUFFormat  # noqa: E402
 from quantkit.evaluate.text import BUILTIN  # noqa: E402
-from quantkit.llamacpp import find_tool  # noqa: E402
+from quantkit.formats.gguf.llamacpp import find_tool  # noqa: E402
 from quantkit.plan import ArtifactPlan  # noqa: E402
 from quantkit.profiles import SmokeOptions  # noqa: E402
 from quantkit.progress import Reporter  # noqa: E402

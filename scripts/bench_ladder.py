@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from quantkit.evaluate.stats import parse_precision  # noqa: E402
 from quantkit.evaluate.text import BUILTIN  # noqa: E402
-from quantkit.llamacpp import find_tool, find_tree  # noqa: E402
+from quantkit.formats.gguf.llamacpp import find_tool, find_tree  # noqa: E402
 from quantkit.sample import ensure_sample  # noqa: E402
 
 TYPES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]

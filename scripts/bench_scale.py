@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from quantkit.evaluate.text import BUILTIN  # noqa: E402
-from quantkit.llamacpp import find_tool  # noqa: E402
+from quantkit.formats.gguf.llamacpp import find_tool  # noqa: E402
 from quantkit.sample import ensure_sample  # noqa: E402
 from quantkit.source import tensor_stats  # noqa: E402
 

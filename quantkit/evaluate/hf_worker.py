@@ -1,5 +1,6 @@
 """Child process: evaluate a Hugging Face checkpoint folder with transformers (the fp16 source as the
-reference of every format, and GPTQ/AWQ folders through GPTQModel's kernels).
+reference of every format, and quantized folders that transformers loads; a format whose folders need more
+than that wraps `evaluate` with a loader of its own).
 
   tokenize:  python -m quantkit.evaluate.hf_worker tokenize FOLDER TEXT_FILE OUT.npy BOS.json
   evaluate:  python -m quantkit.evaluate.hf_worker evaluate FOLDER SPEC.json OUT.json
@@ -62,13 +63,13 @@ def compute_in_float32(model) -> None:
 
 def load_model(folder: str, spec: dict):
     """(model, device, note): the checkpoint on this machine's best device, the reference as described
-    above, GPTQ/AWQ folders through their kernels; `note` says when the folder needed another loader."""
+    above, other folders as transformers loads them; `note` says what the report must know of how."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not spec.get("reference"):
-        return _load_quantized(folder, device)
+        return load_folder(folder, device)
     if spec.get("weights") == "float32":
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval(), device, ""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=device).eval()
@@ -76,32 +77,31 @@ def load_model(folder: str, spec: dict):
     return model, device, ""
 
 
-def _load_quantized(folder: str, device: str):
-    """A GPTQ/AWQ folder through transformers, as its users load it. When transformers leaves weights of
-    it unset (seen: GPTQModel writes a MoE's experts one module each, transformers 5 expects them fused),
-    scoring that model would measure random weights: measure the folder through GPTQModel's own loader
-    instead, and say so."""
-    import transformers
+def load_folder(folder: str, device: str):
+    """A quantized folder through transformers, as its users load it; refused when transformers leaves weights
+    of it unset, since scoring that model would measure random weights."""
+    model, missing = load_with_transformers(folder, device)
+    if missing:
+        raise SystemExit(f"error: transformers leaves {len(missing)} weight(s) of {folder} unset (such as "
+                         f"{missing[0]}): scoring it would measure random weights")
+    return model, device, ""
+
+
+def load_with_transformers(folder: str, device: str):
+    """(model, the names of the weights transformers left unset)."""
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(folder, device_map=device, output_loading_info=True)
-    missing = sorted(info.get("missing_keys") or [])
-    if not missing:
-        return model.eval(), device, ""
-    from gptqmodel import GPTQModel
-
-    note = (f"transformers {transformers.__version__} cannot load this folder: it leaves {len(missing)} weight(s) unset "
-            f"(such as {missing[0]}); measured through GPTQModel's own loader, which reads it")
-    del model
-    return GPTQModel.load(folder, device=device).model.eval(), device, note
+    return model.eval(), sorted(info.get("missing_keys") or [])
 
 
-def evaluate(folder: str, spec: dict) -> dict:
+def evaluate(folder: str, spec: dict, load=load_model) -> dict:
+    """Score `folder` as metrics.score does; `load(folder, spec)` gives (model, device, note)."""
     import torch
     from transformers import AutoTokenizer
 
     torch.set_num_threads(spec["threads"])
-    model, device, note = load_model(folder, spec)
+    model, device, note = load(folder, spec)
     tok = AutoTokenizer.from_pretrained(folder)
     first, last = scored_range(spec["ctx"])
     keep = torch.arange(first, last, device=device)

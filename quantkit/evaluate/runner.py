@@ -20,7 +20,7 @@ from ..formats.base import HF_RUNNER
 from ..fsutil import atomic_path, sha256_text
 from ..manifest import Manifest
 from ..memory import REFERENCE
-from ..plan import STAT_KEYS, EvalResult
+from ..plan import STAT_KEYS, EvalResult, from_record
 from ..procs import run_python
 from ..profiles import Profile
 from ..progress import Reporter
@@ -98,7 +98,8 @@ class Evaluator:
 
     def _keys(self) -> tuple[Path, str, str, dict]:
         tokens, bos = self.tokens()
-        smoke = asdict(self.profile.smoke)
+        # What the runner asks and checks; whether a failure fails the build (allow_failures) is the build's call.
+        smoke = {k: v for k, v in asdict(self.profile.smoke).items() if k != "allow_failures"}
         ref_key = sha256_text(REFERENCE, self.source_key, self.m.sha256(tokens), str(self.ctx))
         spec = {"tokens": str(tokens), "bos": bos, "ctx": self.ctx, "threads": self.threads, "smoke": smoke}
         checks = self.profile.chat_checks
@@ -106,8 +107,10 @@ class Evaluator:
             spec |= {"probes": prompts(self.source_chat, checks), "probe_tokens": checks.max_tokens}
         if self.precision:
             spec["precision"] = asdict(self.precision)
-        return tokens, ref_key, sha256_text(ref_key, json.dumps({k: v for k, v in spec.items() if k != "threads"},
-                                                                sort_keys=True)), spec
+        # The key holds what the scores depend on: the tokens by content (in ref_key), never their path, so a build
+        # folder moved or mounted elsewhere keeps its evaluations; the thread count changes no score.
+        keyed = {k: v for k, v in spec.items() if k not in ("tokens", "threads")}
+        return tokens, ref_key, sha256_text(ref_key, json.dumps(keyed, sort_keys=True)), spec
 
     @property
     def total_windows(self) -> int:
@@ -119,10 +122,10 @@ class Evaluator:
         _, ref_key, key, spec = self._keys()
         want = min(n_windows or self.total_windows, self.total_windows)
         ref_path, state = self.state / "reference-logprobs.npy", self.state / f"reference-{ref_key[:16]}.state.npz"
-        rec = self.m.done(f"eval:{REFERENCE}", key)
+        rec = self._done(f"eval:{REFERENCE}", key)
         have = self.m.done(REFERENCE, ref_key, ref_path)
         if rec and have and have.get("windows", self.total_windows) >= want:
-            self.last_reference = EvalResult(**rec["result"])
+            self.last_reference = from_record(EvalResult, rec["result"])
             return self.last_reference
         if not have:
             state.unlink(missing_ok=True)
@@ -151,8 +154,8 @@ class Evaluator:
         todo: dict[Path, tuple[str, int, str]] = {}
         for artifact, runner, gpus in artifacts:
             key = sha256_text("eval", runner, self.m.sha256(artifact), base_key)
-            if rec := self.m.done(f"eval:{artifact.name}", key):
-                results[artifact] = EvalResult(**rec["result"])
+            if rec := self._done(f"eval:{artifact.name}", key):
+                results[artifact] = from_record(EvalResult, rec["result"])
             else:
                 todo[artifact] = (runner, gpus, key)
         total = self.total_windows
@@ -182,6 +185,13 @@ class Evaluator:
                     need = max(need, self.precision.windows_needed(raw["kld_mean"], raw["kld_se"], raw["windows"]))
             n = min(total, max(need, n + 1))
         return [results[a] for a, _, _ in artifacts]
+
+    def _done(self, step: str, key: str) -> dict | None:
+        """The manifest's record of a finished evaluation, if its result can still be read (one an older quantkit
+        wrote in a shape this one cannot read is run again)."""
+        rec = self.m.done(step, key)
+        ok = rec is not None and isinstance(rec.get("result"), dict) and from_record(EvalResult, rec["result"]) is not None
+        return rec if ok else None
 
     def _helper(self, runner: str, target: Path, spec: dict, label: str, gpus: int = 0,
                 memory_key: str | None = None) -> HelperRun:

@@ -14,9 +14,9 @@ from importlib import metadata
 from typing import Callable
 
 from ..errors import ProfileError
-from .base import Backend, BuildContext, Card, Format, Requirement, package
+from .base import Backend, BuildContext, Card, Format, Requirement, package, versions
 
-__all__ = ["Backend", "BuildContext", "Card", "Format", "Requirement", "package", "register", "names", "get"]
+__all__ = ["Backend", "BuildContext", "Card", "Format", "Requirement", "package", "versions", "register", "names", "get"]
 
 ENTRY_POINT_GROUPS = ("quantkit.formats", "quantkit.backends")
 

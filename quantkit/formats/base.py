@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 from ..errors import ProfileError
 from ..evaluate.integrity import ChatFacts, folder_facts
+from ..evaluate.parity import Parity
 from ..plan import ArtifactPlan, ArtifactResult
 from ..progress import Reporter
 from ..source import Source
@@ -52,7 +54,7 @@ class BuildContext:
     out_dir: Path
     reporter: Reporter
     threads: int
-    llama_cpp: str | None = None  # user llama.cpp checkout, if any
+    converter: str | None = None  # a checkout of its own converter the user gave (GGUF: a llama.cpp tree), if any
     evaluation_text: str = "builtin:botchan"  # calibration must not contain it
     # The evaluation's token ids, for checks a backend runs against the reference before it builds (EXL2's
     # parity preflight): {"tokens": path of the .npy, "bos": id or None, "ctx": window}; None with evaluation off.
@@ -67,6 +69,17 @@ class Requirement:
     available: bool
     hint: str = ""  # how to get it
     gpu: bool = False  # a GPU on this machine: a Ray cluster with GPU nodes meets it instead
+
+
+def versions(*dists: str) -> dict[str, str]:
+    """The installed versions of these distributions ("" for one that is missing): what Format.tools returns."""
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = ""
+    return out
 
 
 def package(dist: str, module: str, hint: str) -> Requirement:
@@ -94,6 +107,12 @@ class Format(ABC):
         """What this backend needs; `quantkit backends` lists it, and a plan refuses a backend that lacks any."""
         return []
 
+    def vocabulary(self) -> set[str]:
+        """Words that name this format's own things (its name, its tools, its types, its kinds of file): only its
+        folder uses them. tests/test_formats_registry.py reads the core's code for them, and for imports of it."""
+        packages = {r.what.split()[1] for r in self.requirements() if r.what.startswith("package ")}
+        return {self.name, self.card.display, *self.card.tags, *packages} - {""}
+
     def validate(self, options: dict[str, Any]) -> None:
         """Check the profile's options without the source or this machine's means, so a mistake in them is
         reported even where the backend cannot run (plan() validates again, with the source)."""
@@ -111,7 +130,7 @@ class Format(ABC):
         return 0
 
     @abstractmethod
-    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+    def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
         """Validate `options` from the profile and list the artifacts; no heavy work here."""
 
     @abstractmethod
@@ -122,6 +141,17 @@ class Format(ABC):
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
         """What the report says of a built artifact (size, types, bits per weight), given build()'s facts."""
 
+    # What makes an artifact's bytes besides its plan (options, inputs, the source): both go into its resume key,
+    # so a new tool version or an edited calibration text remakes it, and only it and what is made from it.
+    def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        """Name -> version of each program that makes `item` (the report and the card print them). Only this
+        format's own tools: an upgrade of another format's tools must not remake this one's files."""
+        return {}
+
+    def inputs(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        """Digests of what `item` is made from that its options only name: a calibration text's sha256 and a
+        Hub dataset's commit (evaluate.text.calibration_identity)."""
+        return {}
 
     # Evaluation
     def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
@@ -147,8 +177,24 @@ class Format(ABC):
 
     def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
         """Sections (title -> paragraphs) the report and the card add about this format's artifacts (GGUF: the
-        importance matrix)."""
+        importance matrix, the tensors that fell back to other types)."""
         return {}
+
+    def parity(self, artifact: dict) -> Parity | None:
+        """This runtime's run of the unquantized model against the reference, if `artifact` (a report entry)
+        carries one: by default a preflight the build kept in its details (exl2's, with its measurement)."""
+        found = (artifact.get("details") or {}).get("parity")
+        return Parity.from_dict(found) if found else None
+
+    def fallback_summary(self, artifact: dict) -> str:
+        """One line on the tensors the quantizer stored in another type than asked ("" when none did)."""
+        moves = Counter(f"{f['wanted']}→{f['used']}" for f in artifact.get("fallbacks") or [])
+        return f"{sum(moves.values())} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common()) if moves else ""
+
+    def explain_inversion(self, big: dict, small: dict, source: dict) -> str:
+        """What the format knows of why `big` (a report entry) measures worse than the smaller `small` of the same
+        format; `source` is the report's source entry. "" when it knows nothing more than the tensor types."""
+        return ""
 
     def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
         """The card's "Run" section (markdown lines) for one published variant; `local_dir`: where the Download

@@ -42,7 +42,6 @@ def model_card(report: dict, repo_id: str, fmt: Format) -> ModelCard:
                                  "tool", "json"],
                           extra=("Use case", lambda a: ("**FAILED CHECKS**: " + "; ".join(a["failures"])) if a.get("failures")
                                  else fmt.use_hint(a["variant"], a["bits_per_weight"]))) + ["", BITS_LEGEND + PM_LEGEND]
-    fallbacks = [f"- {a['variant']}: {a['fallback_summary']}" for a in arts if a.get("fallback_summary")]
     pick = next((a for a in arts if a["variant"] in card.featured), arts[-1])
     prompt = report.get("prompt_format")
     title = f"# {model} {card.display}" + (f" {arts[0]['variant']}" if layout == "repos" else "")
@@ -73,9 +72,6 @@ def model_card(report: dict, repo_id: str, fmt: Format) -> ModelCard:
     ]
     for title, paragraphs in format_notes(everything).items():
         sections += [f"## {title}", ""] + [line for text in paragraphs for line in (text, "")]
-    if fallbacks:
-        sections += ["Some tensors could not take the asked k-quant type (their rows are not a multiple of 256 "
-                     "values) and were stored in the nearest type that fits:", "", *fallbacks, ""]
     sections += ["## Download", "", "```bash"]
     if layout == "branches":
         sections += [f"hf download {repo_id} --revision {a['variant']} --local-dir {local_dir(report, fmt, a)}"

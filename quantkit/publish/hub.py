@@ -17,7 +17,7 @@ from typing import Callable
 from .. import network
 from ..errors import QuantkitError
 from ..fsutil import human_size, sha256_file, write_text_atomic
-from ..plan import AUX_ROLES
+from ..plan import MODEL_ROLES
 from ..progress import Reporter
 from .. import formats
 from .card import PLOT, model_card
@@ -115,7 +115,7 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
         if fmt.card.layout == "repos":  # a repo per variant, its folder on main (mlx-community's way)
             if "{variant}" not in pattern:
                 pattern += "-{variant}"
-            for a in (a for a in arts if a.get("role") not in AUX_ROLES):
+            for a in (a for a in arts if a.get("role", "model") in MODEL_ROLES):
                 repo_id = _repo_id(pattern, owner, report, fmt, a["variant"])
                 card = _stage(build_dir / "publish" / f"{name}-{a['variant']}", {**sub, "artifacts": [a]}, repo_id, fmt)
                 commits.append(RepoCommit(repo_id, "main", private, card + folder_files(build_dir / a["filename"]),
@@ -132,10 +132,10 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
             commits.append(RepoCommit(repo_id, "main", private, files, message))
         else:  # main: the card and auxiliary files (exl2's measurement); a branch per variant
             aux = [UploadFile(a["filename"], build_dir / a["filename"], a["size_bytes"], a["sha256"])
-                   for a in arts if a.get("role") in AUX_ROLES]
+                   for a in arts if a.get("role", "model") not in MODEL_ROLES]
             commits.append(RepoCommit(repo_id, "main", private, card + aux, message + " (card)"))
             commits += [RepoCommit(repo_id, a["variant"], private, folder_files(build_dir / a["filename"]),
-                                   f"{message} {a['variant']}") for a in arts if a.get("role") not in AUX_ROLES]
+                                   f"{message} {a['variant']}") for a in arts if a.get("role", "model") in MODEL_ROLES]
     return commits
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ProfileError, ToolError
-from ...evaluate.text import calibration_text
+from ...evaluate.text import calibration_identity, calibration_text
 from ...fsutil import atomic_dir, atomic_path, drop_local_paths, write_text_atomic
 from ...plan import ArtifactPlan, ArtifactResult
 from ...procs import Finished, run_python
 from ...source import Source, param_count, tensor_stats
 from ...gpus import cuda_devices
 from ...memory import scored_logits
-from ..base import BuildContext, Card, Format, Requirement, package
+from ..base import BuildContext, Card, Format, Requirement, package, versions
 from ...evaluate.parity import Parity
 from ...config_view import source_view
 
@@ -53,6 +53,9 @@ class EXL2Format(Format):
     def validate(self, options: dict[str, Any]) -> None:
         self._parse(options)
 
+    def vocabulary(self) -> set[str]:
+        return super().vocabulary() | {"exllamav2", "TabbyAPI"}
+
     @staticmethod
     def _parse(options: dict[str, Any]):
         unknown = set(options) - _KEYS
@@ -71,7 +74,7 @@ class EXL2Format(Format):
         measure = {"rows": 16, "length": 2048, **(options.get("measurement") or {})}
         return bits, head, calib, measure
 
-    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+    def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
         bits, head, calib, measure = self._parse(options)
         stats = tensor_stats(source.path)
         # A tied head is quantized as a copy of the embedding.
@@ -152,6 +155,12 @@ class EXL2Format(Format):
         write_text_atomic(source, calibration_text(text_spec, ctx.evaluation_text))
         run_python(["-m", "quantkit.formats.exl2.worker", "parquet", str(source), str(path)], what="calibration parquet")
         return path
+
+    def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        return versions("exllamav2", "torch")
+
+    def inputs(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        return calibration_identity(item.options["calibration"]["text"], ctx.evaluation_text)
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
         if item.role == "measurement":

@@ -13,18 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import SourceError
+from ...evaluate.text import calibration_identity
 from ...fsutil import atomic_dir, atomic_path, human_size
-from ...llamacpp import find_tool, find_tree
+from .llamacpp import bindings_version, find_tool, find_tree, tool_version
 from ...plan import ArtifactPlan, ArtifactResult
 from ...procs import run_python
 from ...source import Source
 from ...memory import chat_kv_bytes, scored_logits
+from ...evaluate.parity import Parity
 from ..base import BuildContext, Card, Format, Requirement, package
 from .options import GGUFVariant, parse_options
 from .predict import peak_for_params, predict_sizes, quantize_spec
 from .shards import gguf_files, model_file, split
 from .types import INTERMEDIATES
 from .imatrix import compute_imatrix
+from . import card as gguf_card
 from .card import USE_HINTS, imatrix_lines
 
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
@@ -55,9 +58,15 @@ class GGUFFormat(Format):
     def step_peak(self, params: int) -> int:
         return peak_for_params(params)
 
-    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+    def vocabulary(self) -> set[str]:
+        from .types import ftypes, ggml_types
+
+        return super().vocabulary() | set(ftypes()) | set(ggml_types()) | set(INTERMEDIATES) | {
+            "llama_cpp", "llama-cpp", "k-quant", "k-quants", "i-quant", "i-quants", "imatrix", "convert_hf_to_gguf"}
+
+    def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
         opts = parse_options(options, source.dtype)
-        tree = find_tree(ctx_llama_cpp)
+        tree = find_tree(converter)
         if source.architecture not in tree.supported_architectures():
             raise SourceError(
                 f"architecture {source.architecture} is not supported by llama.cpp's converter ({tree.version})",
@@ -114,7 +123,7 @@ class GGUFFormat(Format):
         return self._quantize(item, ctx, src, out)
 
     def _convert(self, item: ArtifactPlan, ctx: BuildContext, out: Path) -> dict[str, Any]:
-        tree = find_tree(ctx.llama_cpp)
+        tree = find_tree(ctx.converter)
         args = [str(tree.converter), str(ctx.source.path), "--outtype", INTERMEDIATES[item.variant]]
         if ctx.source.repo_id:
             args += ["--model-name", ctx.source.name]
@@ -154,6 +163,18 @@ class GGUFFormat(Format):
         return {"fallbacks": [m.groupdict() for line in done.lines if (m := _FALLBACK.search(line))],
                 "peak_rss_bytes": done.peak_rss_bytes}
 
+    def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        if item.role == "intermediate":
+            return {"convert_hf_to_gguf.py": find_tree(ctx.converter).identity()}
+        if item.role == "imatrix":
+            return {"llama-imatrix": tool_version("llama-imatrix")}
+        # The quantizer is the bindings' llama_model_quantize; shards are cut by llama-gguf-split.
+        split = {"llama-gguf-split": tool_version("llama-gguf-split")} if item.options.get("split_max_bytes") else {}
+        return {"llama-cpp-python": bindings_version(), **split}
+
+    def inputs(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        return calibration_identity(item.options["text"], ctx.evaluation_text) if item.role == "imatrix" else {}
+
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
         from gguf import GGUFReader
 
@@ -186,13 +207,28 @@ class GGUFFormat(Format):
         return variant  # the type names the format: Q4_K_M
 
     def made_with(self, report: dict) -> str:
-        return f"llama.cpp's own converter and quantizer (llama-cpp-python {report['llama_cpp_python']})"
+        version = (report.get("tools", {}).get(self.name) or {}).get("llama-cpp-python")
+        return "llama.cpp's own converter and quantizer" + (f" (llama-cpp-python {version})" if version else "")
 
     def use_hint(self, variant: str, bits_per_weight: float) -> str:
         return USE_HINTS.get(variant) or super().use_hint(variant, bits_per_weight)
 
     def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
-        return {"Importance matrix": lines} if (lines := imatrix_lines(artifacts)) else {}
+        sections = {"Importance matrix": imatrix_lines(artifacts), "Tensors in other types": gguf_card.fallback_lines(artifacts)}
+        return {title: lines for title, lines in sections.items() if lines}
+
+    def parity(self, artifact: dict) -> Parity | None:
+        # llama.cpp on the unquantized (F16/BF16) file, which every build evaluates anyway.
+        e = artifact.get("evaluation") or {}
+        if artifact.get("role") != "intermediate" or artifact["variant"] not in ("F16", "BF16") or e.get("kld_mean") is None:
+            return None
+        return Parity(f"llama.cpp, {artifact['variant']} GGUF", e["kld_mean"], e["top1_agreement"], e["tokens_scored"])
+
+    def fallback_summary(self, artifact: dict) -> str:
+        return gguf_card.fallback_summary(artifact)
+
+    def explain_inversion(self, big: dict, small: dict, source: dict) -> str:
+        return gguf_card.explain_inversion(big, small, source)
 
     def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
         return ["```bash", f"llama-cli -m {artifact['filename']} -cnv", "```"]

@@ -1,10 +1,20 @@
-"""What GGUF cards and reports say beyond the common table: what each type is for, the importance matrix."""
+"""What GGUF cards and reports say beyond the common table: what each type is for, the importance matrix, the
+tensors that fell back to other types and why a bigger file can measure worse."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 from ...fsutil import human_size
 from ...report import public_text_name
 from .imatrix import describe_idle
+
+# What a report must know of the sample's weights: they sit on Q4_1's grid (docs/evaluation.md, Inversions).
+SAMPLE_PROVENANCE = ("its fp16 weights were dequantized from a Q4_1 GGUF, so every block of 32 already sits on a "
+                     "16-level grid; q5_1 (same blocks, same min and max, 31 steps) splits those levels unevenly and "
+                     "stretches every block by about 2%, while q5_0's grid does not line up with them and its error "
+                     "averages out. Q5_K_M with Q4_K_M's q5_0 tensors in place of its 166 q5_1 ones measured KLD "
+                     "0.0533 against Q4_K_M's 0.0530: the q5_1 fallback is the whole gap")
 
 # What each llama.cpp type is for, as quant repos usually say it.
 USE_HINTS = {
@@ -42,3 +52,37 @@ def imatrix_lines(artifacts: list[dict]) -> list[str]:
                      + (f" Calibration routed no token to {describe_idle(idle)}: llama.cpp quantized those experts "
                         "without importance weights." if (idle := d.get("experts_without_data")) else ""))
     return lines
+
+
+def fallback_summary(artifact: dict) -> str:
+    """'180 tensors: q4_K→q5_0 ×150, q6_K→q8_0 ×30 (rows of 576 are not a multiple of 256)'."""
+    fallbacks = artifact.get("fallbacks") or []
+    if not fallbacks:
+        return ""
+    moves = Counter(f"{f['wanted']}→{f['used']}" for f in fallbacks)
+    cols = sorted({int(f["ncols"]) for f in fallbacks})
+    blocks = sorted({int(f["block"]) for f in fallbacks})
+    return (f"{len(fallbacks)} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common())
+            + f" (rows of {', '.join(map(str, cols))} are not a multiple of {', '.join(map(str, blocks))})")
+
+
+def fallback_lines(artifacts: list[dict]) -> list[str]:
+    """The report's and the card's paragraph on fallbacks, with one line per file that had any."""
+    found = [(a["variant"], s) for a in artifacts if (s := fallback_summary(a))]
+    if not found:
+        return []
+    return ["Some tensors could not take the asked type, because k-quants and i-quants pack rows in blocks of 256 "
+            "values; llama.cpp stored them in the nearest type that fits:\n\n"
+            + "\n".join(f"- **{variant}**: {summary}" for variant, summary in found)]
+
+
+def explain_inversion(big: dict, small: dict, source: dict) -> str:
+    """What the fallbacks show: llama.cpp stored k-quant tensors whose rows are not a multiple of 256 in legacy
+    types, quantized with no error search, so the fallback types (not the names) decide the quality."""
+    moves = lambda a: sorted({f"{f['wanted']}→{f['used']}" for f in a.get("fallbacks") or []})  # noqa: E731
+    if not (mb := moves(big)) or not (ms := moves(small)):
+        return ""
+    why = f": {SAMPLE_PROVENANCE}." if source.get("sample") and any("q5_1" in m for m in mb) \
+        else " (docs/evaluation.md, Inversions)."
+    return (f"Both fell back from k-quants (rows not a multiple of 256): {big['variant']} {', '.join(mb)}; "
+            f"{small['variant']} {', '.join(ms)}. The fallback types decide the quality here, not the names" + why)

@@ -9,7 +9,7 @@ from typing import Any
 
 from ...evaluate.text import calibration_text
 from ...fsutil import atomic_path, write_text_atomic
-from ...llamacpp import find_tool
+from .llamacpp import find_tool
 from ...procs import run_program
 
 _CHUNK = re.compile(r"computing over (\d+) chunks|\[(\d+)\]")

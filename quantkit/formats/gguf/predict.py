@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ...fsutil import sha256_text, write_json_atomic
-from ...llamacpp import LlamaCppTree
+from .llamacpp import LlamaCppTree
 from ...paths import cache_dir
 from ...procs import run_python
 from ...source import Source

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...llamacpp import find_tool
+from .llamacpp import find_tool
 from ...procs import Finished, run_program
 
 

@@ -1,6 +1,6 @@
 """GPTQ and AWQ through GPTQModel (it writes the standard `quant_method: gptq` / `awq` checkpoints that
-transformers, vLLM and exllama load). Each variant is a folder, evaluated by transformers (the reference's
-runner) and published as a branch of the format's repo."""
+transformers, vLLM and exllama load). Each variant is a folder, evaluated by transformers as its users load it (evaluate_worker) and published
+as a branch of the format's repo."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ProfileError
-from ...evaluate.text import CALIBRATION
+from ...evaluate.text import CALIBRATION, calibration_identity
 from ...fsutil import atomic_dir
 from ...plan import ArtifactPlan, ArtifactResult
 from ...procs import run_python
 from ...source import Source, param_count, safetensors_header, tensor_stats
-from ..base import HF_RUNNER, BuildContext, Card, Format, Requirement, package
+from ..base import BuildContext, Card, Format, Requirement, package, versions
 
 INSTALL_HINT = "install the gptq extra: QUANTKIT_EXTRAS=test,gptq ./scripts/setup.sh (or pip install 'quantkit[gptq]')"
 
@@ -38,7 +38,7 @@ class GPTQModelFormat(Format):
     """Shared by the gptq and awq formats: plan-time checks, the worker process, the folder's facts."""
 
     method = Method("gptq", "GPTQ", (2, 3, 4, 8))
-    runner = HF_RUNNER
+    runner = "quantkit.formats.gptq.evaluate_worker"
     card = Card(display="GPTQ", made_with="GPTQModel", featured=("4bit-g32", "4bit-g128"),
                 loads_in="They load in transformers (with optimum and GPTQModel installed), vLLM and exllama.")
 
@@ -48,7 +48,10 @@ class GPTQModelFormat(Format):
     def step_peak(self, params: int) -> int:
         return int(self.method.peak_fixed + self.method.peak_per_param * params)
 
-    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+    def vocabulary(self) -> set[str]:
+        return super().vocabulary() | {"GPTQModel"}
+
+    def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
         where = f"{self.name}"
         unknown = set(options) - {"variants", "calibration"}
         if unknown:
@@ -109,6 +112,12 @@ class GPTQModelFormat(Format):
                        env={"GPTQMODEL_CPU_WORKERS": str(ctx.threads)}, what=f"GPTQModel ({self.method.name})")
             spec_file.unlink()
         return {"source_params": param_count(ctx.source.path), "peak_rss_bytes": done.peak_rss_bytes}
+
+    def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        return versions("gptqmodel", "transformers", "torch")  # GPTQModel quantizes with torch, through transformers
+
+    def inputs(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        return calibration_identity(item.options["calibration"]["text"], ctx.evaluation_text)
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
         files = [p for p in path.rglob("*") if p.is_file()]

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from ...memory import scored_logits
 from ...plan import ArtifactPlan, ArtifactResult
 from ...procs import run_python
 from ...source import Source, param_count, safetensors_header, tensor_stats
-from ..base import BuildContext, Card, Format, Requirement, package
+from ..base import BuildContext, Card, Format, Requirement, package, versions
 
 INSTALL_HINT = "install the mlx extra: ./scripts/setup.sh installs it by default (or pip install 'quantkit[mlx]')"
 BITS = (2, 3, 4, 5, 6, 8)  # mlx's affine quantization
@@ -64,6 +63,9 @@ class MLXFormat(Format):
     def step_peak(self, params: int) -> int:
         return CONVERT_FIXED + 3 * params  # 16-bit source pages + the quantized copy (at most 8 bits)
 
+    def vocabulary(self) -> set[str]:
+        return super().vocabulary() | {"mlx_lm", "mlx-community"}
+
     def validate(self, options: dict[str, Any]) -> None:
         self._variants(options, recipes_known=None)
 
@@ -91,7 +93,7 @@ class MLXFormat(Format):
             out.append({"name": variant_name(bits, group, recipe), "bits": bits, "group_size": group, "recipe": recipe})
         return out
 
-    def plan(self, source: Source, options: dict[str, Any], ctx_llama_cpp: str | None = None) -> list[ArtifactPlan]:
+    def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
         variants = self._variants(options, recipes())
         _check_architecture(source)
         sizes = _predict(source, variants)
@@ -120,8 +122,10 @@ class MLXFormat(Format):
             step.update(1, 1)
         shutil.rmtree(view)
         bpw = next((float(m.group(1)) for line in done.lines if (m := _BPW.search(line))), 0.0)
-        return {"peak_rss_bytes": done.peak_rss_bytes, "source_params": param_count(ctx.source.path), "mlx_bpw": bpw,
-                "mlx_lm": metadata.version("mlx-lm")}
+        return {"peak_rss_bytes": done.peak_rss_bytes, "source_params": param_count(ctx.source.path), "mlx_bpw": bpw}
+
+    def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+        return versions("mlx", "mlx-lm")
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
         files = [p for p in path.rglob("*") if p.is_file()]
@@ -139,15 +143,15 @@ class MLXFormat(Format):
             bits_per_weight=round(weights * 8 / params, 3) if params else 0.0,
             tensor_types=dict(sorted(types.items())), fallbacks=[], stated_bits=float(facts.get("mlx_bpw") or 0.0),
             details={"group_size": q.get("group_size"), "recipe": item.options.get("recipe"),
-                     "tied_head": bool(config.get("tie_word_embeddings")), "mlx_lm": facts.get("mlx_lm", "")},
+                     "tied_head": bool(config.get("tie_word_embeddings"))},
         )
 
     def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
         return self.eval_fixed_bytes + 4 * artifact_bytes + scored_logits(vocab, ctx)
 
     def made_with(self, report: dict) -> str:
-        versions = {(a.get("details") or {}).get("mlx_lm") for a in report["artifacts"]} - {None, ""}
-        return "mlx-lm's converter" + (f" (mlx-lm {', '.join(sorted(versions))})" if versions else "")
+        version = (report.get("tools", {}).get(self.name) or {}).get("mlx-lm")
+        return "mlx-lm's converter" + (f" (mlx-lm {version})" if version else "")
 
     def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
         models = [a for a in artifacts if a.get("role", "model") == "model"]

