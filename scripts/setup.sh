@@ -40,8 +40,12 @@ fi
 cmake_args+=" ${QUANTKIT_CMAKE_ARGS:-}"
 
 # Bump when the way this script builds the environment changes (not for every edit of it).
-RECIPE=1
-key=$( { cat pyproject.toml; $PY --version; echo "$RECIPE $EXTRAS $TORCH_SPEC $cmake_args"; } | sha256sum | cut -c1-16)
+RECIPE=2
+# The key is the dependency spec alone (pyproject's dependencies, extras and build requirements), so editing
+# the project's other metadata reuses the environment.
+spec=$($PY -c 'import json, tomllib; d = tomllib.load(open("pyproject.toml", "rb")); p = d["project"]
+print(json.dumps([d["build-system"]["requires"], p["dependencies"], p["optional-dependencies"]], sort_keys=True))')
+key=$( { echo "$spec"; $PY --version; echo "$RECIPE $EXTRAS $TORCH_SPEC $cmake_args"; } | sha256sum | cut -c1-16)
 venv="$CACHE/venvs/$key"
 wheels="$CACHE/wheels/llama-cpp-python-$LLAMA_VERSION-$(echo "$cmake_args" | sha256sum | cut -c1-12)"
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
