@@ -3,15 +3,16 @@
 The tokenizer, chat template and vocabulary are the sample's (real), so llama.cpp converts them like
 any model of their architecture; the weights are noise, so their outputs are meaningless.
 
-Shapes: 1b (TinyLlama-1.1B), 3b (Llama-3.2-3B), 7b (Mistral-7B: 32 layers, hidden 4096, MLP 14336,
-32 heads, 8 KV heads, untied head), moe (Mixtral-shaped: 8 experts, top-2 routing, Mixtral's tensor
-names, hidden 1024, 8 layers) and moe-tiny (the same layout at test size). `--dead-experts K` makes
+Shapes: tiny (a dense Llama at test size: 2 layers, hidden 256, untied head), 1b (TinyLlama-1.1B), 3b
+(Llama-3.2-3B), 7b (Mistral-7B: 32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads, untied head), moe
+(Mixtral-shaped: 8 experts, top-2 routing, Mixtral's tensor names, hidden 1024, 8 layers) and moe-tiny (the
+same layout at test size). `--dead-experts K` makes
 the router never pick the last K experts of every layer (the embeddings carry a constant feature the
 router reads), which is how calibration leaves experts without data in real MoE models.
 
 Written as 2 GB shards with a safetensors index, like the Hub's large checkpoints, one shard in
 memory at a time. Cached in ~/.cache/quantkit/synthetic/<name>/.
-Usage: .venv/bin/python scripts/make_synthetic_model.py 1b|3b|7b|moe|moe-tiny [--dead-experts K] [--out DIR]
+Usage: .venv/bin/python scripts/make_synthetic_model.py tiny|1b|3b|7b|moe|moe-tiny [--dead-experts K] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quantkit.paths import cache_dir  # noqa: E402
-from quantkit.sample import ensure_sample  # noqa: E402
+from quantkit.sample import SAMPLE_MARKER, ensure_sample  # noqa: E402
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
 _MISTRAL = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "tie_word_embeddings": False,
@@ -36,6 +37,9 @@ _MIXTRAL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "t
             "router_aux_loss_coef": 0.02, "output_router_logits": False, "router_jitter_noise": 0.0}
 # Shapes of TinyLlama-1.1B, Llama-3.2-3B, Mistral-7B and a scaled-down Mixtral, with the sample's vocabulary.
 SHAPES = {
+    # Untied, so the head gets a trained model's spread of logits (below) and quantization errors show.
+    "tiny": {**_LLAMA, "tie_word_embeddings": False, "hidden_size": 256, "intermediate_size": 768,
+             "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4},
     "1b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
            "num_attention_heads": 32, "num_key_value_heads": 4},
     "3b": {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
@@ -80,7 +84,8 @@ def tensors(cfg: dict):
 
 
 def default_out(size: str, dead_experts: int = 0) -> Path:
-    name = {"moe": "Synthetic-Mixtral", "moe-tiny": "Synthetic-Mixtral-Tiny", "7b": "Synthetic-Mistral-7B"}.get(
+    name = {"moe": "Synthetic-Mixtral", "moe-tiny": "Synthetic-Mixtral-Tiny", "7b": "Synthetic-Mistral-7B",
+            "tiny": "Synthetic-Llama-Tiny"}.get(
         size, f"Synthetic-Llama-{size.upper()}")
     return cache_dir() / "synthetic" / (name + (f"-dead{dead_experts}" if dead_experts else ""))
 
@@ -90,9 +95,12 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0) -> Path:
     from safetensors.torch import save_file
 
     out = out or default_out(size, dead_experts)
-    if (out / ".complete").exists():
-        return out
     shape = SHAPES[size]
+    if (out / ".complete").exists():
+        cached = json.loads((out / "config.json").read_text())
+        if all(cached.get(k) == v for k, v in shape.items()):  # made with this shape (shapes change between versions)
+            (out / SAMPLE_MARKER).unlink(missing_ok=True)  # copied by earlier versions of this script
+            return out
     n_experts = shape.get("num_local_experts", 0)
     if dead_experts and not 0 < dead_experts <= n_experts - shape.get("num_experts_per_tok", 0):
         raise SystemExit(f"--dead-experts needs a mixture-of-experts shape with more than {dead_experts} spare experts")
@@ -101,7 +109,8 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in sample.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "README.md"):
+        # Not the sample's marker: reports explain some of the sample's numbers by where its weights came from.
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "README.md", SAMPLE_MARKER):
             shutil.copy(f, tmp / f.name)
     cfg = {**json.loads((sample / "config.json").read_text()), **shape}
     cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]

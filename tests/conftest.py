@@ -1,6 +1,19 @@
+"""Fixtures shared by the suite. Builds are expensive, so a few are made once per session and the others start
+from copies of them, resumed (docs/testing.md lists which test uses which):
+
+- files_seed: the sample's F16 and Q8_0 files, evaluation off (tests/profiles/files.yaml);
+- tiny_seed: files_seed evaluated as tests/profiles/tiny.yaml does it (no file is made again);
+- sample_build: tiny_seed carried on to the full GGUF ladder of tests/profiles/fast.yaml;
+- session_hub: one test Hub for the session, with the sample uploaded once as alice/SmolLM2-135M-Instruct.
+
+A copy of a build folder is a build folder moved elsewhere: resuming one makes nothing again, which is what
+quantkit promises (tests/test_resume.py checks it), and what makes the seeding sound.
+"""
+
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +27,12 @@ TOKEN = "qk-test-token-alice-0123456789"  # alice's, on the test Hub server
 OTHER = "qk-test-token-bob-0123456789"
 PROFILES = TESTS / "profiles"
 REPO = TESTS.parent
+SAMPLE_REPO = "alice/SmolLM2-135M-Instruct"
+# A child process that runs longer than this is stuck: the test fails with its output instead of eating the budget.
+CHILD_TIMEOUT = 900
 
 
-def run_cli(*args, env=None, check=False, timeout=1800):
+def run_cli(*args, env=None, check=False, timeout=CHILD_TIMEOUT):
     """The real command line, in a child process, as a user runs it."""
     proc = subprocess.run([sys.executable, "-m", "quantkit", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=REPO, timeout=timeout)
@@ -25,55 +41,118 @@ def run_cli(*args, env=None, check=False, timeout=1800):
     return proc
 
 
+def seed(folder: Path, out: Path) -> Path:
+    """A copy of the build folder `folder` as `out`/<its name>, where a build resumes from it. Times are kept
+    (copy2): the manifest's hash cache trusts a file whose size and mtime it recorded."""
+    dest = out / folder.name
+    shutil.copytree(folder, dest, symlinks=True)
+    return dest
+
+
+def report(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
 @pytest.fixture(scope="session")
 def sample_model() -> Path:
     return ensure_sample()
 
 
 @pytest.fixture(scope="session")
-def sample_build(sample_model, tmp_path_factory):
-    """One full build of the sample with every default type, shared by the tests that only read it."""
+def files_seed(sample_model, tmp_path_factory) -> Path:
+    """The sample's F16 and Q8_0 files, built once with evaluation off."""
+    out = tmp_path_factory.mktemp("files-seed")
+    run_cli("build", sample_model, "--profile", PROFILES / "files.yaml", "--out", out, check=True)
+    return out / sample_model.name
+
+
+@pytest.fixture(scope="session")
+def tiny_seed(sample_model, files_seed, tmp_path_factory) -> Path:
+    """files_seed evaluated with tests/profiles/tiny.yaml: the F16 and Q8_0 files are taken as built."""
+    out = tmp_path_factory.mktemp("tiny-seed")
+    seed(files_seed, out)
+    proc = run_cli("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", out, check=True)
+    assert "built 0, evaluated 3" in proc.stdout, proc.stdout[-2000:]
+    return out / sample_model.name
+
+
+@pytest.fixture(scope="session")
+def sample_build(sample_model, tiny_seed, tmp_path_factory):
+    """The sample's full GGUF ladder (every default type), shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("builds")
+    seed(tiny_seed, out)
     proc = run_cli("build", sample_model, "--profile", PROFILES / "fast.yaml", "--out", out, check=True)
     folder = out / sample_model.name
-    return {"dir": folder, "out": out, "report": json.loads((folder / "report.json").read_text()), "proc": proc}
+    return {"dir": folder, "out": out, "report": report(folder), "proc": proc}
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A real HTTP server speaking the Hub API (tests/hub_server.py), with users alice (TOKEN) and bob (OTHER);
-    `hub.env` points quantkit's child processes at it."""
-    from hub_server import HubServer, client_env, isolate_client
-
-    isolate_client(monkeypatch, tmp_path / "hf_home_tests")  # the test's own client: plain LFS, no ~/.cache
-    server = HubServer(tmp_path / "hub", {TOKEN: {"alice"}, OTHER: {"bob"}}, names={TOKEN: "alice", OTHER: "bob"})
-    server.start()
-    server.env = {**client_env(server.endpoint, tmp_path / "hf_home"), "HF_TOKEN": TOKEN,
-                  "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
-    yield server
-    server.stop()
-
-
-SAMPLE_REPO = "alice/SmolLM2-135M-Instruct"
-
-
-@contextlib.contextmanager
-def sample_on_hub(sample_model: Path, tmp: Path):
-    """The sample as alice/SmolLM2-135M-Instruct on a test Hub server of its own, for a module's tests:
-    `hub.commit` is its commit, `hub.env` points quantkit's child processes at it."""
+@pytest.fixture(scope="session")
+def session_hub(sample_model, tmp_path_factory):
+    """One real HTTP server speaking the Hub API (tests/hub_server.py) for the whole session, with users alice
+    (TOKEN) and bob (OTHER), and the sample uploaded once as alice/SmolLM2-135M-Instruct (`.commit`). Tests get it
+    through `hub`, which resets it."""
     from huggingface_hub import HfApi
-    from hub_server import HubServer, client_env, isolate_client
+    from hub_server import HubServer, isolate_client
 
+    tmp = tmp_path_factory.mktemp("session-hub")
     mp = pytest.MonkeyPatch()
     isolate_client(mp, tmp / "hf_home_tests")
-    server = HubServer(tmp / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
+    server = HubServer(tmp / "hub", {TOKEN: {"alice"}, OTHER: {"bob"}}, names={TOKEN: "alice", OTHER: "bob"})
     server.start()
-    server.env = {**client_env(server.endpoint, tmp / "hf_home"), "HF_TOKEN": TOKEN, "QUANTKIT_RETRY_BACKOFF_S": "0.05"}
     try:
         api = HfApi(endpoint=server.endpoint, token=TOKEN)
         api.create_repo(SAMPLE_REPO)
         server.commit = api.upload_folder(repo_id=SAMPLE_REPO, folder_path=sample_model).oid
-        yield server
     finally:
-        server.stop()
         mp.undo()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(session_hub, tmp_path, monkeypatch):
+    """The session's test Hub as a fresh one: no repo but the sample (at `.commit`), no pending fault, an empty
+    request log. `hub.env` points quantkit's child processes at it with a Hugging Face cache of the test's own."""
+    from hub_server import isolate_client
+
+    session_hub.reset(keep=(SAMPLE_REPO,))
+    isolate_client(monkeypatch, tmp_path / "hf_home_tests")  # the test's own client: plain LFS, no ~/.cache
+    session_hub.env = hub_env(session_hub, tmp_path / "hf_home")
+    yield session_hub
+    session_hub.reset(keep=(SAMPLE_REPO,))
+
+
+@pytest.fixture(scope="module")
+def module_hub(session_hub, tmp_path_factory):
+    """The session's test Hub, fresh for a module whose tests build on each other's state (its repos, its request
+    log); reset again when the module is done."""
+    from hub_server import isolate_client
+
+    session_hub.reset(keep=(SAMPLE_REPO,))
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("module-hub")
+    isolate_client(mp, tmp / "hf_home_tests")
+    session_hub.env = hub_env(session_hub, tmp / "hf_home")
+    try:
+        yield session_hub
+    finally:
+        mp.undo()
+        session_hub.reset(keep=(SAMPLE_REPO,))
+
+
+def hub_env(server, home: Path, **extra) -> dict:
+    """A quantkit child process's environment: a client of `server` with the Hugging Face cache `home`, as alice,
+    retrying fast."""
+    from hub_server import client_env
+
+    return {**client_env(server.endpoint, home), "HF_TOKEN": TOKEN, "QUANTKIT_RETRY_BACKOFF_S": "0.05", **extra}
+
+
+@contextlib.contextmanager
+def hub_down(server):
+    """The Hub gone for the duration (its port refuses connections), then back on the same port."""
+    server.stop()
+    try:
+        yield
+    finally:
+        server.start()

@@ -119,9 +119,9 @@ def _json(obj, status: int = 200, headers: dict | None = None):
 
 
 class _Fault:
-    def __init__(self, kind, method, pattern, count, status=500, after=False):
+    def __init__(self, kind, method, pattern, count, status=500, after=False, skip=0):
         self.kind, self.method, self.regex, self.count = kind, method.upper(), re.compile(pattern), count
-        self.status, self.after = status, after
+        self.status, self.after, self.skip = status, after, skip
 
 
 class HubServer:
@@ -144,12 +144,14 @@ class HubServer:
 
     # ------------------------------------------------------------------ lifecycle and test controls
     def start(self) -> str:
+        """Serve on a free port; after stop(), on the same port again (the clients' endpoint stays valid)."""
         hub = self
 
         class Handler(_Handler):
             server_hub = hub
 
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        port = int(self.endpoint.rsplit(":", 1)[1]) if self.endpoint else 0
+        self._httpd = _Server(("127.0.0.1", port), Handler)
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="hub-server", daemon=True)  # short poll: stop() returns at once
@@ -163,6 +165,26 @@ class HubServer:
             self._thread.join(timeout=5)
             self._httpd = None
 
+    def reset(self, keep: tuple[str, ...] = ()) -> None:
+        """Back to a fresh server for the next test, without a restart: no pending faults, an empty request log,
+        no repo but the `keep` models, and those with the branches and settings they had at the first reset
+        (seeded once for a whole session; a test's commits to them are forgotten)."""
+        import shutil
+
+        with self._lock:
+            self._faults.clear()
+            self.requests.clear()
+            for rtype in ("models", "datasets", "spaces"):
+                for repo in sorted((self.root / rtype).glob("*/*")):
+                    if rtype != "models" or f"{repo.parent.name}/{repo.name}" not in keep:
+                        shutil.rmtree(repo)
+            if not hasattr(self, "_kept"):
+                self._kept = {r: {n: (self._dir("models", r) / n).read_bytes() for n in ("refs.json", "repo.json")}
+                              for r in keep}
+            for repo, files in self._kept.items():
+                for name, data in files.items():
+                    self._atomic_write(self._dir("models", repo) / name, data)
+
     def fail_next(self, method: str, path_regex: str, status: int = 500, count: int = 1) -> None:
         """Answer the next `count` matching requests with `status` instead of handling them."""
         with self._lock:
@@ -174,10 +196,11 @@ class HubServer:
         with self._lock:
             self._faults.append(_Fault("drop", method, path_regex, count, after=after_handling))
 
-    def hold_next(self, method: str, path_regex: str, seconds: float, count: int = 1) -> threading.Event:
+    def hold_next(self, method: str, path_regex: str, seconds: float, count: int = 1, skip: int = 0) -> threading.Event:
         """Read the next `count` matching requests, then wait `seconds` before handling them (a stalled upload:
-        time for a test to kill the client mid-request). The returned event is set when a hold begins."""
-        fault = _Fault("hold", method, path_regex, count)
+        time for a test to kill the client mid-request), after letting `skip` of them through unharmed. The
+        returned event is set when a hold begins."""
+        fault = _Fault("hold", method, path_regex, count, skip=skip)
         fault.seconds, fault.started = seconds, threading.Event()
         with self._lock:
             self._faults.append(fault)
@@ -195,6 +218,9 @@ class HubServer:
         with self._lock:
             for f in self._faults:
                 if f.count > 0 and f.method == method and f.regex.search(path):
+                    if f.skip > 0:
+                        f.skip -= 1
+                        return None
                     f.count -= 1
                     return f
         return None

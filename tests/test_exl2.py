@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import PROFILES, REPO, run_cli
+from conftest import PROFILES, REPO, run_cli, seed
 from quantkit.gpus import cuda_devices
 
 CUDA = cuda_devices() > 0
@@ -18,7 +18,8 @@ def _profile(tmp_path, when):
     path = tmp_path / f"exl2-{when}.yaml"
     path.write_text("backends:\n  gguf: {types: [Q8_0]}\n"
                     f"  exl2: {{bits: [4.0], if_unavailable: {when}}}\n"
-                    "evaluation: {ctx: 256, max_tokens: 512}\nsmoke: {allow_failures: true}\n")
+                    "evaluation: {ctx: 256, max_tokens: 512}\nsmoke: {allow_failures: true}\n"
+                    "chat_checks: {enabled: false}\n")  # as tests/profiles/tiny.yaml: the seed's evaluations stand
     return path
 
 
@@ -33,8 +34,9 @@ def test_exl2_is_refused_without_cuda_and_nothing_is_built(sample_model, tmp_pat
 
 
 @no_cuda_only
-def test_exl2_is_skipped_when_the_profile_says_so(sample_model, tmp_path):
+def test_exl2_is_skipped_when_the_profile_says_so(sample_model, tiny_seed, tmp_path):
     out = tmp_path / "out"
+    seed(tiny_seed, out)  # the GGUF side of this profile is the tiny one: built and scored already
     proc = run_cli("build", sample_model, "--profile", _profile(tmp_path, "skip"), "--out", out, check=True)
     assert "warning: exl2: backend exl2 needs" in proc.stderr and "skipped (if_unavailable: skip)" in proc.stderr
     report = json.loads((out / sample_model.name / "report.json").read_text())

@@ -11,10 +11,7 @@ import time
 import pytest
 from huggingface_hub import HfApi
 
-from conftest import PROFILES, REPO, run_cli
-from hub_server import HubServer, client_env, isolate_client
-
-TOKEN = "qk-test-token-faults-0123456789"
+from conftest import PROFILES, REPO, TOKEN, run_cli, seed
 
 
 def _start(*args, env=None):
@@ -37,10 +34,13 @@ def _finals(folder):
 
 
 @pytest.mark.parametrize("point", ["quantization", "evaluation"])
-def test_kill_9_mid_step_then_resume(sample_model, tmp_path, point):
-    folder = tmp_path / sample_model.name
+def test_kill_9_mid_step_then_resume(sample_model, files_seed, tiny_seed, tmp_path, point):
+    # Quantization: the evaluated seed without its Q8_0 file. Evaluation: the files, never evaluated.
+    folder = seed(tiny_seed if point == "quantization" else files_seed, tmp_path)
     q8 = folder / f"{sample_model.name}-Q8_0.gguf"
     state = folder / ".quantkit"
+    if point == "quantization":
+        q8.unlink()
     ready = {
         "quantization": lambda: q8.with_name(q8.name + ".partial").exists(),
         # The fp16 reference's log-probabilities are being written: every GGUF file is final by then. The rows are
@@ -55,29 +55,28 @@ def test_kill_9_mid_step_then_resume(sample_model, tmp_path, point):
     assert not list(folder.rglob("*.partial"))
     after = _finals(folder)
     assert all(after[name] == mtime for name, mtime in before.items()), "a finished file was made again"
-    assert f"built {2 - len(before)}, evaluated 3" in proc.stdout
+    # The remade Q8_0 is the file the seed evaluated, byte for byte: its evaluations stand.
+    assert ("built 1, evaluated 0" if point == "quantization" else "built 0, evaluated 3") in proc.stdout, proc.stdout[-1500:]
 
 
-def test_kill_9_mid_upload_then_publish_again(sample_model, tmp_path, monkeypatch):
-    run_cli("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", tmp_path, check=True)
-    folder = tmp_path / sample_model.name
-    isolate_client(monkeypatch, tmp_path / "hf_home_tests")
-    server = HubServer(tmp_path / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
-    server.start()
-    try:
-        env = {**client_env(server.endpoint, tmp_path / "hf_home"), "HF_TOKEN": TOKEN}
-        stalled = server.hold_next("PUT", r"^/_lfs/", seconds=20)
-        _kill_when(_start("publish", folder, env=env), stalled.is_set)
-        api = HfApi(endpoint=server.endpoint, token=TOKEN)
-        repo = f"alice/{sample_model.name}-GGUF"
-        # Killed before its commit: the repo has no model files (it may exist, created first).
-        assert not any(f.endswith(".gguf") for f in (api.list_repo_files(repo) if api.repo_exists(repo) else []))
-        uploaded_before = {r.path for r in server.requests if r.method == "PUT" and r.path.startswith("/_lfs/") and r.status == 200}
-        proc = run_cli("publish", folder, env=env, check=True)
-        assert f"{repo}@main: new commit" in proc.stdout
-        files = api.list_repo_files(repo)
-        assert {f"{sample_model.name}-F16.gguf", f"{sample_model.name}-Q8_0.gguf", "README.md"} <= set(files)
-        puts = [r.path for r in server.requests if r.method == "PUT" and r.path.startswith("/_lfs/") and r.status == 200]
-        assert not uploaded_before & set(puts[len(uploaded_before):]), "an object stored before the kill was sent again"
-    finally:
-        server.stop()
+def test_kill_9_mid_upload_then_publish_again(sample_model, tiny_seed, hub, tmp_path):
+    folder = seed(tiny_seed, tmp_path)
+    # The large files go up in parallel: the first is let through and stored, every other one stalls, and the
+    # publish is killed then. The rerun must send the others, and not the stored one again.
+    stalled = hub.hold_next("PUT", r"^/_lfs/", seconds=30, count=10, skip=1)
+    stored = lambda since=0: {r.path for r in hub.requests[since:]  # noqa: E731
+                              if r.method == "PUT" and r.path.startswith("/_lfs/") and r.status == 200}
+    _kill_when(_start("publish", folder, env=hub.env), lambda: stalled.is_set() and stored())
+    killed_at = len(hub.requests)
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    repo = f"alice/{sample_model.name}-GGUF"
+    # Killed before its commit: the repo has no model files (it may exist, created first).
+    assert not any(f.endswith(".gguf") for f in (api.list_repo_files(repo) if api.repo_exists(repo) else []))
+    uploaded_before = stored()
+    assert len(uploaded_before) == 1, uploaded_before
+    proc = run_cli("publish", folder, env=hub.env, check=True)
+    assert f"{repo}@main: new commit" in proc.stdout
+    files = api.list_repo_files(repo)
+    assert {f"{sample_model.name}-F16.gguf", f"{sample_model.name}-Q8_0.gguf", "README.md"} <= set(files)
+    again = stored(killed_at)
+    assert again and not uploaded_before & again, "an object stored before the kill was sent again"

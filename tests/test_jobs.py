@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, run_cli, sample_on_hub
+from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, run_cli
 from quantkit.jobs.queue import JobQueue
 
 PROFILE = PROFILES / "jobs.yaml"
@@ -35,9 +35,9 @@ def _wait(predicate, timeout: float, what: str):
 
 
 @pytest.fixture(scope="module")
-def hub(sample_model, tmp_path_factory):
-    with sample_on_hub(sample_model, tmp_path_factory.mktemp("jobs-hub")) as server:
-        yield server
+def hub(module_hub):
+    """The tests of this module share the Hub's state: the worker's first build publishes, later watches see it."""
+    return module_hub
 
 
 def _cli(hub, queue, *args, **kw):
@@ -99,7 +99,7 @@ def test_the_same_job_on_ray_makes_the_same_files(hub, built_by_worker, ray_clus
     proc = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
     assert "1 new job(s)" in proc.stdout  # a queue of its own: the same (repo, commit, profile) again
     # The local run's thread count: llama.cpp's one-token decode sums in a thread-dependent order, so a greedy
-    # chat reply (the probes) can turn at a near-tie on another count, though every score stays the same.
+    # chat reply (the smoke test's) can turn at a near-tie on another count, though every score stays the same.
     work = _cli(hub, queue, "worker", "--once", "--poll", "0.2", "--threads", str(os.cpu_count()), "--ray", ray_cluster,
                 check=True)
     [job] = JobQueue(queue).list("done")
@@ -147,7 +147,8 @@ def test_a_new_commit_is_a_new_job_and_filters_apply(hub, built_by_worker, tmp_p
 
 def test_a_killed_workers_job_is_taken_over_after_its_lease(hub, tmp_path):
     queue, out = tmp_path / "queue.db", tmp_path / "out"
-    _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
+    # Leases and resume, not scores: the files-only profile.
+    _cli(hub, queue, "watch", "alice", "--profile", PROFILES / "files.yaml", "--out", out, check=True)
     env = {**os.environ, **hub.env}
     cmd = [sys.executable, "-m", "quantkit", "worker", "--queue", str(queue), "--lease", "4", "--poll", "0.2"]
     first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

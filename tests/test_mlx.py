@@ -7,14 +7,15 @@ import json
 import pytest
 from huggingface_hub import HfApi, ModelCard
 
-from conftest import PROFILES, TOKEN, run_cli
+from conftest import PROFILES, TOKEN, run_cli, seed
 
 pytest.importorskip("mlx_lm", reason="the mlx extra is not installed (QUANTKIT_EXTRAS without mlx)")
 
 
 @pytest.fixture(scope="module")
-def mlx_build(sample_model, tmp_path_factory):
+def mlx_build(sample_model, sample_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("mlx")
+    seed(sample_build["dir"], out)  # its F16 and Q4_K_M files are taken as they are
     proc = run_cli("build", sample_model, "--profile", PROFILES / "mlx.yaml", "--out", out, check=True)
     folder = out / sample_model.name
     return {"dir": folder, "report": json.loads((folder / "report.json").read_text()), "proc": proc}

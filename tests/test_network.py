@@ -11,12 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
 
-from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, run_cli, sample_on_hub
+from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, hub_env, run_cli
 from hub_server import client_env
 from quantkit.jobs.queue import JobQueue
 
@@ -39,14 +38,11 @@ def _clean(proc) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(sample_model, tmp_path_factory):
-    with sample_on_hub(sample_model, tmp_path_factory.mktemp("network-hub")) as hub:
-        yield hub
+def server(module_hub):
+    return module_hub
 
 
-def _env(hub, home: Path, **extra) -> dict:
-    """A client of `hub` with a Hugging Face cache of its own (`home`), retrying fast."""
-    return {**client_env(hub.endpoint, home), "HF_TOKEN": TOKEN, "QUANTKIT_RETRY_BACKOFF_S": "0.05", **extra}
+_env = hub_env  # a client of the test Hub with a Hugging Face cache of its own, retrying fast
 
 
 def _served(hub, since: int, pattern: str = "/resolve/") -> list:
@@ -137,7 +133,7 @@ def test_a_cached_model_builds_offline_and_never_mixes_snapshots(server, tmp_pat
     try:
         # Offline: main is still A in the cache (B never finished), so A is built, from A's files alone.
         offline = {**env, "HF_HUB_OFFLINE": "1"}
-        proc = run_cli("build", SOURCE, "--profile", PROFILES / "tiny.yaml", "--out", out, env=offline, check=True)
+        proc = run_cli("build", SOURCE, "--profile", PROFILES / "files.yaml", "--out", out, env=offline, check=True)
         assert "Traceback" not in proc.stderr
         assert f"using {SOURCE}@{commit_a[:12]} from the Hugging Face cache: HF_HUB_OFFLINE is set" in proc.stderr
         report = json.loads((out / "SmolLM2-135M-Instruct" / "report.json").read_text())
@@ -254,7 +250,7 @@ def test_a_watch_pass_in_an_outage_says_one_line_and_every_keeps_going(server, t
 def test_a_worker_retries_a_job_the_network_failed_then_marks_it_failed(server, tmp_path):
     queue = JobQueue(tmp_path / "queue.db")
     # Job 1: its first attempt meets a Hub that fails (503 on every retry); the second attempt builds it.
-    one = queue.enqueue(SOURCE, server.commit, str(PROFILES / "tiny.yaml"), tmp_path / "out", max_attempts=3)
+    one = queue.enqueue(SOURCE, server.commit, str(PROFILES / "files.yaml"), tmp_path / "out", max_attempts=3)
     server.fail_next("GET", INFO, status=503, count=5)
     proc = run_cli("worker", "--once", "--poll", "0.2", "--queue", queue.path, env=_env(server, tmp_path / "hf"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -266,7 +262,7 @@ def test_a_worker_retries_a_job_the_network_failed_then_marks_it_failed(server, 
     assert (done.state, done.attempts, done.exit_code) == ("done", 2, 0)
 
     # Job 2: the Hub is gone for good (a closed port, nothing cached): two attempts, then failed with the cause.
-    two = queue.enqueue(SOURCE, "0" * 40, str(PROFILES / "tiny.yaml"), tmp_path / "out2", max_attempts=2)
+    two = queue.enqueue(SOURCE, "0" * 40, str(PROFILES / "files.yaml"), tmp_path / "out2", max_attempts=2)
     proc = run_cli("worker", "--once", "--poll", "0.2", "--queue", queue.path,
                    env=_env(server, tmp_path / "hf-empty", HF_ENDPOINT=_closed_port()))
     assert proc.returncode == 1

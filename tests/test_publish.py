@@ -7,7 +7,7 @@ import re
 
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 
-from conftest import OTHER, PROFILES, TOKEN, run_cli
+from conftest import OTHER, PROFILES, SAMPLE_REPO, TOKEN, run_cli
 
 
 def _api(hub):
@@ -126,15 +126,13 @@ def test_bad_token_and_foreign_namespace(sample_build, hub):
     assert TOKEN not in proc.stdout + proc.stderr
 
 
-def test_build_from_a_hub_repo_id(sample_model, hub, tmp_path):
-    api = _api(hub)
-    api.create_repo("alice/SmolLM2-135M-Instruct")
-    info = api.upload_folder(repo_id="alice/SmolLM2-135M-Instruct", folder_path=sample_model)
-    proc = run_cli("build", "alice/SmolLM2-135M-Instruct", "--profile", PROFILES / "tiny.yaml", "--out", tmp_path / "out",
+def test_build_from_a_hub_repo_id(hub, tmp_path):
+    # The sample is on the session's test Hub as alice/SmolLM2-135M-Instruct (conftest.session_hub).
+    proc = run_cli("build", SAMPLE_REPO, "--profile", PROFILES / "files.yaml", "--out", tmp_path / "out",
                    env=hub.env, check=True)
     report = json.loads((tmp_path / "out" / "SmolLM2-135M-Instruct" / "report.json").read_text())
-    assert report["source"]["repo_id"] == "alice/SmolLM2-135M-Instruct"
-    assert report["source"]["revision"] == info.oid
+    assert report["source"]["repo_id"] == SAMPLE_REPO
+    assert report["source"]["revision"] == hub.commit
     assert [a["variant"] for a in report["artifacts"]] == ["F16", "Q8_0"]
     assert "built 2" in proc.stdout
 
