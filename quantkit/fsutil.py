@@ -62,6 +62,19 @@ class HashCache:
         return hashlib.sha256(str(full).encode()).hexdigest()[:32]
 
 
+def file_identity(path: Path, small: int = 16 << 20) -> str:
+    """A cheap stand-in for a file's content, for caches outside the build folder: a file of the Hugging Face
+    cache is named by its hash (the blob its snapshot links to), a small file is hashed, and a large local one
+    is known by size and mtime. A fresh download of the same model therefore has the same identity."""
+    target = path.resolve()
+    st = target.stat()
+    if target.parent.name == "blobs" and path.is_symlink():
+        return f"{path.name}:{st.st_size}:blob {target.name}"
+    if st.st_size <= small:
+        return f"{path.name}:{st.st_size}:sha256 {sha256_file(target)}"
+    return f"{path.name}:{st.st_size}:mtime {st.st_mtime_ns}"
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it to `final` only if the block succeeds."""

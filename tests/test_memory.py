@@ -96,9 +96,8 @@ def test_a_step_too_large_for_the_machine_is_refused_up_front(sample_model, tmp_
 
 
 def test_evaluation_off_plans_no_reference_and_fits(sample_model, tmp_path):
-    profile = tmp_path / "files-only.yaml"
-    profile.write_text((PROFILES / "tiny.yaml").read_text() + "  enabled: false\n")
-    proc = run_cli("plan", sample_model, "--profile", profile, "--out", tmp_path, "--memory", "1.5G", check=True)
+    proc = run_cli("plan", sample_model, "--profile", PROFILES / "files.yaml", "--out", tmp_path, "--memory", "1.5G",
+                   check=True)
     assert "evaluation: off" in proc.stdout and "reference (fp16 source" not in proc.stdout
 
 

@@ -51,17 +51,18 @@ def chat_turns(generate, render, spec: dict, missing: str = "the artifact has no
     """The smoke test and the probes of one runner. `generate(prompt, max_tokens, special=True)` decodes
     greedily and returns (reply, end-of-turn token or None); `render(messages)` is the artifact's own template
     (None: it has none, and `missing` says so). The probes' prompts come rendered, from the source's template (evaluate/probes.py).
-    `chat: false` in the spec: none of it (a later round of scoring, whose chat turns are already known)."""
+    `chat: false` in the spec: none of it (a later round of scoring, whose chat turns are already known); `smoke:
+    null`: the probes only (a runner whose smoke test runs in another runtime)."""
     if spec.get("chat") is False:
         return {}
-    opts = spec["smoke"]
-    if render is None:
-        smoke = {"passed": False, "reply": "", "reason": missing, "prompt": ""}
-    else:
-        prompt = render([{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}])
-        reply, end_token = generate(prompt, opts["max_tokens"], special=False)
-        smoke = smoke_verdict(reply, end_token, prompt, opts)
-    out = {"smoke": smoke}
+    out = {}
+    if (opts := spec.get("smoke")) is not None:
+        if render is None:
+            out["smoke"] = {"passed": False, "reply": "", "reason": missing, "prompt": ""}
+        else:
+            prompt = render([{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}])
+            reply, end_token = generate(prompt, opts["max_tokens"], special=False)
+            out["smoke"] = smoke_verdict(reply, end_token, prompt, opts)
     if spec.get("probes"):
         out["probes"] = {name: generate(prompt, spec["probe_tokens"])[0] for name, prompt in spec["probes"].items()}
     return out

@@ -2,8 +2,8 @@
 
 The converter writes a skeleton of the intermediate file (gguf_skeleton: real metadata and tensor
 list, no data), and the quantizer's dry run picks every tensor's type for each variant, overrides
-included. The result is cached per source files, options and llama.cpp version, so re-planning a
-build is instant.
+included. The result is cached per source files (by content: fsutil.file_identity, so a fresh download of
+the same commit reuses it), options and llama.cpp version, so re-planning a build is instant.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...fsutil import sha256_text, write_json_atomic
+from ...fsutil import file_identity, sha256_text, write_json_atomic
 from .llamacpp import LlamaCppTree
 from ...paths import cache_dir
 from ...procs import run_python
@@ -32,7 +32,7 @@ from .types import INTERMEDIATES, ftypes, ggml_types
 # memory-mapped input, which the kernel can drop under pressure.
 _FIXED = {"convert": 900_000_000, "quantize": 80_000_000, "run": 250_000_000}
 _PER_LARGEST_VALUE = {"convert": 1.5, "quantize": 7}
-_VERSION = 3  # bump when what is cached changes
+_VERSION = 4  # bump when what is cached changes
 
 
 @dataclass
@@ -70,8 +70,10 @@ def quantize_spec(options: dict[str, Any], src: Path, dst: Path, threads: int, *
 def predict_sizes(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
     files = sorted(p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("."))
     key = sha256_text("gguf-sizes", str(_VERSION), tree.version, str(tree.root), opts.intermediate,
-                      *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files),
-                      json.dumps([v.options() for v in opts.variants], sort_keys=True), str(opts.imatrix))
+                      *(file_identity(p) for p in files),
+                      json.dumps([v.options() for v in opts.variants], sort_keys=True),
+                      # Whether there is an importance matrix changes the sizes; which text it is made from does not.
+                      str(bool(opts.imatrix)))
     cached = cache_dir() / "sizes" / f"{key[:32]}.json"
     if cached.exists():
         data = json.loads(cached.read_text())

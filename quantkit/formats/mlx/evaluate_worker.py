@@ -113,7 +113,8 @@ def evaluate(folder: str, spec: dict) -> dict:
             sys.exit(f"error: mlx-lm does not reproduce its own folder's weights as transformers runs them (KLD {kld:.4f} "
                      f"> {RUNTIME_MAX_KLD}, top-1 {top1:.1%} over {RUNTIME_CHECK_TOKENS} tokens): it misreads the "
                      "model's config.json, so the folder would run wrong in mlx-lm")
-        result = hf_worker.evaluate(str(out), {**spec, "reference": True})
+        # transformers scores and writes the probes' replies; the smoke test is mlx-lm's own (below).
+        result = hf_worker.evaluate(str(out), {**spec, "reference": True, "smoke": None})
     if spec.get("chat") is not False and (smoke := mlx_smoke(folder, spec)):
         result["smoke"] = smoke
     result["note"] = (f"exact weights (dequantized by MLX) scored through transformers; smoke test with mlx-lm's "
