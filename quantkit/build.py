@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import formats
 from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
+from .evaluate.experts import keeps_experts_mapped
 from .evaluate.integrity import check as check_chat, check_source_template, folder_facts
 from .gates import judge
 from .executors import Executor, LocalExecutor
@@ -80,9 +81,12 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     evaluations = []
     if ev.enabled:
         stats = tensor_stats(src.path)
+        # Experts kept one module each (evaluate/experts.py): no fused copy, and one expert widened at a time.
+        mapped = keeps_experts_mapped(src.config)
         evaluations.append(StepMemory("reference (fp16 source, transformers)", REFERENCE,
-                                      reference_peak(stats.params, stats.weight_bytes, stats.largest_module, vocab, ev.ctx,
-                                                     stats.expert_bytes)))
+                                      reference_peak(stats.params, stats.weight_bytes,
+                                                     stats.largest if mapped else stats.largest_module, vocab, ev.ctx,
+                                                     0 if mapped else stats.expert_bytes)))
         for item in items:
             fmt = formats.get(item.backend)
             if fmt.runner and item.is_model:

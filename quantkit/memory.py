@@ -23,8 +23,9 @@ REFERENCE = "reference"  # the target name of the reference step
 # The fp16 reference (transformers, weights kept as stored, float32 compute): torch and transformers
 # themselves and one window's activations (which grow a little with the model), the weights, a float32
 # copy of the module running now, and the scored rows' logits. Measured 1.48, 7.83 and 16.97 GB. The
-# weights are memory-mapped from the safetensors files (transformers keeps them as stored); a MoE's
-# experts are copied into fused tensors on load, so they count twice (3.10 GB for the 0.52B MoE).
+# weights are memory-mapped from the safetensors files (transformers keeps them as stored). A MoE's experts
+# stay so where defuser knows the model (evaluate/experts.py); elsewhere transformers copies them into fused
+# tensors on load, and they count twice (3.10 GB for the 0.52B MoE).
 REFERENCE_FIXED = 1_000_000_000
 REFERENCE_PER_PARAM = 0.04
 

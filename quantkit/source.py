@@ -302,8 +302,8 @@ class TensorStats:
     params: int
     weight_bytes: int
     largest: int  # values of the largest tensor
-    largest_module: int  # values one module holds: the largest tensor, or all experts of one MoE layer
-    expert_bytes: int = 0  # bytes of MoE expert weights (transformers copies them into fused tensors on load)
+    largest_module: int  # values one module holds: the largest tensor, or all experts of one MoE layer when fused
+    expert_bytes: int = 0  # bytes of MoE expert weights (a fused load copies them: evaluate/experts.py)
     linear: int = 0  # values of the 2-D weights inside the decoder blocks: what GPTQ, AWQ and EXL2 quantize
     embedding: int = 0  # values of the input embedding
     head: int = 0  # values of an untied output head (0 when tied to the embedding)

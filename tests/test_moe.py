@@ -82,8 +82,149 @@ def test_gptq_quantized_the_experts(moe_build):
 
     names = {n for f in folder.glob("*.safetensors") for n in safetensors_header(f) if n != "__metadata__"}
     assert any(".experts." in n and n.endswith(".qweight") for n in names), sorted(names)[:20]
-    # GPTQModel writes one module per expert, transformers 5 reads them fused: the build says so, and measured
-    # the folder through GPTQModel's loader instead of scoring unset weights.
-    note = gptq["evaluation"]["note"]
-    assert note.startswith("transformers ") and "cannot load this folder" in note and "experts" in note
-    assert "cannot load this folder" in (moe_build["dir"] / "report.md").read_text()
+    # GPTQModel writes one module per expert; plain transformers 5 reads them fused and leaves them unset. With the
+    # experts kept per module (quantkit/evaluate/experts.py), transformers reads every weight of the folder, so it is
+    # measured as its users load it, with no fallback to GPTQModel's loader.
+    assert not gptq["evaluation"].get("note"), gptq["evaluation"]["note"]
+    assert "cannot load this folder" not in (moe_build["dir"] / "report.md").read_text()
+
+
+def _python_blocks(lines: list[str]) -> list[str]:
+    text, blocks = "\n".join(lines), []
+    for part in text.split("```python\n")[1:]:
+        blocks.append(part.split("```")[0])
+    return blocks
+
+
+def test_the_cards_transformers_snippet_loads_every_weight_of_the_moe_gptq_folder(moe_build):
+    """The card's "Run" section, followed as written (the folder in place of the repo id): transformers reads every
+    weight. Without its defuser line, transformers' own load report lists the experts as MISSING."""
+    from quantkit import formats
+    from quantkit.procs import run_python
+
+    gptq = _artifact(moe_build["report"], "4bit-g128")
+    folder = str(moe_build["dir"] / gptq["filename"])
+    usage = formats.get("gptq").usage("org/model-GPTQ", folder, gptq)
+    assert any("vllm serve org/model-GPTQ --revision 4bit-g128" in line for line in usage)
+    snippet = next(b for b in _python_blocks(usage) if "transformers" in b)
+    assert 'replace_fused_blocks("mixtral")' in snippet
+    snippet = snippet.replace('"org/model-GPTQ"', repr(folder)) + "print('loaded', type(model).__name__)\n"
+    out = "\n".join(run_python(["-c", snippet], what="the card's snippet").lines)
+    assert "loaded MixtralForCausalLM" in out
+    assert "MISSING" not in out and "UNEXPECTED" not in out, out[-3000:]
+    plain = "\n".join(l for l in snippet.splitlines() if "replace_fused_blocks" not in l)
+    out = "\n".join(run_python(["-c", plain], what="the snippet without defuser").lines)
+    assert "mlp.experts.gate_up_proj" in out and "MISSING" in out, out[-3000:]
+
+
+def test_mlx_4bit_keeps_the_experts_stacked_and_is_scored_on_them(moe_build):
+    pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
+    mlx = _artifact(moe_build["report"], "4bit")
+    from quantkit.source import safetensors_header
+
+    folder = moe_build["dir"] / mlx["filename"]
+    names = {n for f in folder.glob("*.safetensors") for n in safetensors_header(f)}
+    assert "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight" in names  # mlx-lm's layout: [experts, out, in]
+    assert not any(".experts." in n for n in names)
+    # Its exact weights were split back into the source's per-expert names (a name transformers did not read would
+    # have stopped the evaluation), and mlx-lm reproduced transformers on them.
+    e = mlx["evaluation"]
+    assert e["tokens_scored"] == 4 * 127
+    assert e["kld_mean"] < 0.6 and e["top1_agreement"] > 0.45, e
+    runtime = float(e["note"].split("mlx-lm vs transformers on the same weights: KLD ")[1].split(",")[0])
+    assert runtime < 0.01
+
+
+def _hf_evaluate(folder: Path, tmp: Path, name: str, **spec) -> dict:
+    from quantkit.procs import run_python
+
+    (tmp / f"{name}.spec.json").write_text(json.dumps({"ctx": 256, "threads": 2, "reference": True, **spec}))
+    run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(folder), str(tmp / f"{name}.spec.json"),
+                str(tmp / f"{name}.json")])
+    return json.loads((tmp / f"{name}.json").read_text())
+
+
+# Float32 log-probabilities of the reference's model as hf_worker loads it (the scored rows of the report are
+# stored as float16, whose rounding, KLD ~4e-5, would hide a difference of 1e-6), and how much the load alone
+# raised the process's peak memory (at this size the whole run's peak is the output head's activations).
+_LOGPROBS = """
+import resource, sys, numpy as np, torch
+from quantkit.evaluate.hf_worker import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model, _, _ = load_model(sys.argv[1], {"reference": True, "experts": sys.argv[2]})
+print("load-peak", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+ids = torch.from_numpy(np.load(sys.argv[3])[:4 * 256].astype(np.int64)).reshape(4, 256)
+with torch.inference_mode():
+    np.save(sys.argv[4], torch.log_softmax(model(ids).logits.float(), -1).numpy())
+"""
+
+
+def test_the_reference_keeps_experts_as_stored_and_agrees_with_the_fused_load(moe_build, tmp_path):
+    import numpy as np
+    from dataclasses import asdict
+
+    from quantkit.evaluate.experts import FUSED
+    from quantkit.evaluate.text import load_text
+    from quantkit.procs import run_python
+    from quantkit.profiles import SmokeOptions
+    from quantkit.source import tensor_stats
+
+    model = moe_build["model"]
+    (tmp_path / "text.txt").write_text(load_text("builtin:botchan"), encoding="utf-8")
+    run_python(["-m", "quantkit.evaluate.hf_worker", "tokenize", str(model), str(tmp_path / "text.txt"),
+                str(tmp_path / "tokens.npy"), str(tmp_path / "bos.json")])
+    logprobs, load_peak = {}, {}
+    for how in (FUSED, "stored"):
+        done = run_python(["-c", _LOGPROBS, str(model), how, str(tmp_path / "tokens.npy"), str(tmp_path / f"{how}.npy")])
+        logprobs[how] = np.load(tmp_path / f"{how}.npy").astype(np.float64)
+        load_peak[how] = int(next(l for l in done.lines if l.startswith("load-peak ")).split()[1])
+    p, q = logprobs[FUSED], logprobs["stored"]
+    kld = float(np.mean(np.sum(np.exp(p) * (p - q), axis=-1)))
+    top1 = float(np.mean(p.argmax(-1) == q.argmax(-1)))
+
+    common = {"tokens": str(tmp_path / "tokens.npy"), "bos": json.loads((tmp_path / "bos.json").read_text())["bos"],
+              "windows": 4, "smoke": asdict(SmokeOptions(max_tokens=8))}
+    fused = _hf_evaluate(model, tmp_path, "fused", experts=FUSED, **common)
+    stored = _hf_evaluate(model, tmp_path, "stored", **common)
+    delta = abs(stored["perplexity"] / fused["perplexity"] - 1)
+    experts = tensor_stats(model).expert_bytes
+    print(f"fused PPL {fused['perplexity']:.6f}, per-expert PPL {stored['perplexity']:.6f}, float32 KLD {kld:.2e}, "
+          f"top-1 {top1:.4f}; load raised the peak by {load_peak[FUSED] / 1e6:.0f} MB -> {load_peak['stored'] / 1e6:.0f} MB, "
+          f"the run's peak {fused['peak_rss_bytes'] / 1e6:.0f} MB -> {stored['peak_rss_bytes'] / 1e6:.0f} MB "
+          f"(experts {experts / 1e6:.0f} MB)", file=sys.stderr)
+    assert kld < 1e-6 and top1 > 0.999
+    assert stored["tokens_scored"] == fused["tokens_scored"] == 4 * 127 and delta < 1e-5
+    assert stored["smoke"]["reply"] == fused["smoke"]["reply"]
+    # The fused load's copy of the experts is gone (the copy, and the file pages the copying read at once).
+    assert load_peak[FUSED] - load_peak["stored"] > 0.8 * experts
+    assert stored["peak_rss_bytes"] <= fused["peak_rss_bytes"] + 0.05 * experts
+
+
+def test_a_checkpoint_with_weights_the_model_does_not_read_is_refused(moe_build, tmp_path):
+    """Renamed expert weights: transformers would leave them at random values. The reference refuses, naming them."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = moe_build["model"]
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    for f in broken.glob("*.safetensors"):
+        tensors = load_file(f)
+        save_file({n.replace(".experts.3.w1.", ".experts.3.w9."): v for n, v in tensors.items()}, f,
+                  metadata={"format": "pt"})
+    from quantkit.procs import run_python
+
+    (tmp_path / "tokens.npy").write_bytes((moe_build["dir"] / ".quantkit" / "eval-tokens.npy").read_bytes())
+    (tmp_path / "spec.json").write_text(json.dumps({"tokens": str(tmp_path / "tokens.npy"), "bos": None, "ctx": 256,
+                                                    "threads": 2, "reference": True, "windows": 1}))
+    from quantkit.errors import ToolError
+
+    with pytest.raises(ToolError) as failed:
+        run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(broken), str(tmp_path / "spec.json"),
+                    str(tmp_path / "out.json")], what="the reference")
+    message = str(failed.value)
+    assert "transformers leaves 8 weight(s) of broken unread, so scoring it would measure random weights" in message, message
+    # The renamed expert's projection is unset in each of the 4 layers (and its 4 tensors have no place in the model).
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight (unset)" in message, message
+    assert not (tmp_path / "out.json").exists()

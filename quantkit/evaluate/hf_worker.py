@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .chat import chat_turns
+from .experts import defuse
 from .metrics import score, scored_range, worker_main
 
 
@@ -63,36 +64,46 @@ def compute_in_float32(model) -> None:
 
 def load_model(folder: str, spec: dict):
     """(model, device, note): the checkpoint on this machine's best device, the reference as described
-    above, other folders as transformers loads them; `note` says what the report must know of how."""
+    above, other folders as transformers loads them; `note` says what the report must know of how. Refused
+    when transformers leaves weights unset or finds weights it has no place for: scoring that model would
+    measure random weights."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not spec.get("reference"):
-        return load_folder(folder, device)
-    if spec.get("weights") == "float32":
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval(), device, ""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=device).eval()
-    compute_in_float32(model)
+        return load_folder(folder, device, spec)
+    dtype = torch.float32 if spec.get("weights") == "float32" else "auto"
+    model, unread = load_with_transformers(folder, device, spec, dtype=dtype)
+    refuse_unread(folder, unread)
+    if dtype == "auto":
+        compute_in_float32(model)
     return model, device, ""
 
 
-def load_folder(folder: str, device: str):
-    """A quantized folder through transformers, as its users load it; refused when transformers leaves weights
-    of it unset, since scoring that model would measure random weights."""
-    model, missing = load_with_transformers(folder, device)
-    if missing:
-        raise SystemExit(f"error: transformers leaves {len(missing)} weight(s) of {folder} unset (such as "
-                         f"{missing[0]}): scoring it would measure random weights")
+def load_folder(folder: str, device: str, spec: dict | None = None):
+    """A quantized folder through transformers, as its users load it."""
+    model, unread = load_with_transformers(folder, device, spec)
+    refuse_unread(folder, unread)
     return model, device, ""
 
 
-def load_with_transformers(folder: str, device: str):
-    """(model, the names of the weights transformers left unset)."""
+def load_with_transformers(folder: str, device: str, spec: dict | None = None, **kwargs):
+    """(model, the weights transformers did not read: unset, unplaced or of the wrong shape). A MoE's experts
+    stay one module each, as stored (evaluate/experts.py), unless spec["experts"] is "fused"."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(folder, device_map=device, output_loading_info=True)
-    return model.eval(), sorted(info.get("missing_keys") or [])
+    defuse(folder, spec)
+    model, info = AutoModelForCausalLM.from_pretrained(folder, device_map=device, output_loading_info=True, **kwargs)
+    unread = ([f"{k} (unset)" for k in sorted(info.get("missing_keys") or [])]
+              + [f"{k} (in the files, not in the model)" for k in sorted(info.get("unexpected_keys") or [])]
+              + [f"{m[0]} (another shape)" for m in info.get("mismatched_keys") or []])
+    return model.eval(), unread
+
+
+def refuse_unread(folder: str, unread: list[str]) -> None:
+    if unread:
+        raise SystemExit(f"error: transformers leaves {len(unread)} weight(s) of {Path(folder).name} unread, so scoring "
+                         f"it would measure random weights: {', '.join(unread[:3])}")
 
 
 def evaluate(folder: str, spec: dict, load=load_model) -> dict:

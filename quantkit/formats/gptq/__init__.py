@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ProfileError
+from ...evaluate.experts import is_moe
 from ...evaluate.text import CALIBRATION, calibration_identity
 from ...fsutil import atomic_dir
 from ...plan import ArtifactPlan, ArtifactResult
@@ -127,12 +128,33 @@ class GPTQModelFormat(Format):
             weight_bytes += f.stat().st_size
             dtypes.update(t["dtype"] for k, t in safetensors_header(f).items() if k != "__metadata__")
         params = facts.get("source_params") or 0
+        config = json.loads((path / "config.json").read_text())
+        experts = {"model_type": config["model_type"]} if is_moe(config) else {}
         return ArtifactResult(
             backend=self.name, variant=item.variant, filename=item.filename,
             size_bytes=sum(p.stat().st_size for p in files), sha256="",
             bits_per_weight=round(weight_bytes * 8 / params, 3) if params else 0.0,
             tensor_types=dict(sorted(dtypes.items())), fallbacks=[], stated_bits=float(item.options.get("bits") or 0),
+            details={"experts": experts} if experts else {},
         )
+
+    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+        experts = (artifact.get("details") or {}).get("experts")
+        if not experts:
+            return super().usage(repo_id, local_dir, artifact)
+        # GPTQModel writes a MoE one module per expert; transformers 5 fuses experts on load and would leave these
+        # unset (scored KLD 0.77 that way), so the card says how each runtime reads the folder as it is.
+        revision = f', revision="{artifact["variant"]}"'
+        return [
+            "This is a mixture of experts, stored one module per expert as GPTQModel writes it. vLLM and GPTQModel "
+            "read it as it is. transformers 5 fuses a MoE's experts when it loads them and would leave these weights "
+            "unset: patch it with `defuser` (`pip install defuser`) before loading, as below.", "",
+            "```python", "from defuser import replace_fused_blocks", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'replace_fused_blocks("{experts["model_type"]}")  # keep the experts one module each, as stored',
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{revision})',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision})', "```", "",
+            "```bash", f"vllm serve {repo_id} --revision {artifact['variant']}", "```", "",
+            "```python", "from gptqmodel import GPTQModel", "", f'model = GPTQModel.load("{local_dir}")', "```"]
 
 
 class GPTQFormat(GPTQModelFormat):

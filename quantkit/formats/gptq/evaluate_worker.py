@@ -19,13 +19,13 @@ def load(folder: str, spec: dict):
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, missing = hf_worker.load_with_transformers(folder, device)
-    if not missing:
+    model, unread = hf_worker.load_with_transformers(folder, device, spec)
+    if not unread:
         return model, device, ""
     from gptqmodel import GPTQModel
 
-    note = (f"transformers {transformers.__version__} cannot load this folder: it leaves {len(missing)} weight(s) unset "
-            f"(such as {missing[0]}); measured through GPTQModel's own loader, which reads it")
+    note = (f"transformers {transformers.__version__} cannot load this folder: it does not read {len(unread)} weight(s) "
+            f"(such as {unread[0]}); measured through GPTQModel's own loader, which reads it")
     del model
     return GPTQModel.load(folder, device=device).model.eval(), device, note
 

@@ -20,6 +20,7 @@ MLX's CPU backend is far too slow on x86 to score text (measured on the sample's
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -47,6 +48,17 @@ def _dequantized(folder: str):
     return dequantize_model(model), tok
 
 
+def _runnable_here(model) -> None:
+    """MLX's CPU backend runs a MoE's stacked experts (gather_mm) in float32 only ("[GatherMM::eval] Currently only
+    supports float32"): there, widen the dequantized model to float32, which is exact, and computes as the
+    reference does. Metal runs them as stored."""
+    import mlx.core as mx
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if mx.default_device() == mx.cpu and any(isinstance(m, SwitchLinear) for _, m in model.named_modules()):
+        model.set_dtype(mx.float32)
+
+
 def _first_tokens(spec: dict) -> np.ndarray:
     ids = np.load(spec["tokens"])[:RUNTIME_CHECK_TOKENS].astype(np.int32)
     if spec.get("bos") is not None:
@@ -54,15 +66,40 @@ def _first_tokens(spec: dict) -> np.ndarray:
     return ids
 
 
+# mlx-lm stacks a MoE layer's experts into one [experts, out, in] tensor per projection, under `switch_mlp`
+# (its models' `sanitize` does the stacking); transformers reads one tensor per expert under the source's names.
+# The source's name of each projection, by model type, where it is not mlx-lm's own.
+_EXPERT_PROJECTIONS = {"mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}}
+_STACKED = re.compile(r"(?P<block>.*)\.switch_mlp\.(?P<proj>\w+)\.weight")
+
+
+def source_names(weights: dict, model_type: str) -> dict:
+    """mlx-lm's flat parameters under the source checkpoint's names: stacked experts split back into one tensor
+    each. A projection of a model type not listed keeps mlx-lm's name (the source's, for most MoE families); a
+    wrong name is refused by the load that follows, naming it."""
+    projections = _EXPERT_PROJECTIONS.get(model_type, {})
+    named = {}
+    for key, value in weights.items():
+        m = _STACKED.fullmatch(key)
+        if m is None:
+            named[key] = value
+            continue
+        for e in range(value.shape[0]):
+            named[f"{m['block']}.experts.{e}.{projections.get(m['proj'], m['proj'])}.weight"] = value[e]
+    return named
+
+
 def write_checkpoint(folder: str, spec: dict, out: Path) -> np.ndarray:
-    """In MLX: the 16-bit checkpoint of the exact weights into `out`, and mlx-lm's log-probabilities of the
-    runtime check's tokens."""
+    """In MLX: the 16-bit checkpoint of the exact weights into `out`, under the source's tensor names, and
+    mlx-lm's log-probabilities of the runtime check's tokens."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     model, _ = _dequantized(folder)
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "pt"})
     config = json.loads((Path(folder) / "config.json").read_text())
+    weights = source_names(dict(tree_flatten(model.parameters())), str(config.get("model_type") or ""))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    _runnable_here(model)
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
     (out / "config.json").write_text(json.dumps(config))
@@ -78,6 +115,7 @@ def mlx_smoke(folder: str, spec: dict) -> dict | None:
     from mlx_lm import stream_generate
 
     model, tok = _dequantized(folder)
+    _runnable_here(model)
     hf = tok._tokenizer  # the transformers tokenizer mlx-lm wraps
 
     def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
