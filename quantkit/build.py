@@ -10,13 +10,13 @@ from pathlib import Path
 
 from . import formats
 from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
-from .evaluate.experts import keeps_experts_mapped
+from .evaluate.experts import is_moe, keeps_experts_mapped
 from .evaluate.integrity import check as check_chat, check_source_template, folder_facts
 from .gates import judge
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .manifest import SCHEMA, Manifest
-from .memory import REFERENCE, StepMemory, machine_memory, reference_peak
+from .memory import REFERENCE, StepMemory, machine_memory, reference_peak, streamed_reference_peak
 from .plan import ArtifactPlan, ArtifactResult, BuildPlan, from_record
 from .profiles import Profile, load_profile
 from .progress import Reporter
@@ -79,14 +79,11 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
     scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2 if ev.enabled else 0
     evaluations = []
+    limit = machine_memory() if memory_limit is None else memory_limit
+    streamed = False
     if ev.enabled:
-        stats = tensor_stats(src.path)
-        # Experts kept one module each (evaluate/experts.py): no fused copy, and one expert widened at a time.
-        mapped = keeps_experts_mapped(src.config)
-        evaluations.append(StepMemory("reference (fp16 source, transformers)", REFERENCE,
-                                      reference_peak(stats.params, stats.weight_bytes,
-                                                     stats.largest if mapped else stats.largest_module, vocab, ev.ctx,
-                                                     0 if mapped else stats.expert_bytes)))
+        reference, streamed = reference_step(src, ev, vocab, tokens // ev.ctx, limit)
+        evaluations.append(reference)
         for item in items:
             fmt = formats.get(item.backend)
             if fmt.runner and item.is_model:
@@ -96,7 +93,25 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     # Absolute: converters run in working directories of their own.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,
-                     memory_limit=machine_memory() if memory_limit is None else memory_limit, memory_where=memory_where)
+                     memory_limit=limit, memory_where=memory_where, reference_streamed=streamed)
+
+
+def reference_step(src: Source, ev, vocab: int, n_windows: int, limit: int) -> tuple[StepMemory, bool]:
+    """The reference's step and whether it runs streamed (evaluate/streamed.py): as the profile says, or with
+    `auto`, when the in-memory run would need more than `limit` and the checkpoint can be read layer by layer."""
+    stats = tensor_stats(src.path)
+    # Experts kept one module each (evaluate/experts.py): no fused copy, and one expert widened at a time.
+    mapped = keeps_experts_mapped(src.config)
+    in_memory = reference_peak(stats.params, stats.weight_bytes, stats.largest if mapped else stats.largest_module,
+                               vocab, ev.ctx, 0 if mapped else stats.expert_bytes)
+    # A MoE transformers fuses on load cannot be read a tensor per parameter (no defuser for it).
+    streamable = mapped or not is_moe(src.config)
+    streamed = ev.reference == "streamed" or (ev.reference == "auto" and streamable and bool(limit) and in_memory > limit)
+    if not streamed:
+        return StepMemory("reference (fp16 source, transformers)", REFERENCE, in_memory), False
+    peak = streamed_reference_peak(stats.weight_bytes, stats.largest_layer, stats.largest, src.config, vocab, ev.ctx,
+                                   max(1, n_windows))
+    return StepMemory("reference (fp16 source, transformers, streamed layer by layer)", REFERENCE, peak), True
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
@@ -140,7 +155,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     evaluating = plan.profile.evaluation.enabled
     source_chat = folder_facts(plan.source.path)
     evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads, executor,
-                          memory={e.target: e.peak_bytes for e in plan.evaluations}, source_chat=source_chat)
+                          memory={e.target: e.peak_bytes for e in plan.evaluations}, source_chat=source_chat,
+                          streamed=plan.reference_streamed)
     tokens = None
     if evaluating:
         ids, bos = evaluator.tokens()

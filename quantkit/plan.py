@@ -63,6 +63,7 @@ class BuildPlan:
     evaluations: list[StepMemory] = field(default_factory=list)  # the reference first, then each artifact's
     memory_limit: int = 0  # what one step may use: this machine's memory, or the largest Ray node's (0: unknown)
     memory_where: str = "this machine"
+    reference_streamed: bool = False  # the reference runs layer by layer (evaluate/streamed.py): it does not generate
 
     def memory_steps(self) -> list[StepMemory]:
         """Every step that runs in a process of its own, with its predicted peak memory."""

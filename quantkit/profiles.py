@@ -17,6 +17,9 @@ from .paths import REPO_ROOT
 
 
 
+REFERENCE_MODES = ("auto", "in-memory", "streamed")
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     text: str = "builtin:botchan"
@@ -24,6 +27,10 @@ class EvalOptions:
     max_tokens: int = 0  # 0 = all of the text
     precision: str = ""  # "KLD ±3% at 95%": stop scoring an artifact once its mean KLD is that precise
     enabled: bool = True  # false: no reference and no evaluation (files only), for a machine too small for them
+    # How the reference runs: "in-memory" (weights memory-mapped, one window through every layer at a time),
+    # "streamed" (layer by layer over all the windows, a layer in memory at a time: evaluate/streamed.py; it
+    # scores and does not generate), or "auto": streamed when the in-memory run would not fit the machine.
+    reference: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,9 @@ def parse_profile(data: dict, source: str = "<dict>") -> Profile:
         raise ProfileError(f"{source}: 'backends' must map backend names to options", "quantkit backends lists the formats; profiles/ has examples")
     evaluation = _options(EvalOptions, data.get("evaluation"), f"{source}: evaluation")
     parse_precision(evaluation.precision)
+    if evaluation.reference not in REFERENCE_MODES:
+        raise ProfileError(f"{source}: evaluation.reference must be one of {', '.join(REFERENCE_MODES)}, "
+                           f"got {evaluation.reference!r}", "fix the profile")
     checks = _options(ChatChecks, data.get("chat_checks"), f"{source}: chat_checks")
     check_tools(checks.tools, f"{source}: chat_checks.tools")
     check_schema(checks.json_schema, f"{source}: chat_checks.json_schema")

@@ -265,7 +265,9 @@ def render_markdown(data: dict) -> str:
                                                         for fmt, tools in data.get("tools", {}).items() if tools) + ".",
         "",
         (f"Evaluation: `{ev['text']}`, {ev['tokens']} tokens, ctx {ev['ctx']}; reference: {ev['reference']}, "
-         f"perplexity {ev['reference_result']['perplexity']:.3f}. {ev['method']}." if ev["reference_result"] else
+         f"perplexity {ev['reference_result']['perplexity']:.3f}. {ev['method']}."
+         + (f" Note: {ev['reference_result']['note']}." if ev["reference_result"].get("note") else "")
+         if ev["reference_result"] else
          "Evaluation: off (`evaluation.enabled: false`); the files below were built but not measured."),
         "",
         *artifact_table(models(data["artifacts"]), ["file", "type", "size", "bpw", "stated", "ppl", "dppl", "kld", "kld99",

@@ -307,11 +307,13 @@ class TensorStats:
     linear: int = 0  # values of the 2-D weights inside the decoder blocks: what GPTQ, AWQ and EXL2 quantize
     embedding: int = 0  # values of the input embedding
     head: int = 0  # values of an untied output head (0 when tied to the embedding)
+    largest_layer: int = 0  # bytes of the largest decoder layer (what the streamed reference reads at once)
 
 
 def tensor_stats(folder: Path) -> TensorStats:
     params = weight_bytes = largest = experts = linear = embedding = head = 0
     modules: dict[str, int] = {}
+    layers: dict[str, int] = {}
     for f in sorted(folder.glob("*.safetensors")):
         for name, t in safetensors_header(f).items():
             if name == "__metadata__":
@@ -323,15 +325,19 @@ def tensor_stats(folder: Path) -> TensorStats:
             # transformers runs a MoE layer's experts as one module (fused weights): count them together.
             group = re.sub(r"\.experts\.\d+\..*", ".experts", name)
             modules[group] = modules.get(group, 0) + n
+            size = t["data_offsets"][1] - t["data_offsets"][0]
             if group != name:
-                experts += t["data_offsets"][1] - t["data_offsets"][0]
+                experts += size
+            if layer := re.match(r".*\.layers\.\d+\.", name):
+                layers[layer[0]] = layers.get(layer[0], 0) + size
             if ".layers." in name and name.endswith(".weight") and len(t["shape"]) == 2:
                 linear += n
             embedding += n if name == "model.embed_tokens.weight" else 0
             head += n if name == "lm_head.weight" else 0
     if params == 0:
         raise SourceError(f"no tensors found in {folder}/*.safetensors", "check the download")
-    return TensorStats(params, weight_bytes, largest, max(modules.values()), experts, linear, embedding, head)
+    return TensorStats(params, weight_bytes, largest, max(modules.values()), experts, linear, embedding, head,
+                       max(layers.values(), default=0))
 
 
 def param_count(folder: Path) -> int:

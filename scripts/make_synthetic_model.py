@@ -4,15 +4,18 @@ The tokenizer, chat template and vocabulary are the sample's (real), so llama.cp
 any model of their architecture; the weights are noise, so their outputs are meaningless.
 
 Shapes: tiny (a dense Llama at test size: 2 layers, hidden 256, untied head), 1b (TinyLlama-1.1B), 3b
-(Llama-3.2-3B), 7b (Mistral-7B: 32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads, untied head), moe
-(Mixtral-shaped: 8 experts, top-2 routing, Mixtral's tensor names, hidden 1024, 8 layers) and moe-tiny (the
-same layout at test size). `--dead-experts K` makes
+(Llama-3.2-3B), 7b (Mistral-7B: 32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads, untied head), mixtral
+(Mixtral-8x7B's dimensions: 7b's with 8 experts of MLP 14336, top-2, bfloat16 as Mixtral ships; `--layers N`
+makes N of its 32 layers, about 2.8 GB each, so its runs can be measured against N), moe (Mixtral-shaped:
+8 experts, top-2 routing, Mixtral's tensor names, hidden 1024, 8 layers) and moe-tiny (the same layout at
+test size). `--layers N` sets the layer count of any shape. `--dead-experts K` makes
 the router never pick the last K experts of every layer (the embeddings carry a constant feature the
 router reads), which is how calibration leaves experts without data in real MoE models.
 
 Written as 2 GB shards with a safetensors index, like the Hub's large checkpoints, one shard in
 memory at a time. Cached in ~/.cache/quantkit/synthetic/<name>/.
-Usage: .venv/bin/python scripts/make_synthetic_model.py tiny|1b|3b|7b|moe|moe-tiny [--dead-experts K] [--out DIR]
+Usage: .venv/bin/python scripts/make_synthetic_model.py tiny|1b|3b|7b|mixtral|moe|moe-tiny [--layers N]
+       [--dead-experts K] [--out DIR]
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ SHAPES = {
            "num_attention_heads": 24, "num_key_value_heads": 8},
     "7b": {**_MISTRAL, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
            "num_attention_heads": 32, "num_key_value_heads": 8},
+    "mixtral": {**_MIXTRAL, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "dtype": "bfloat16"},
     "moe": {**_MIXTRAL, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 8,
             "num_attention_heads": 16, "num_key_value_heads": 4},
     "moe-tiny": {**_MIXTRAL, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
@@ -83,19 +88,21 @@ def tensors(cfg: dict):
         yield "lm_head.weight", (cfg["vocab_size"], h)
 
 
-def default_out(size: str, dead_experts: int = 0) -> Path:
+def default_out(size: str, dead_experts: int = 0, layers: int | None = None) -> Path:
     name = {"moe": "Synthetic-Mixtral", "moe-tiny": "Synthetic-Mixtral-Tiny", "7b": "Synthetic-Mistral-7B",
-            "tiny": "Synthetic-Llama-Tiny"}.get(
+            "mixtral": "Synthetic-Mixtral-8x7B", "tiny": "Synthetic-Llama-Tiny"}.get(
         size, f"Synthetic-Llama-{size.upper()}")
-    return cache_dir() / "synthetic" / (name + (f"-dead{dead_experts}" if dead_experts else ""))
+    name += (f"-L{layers}" if layers else "") + (f"-dead{dead_experts}" if dead_experts else "")
+    return cache_dir() / "synthetic" / name
 
 
-def make(size: str, out: Path | None = None, dead_experts: int = 0) -> Path:
+def make(size: str, out: Path | None = None, dead_experts: int = 0, layers: int | None = None) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    out = out or default_out(size, dead_experts)
-    shape = SHAPES[size]
+    out = out or default_out(size, dead_experts, layers)
+    shape = SHAPES[size] | ({"num_hidden_layers": layers} if layers else {})
+    dtype = getattr(torch, shape.get("dtype", "float16"))
     if (out / ".complete").exists():
         cached = json.loads((out / "config.json").read_text())
         if all(cached.get(k) == v for k, v in shape.items()):  # made with this shape (shapes change between versions)
@@ -139,9 +146,9 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0) -> Path:
             elif dead_experts and name.endswith("block_sparse_moe.gate.weight"):
                 t[:, 0] = 1.0  # the same for every live expert: the other features choose among them
                 t[-dead_experts:, 0] = -4.0  # always the lowest scores: never in the top k
-            current[name] = t.to(torch.float16)
+            current[name] = t.to(dtype)
         else:
-            current[name] = torch.ones(dims, dtype=torch.float16)
+            current[name] = torch.ones(dims, dtype=dtype)
         total += current[name].numel()
         if sum(t.numel() * 2 for t in current.values()) >= SHARD_BYTES:
             flush()
@@ -157,7 +164,7 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0) -> Path:
                                                                    "weight_map": weight_map}, indent=1))
     dead = f" The router never picks the last {dead_experts} experts of a layer." if dead_experts else ""
     (tmp / "README.md").write_text(f"Synthetic {cfg['architectures'][0]}-shaped checkpoint, {total / 1e9:.2f}B random "
-                                   f"fp16 parameters, the sample's tokenizer.{dead} For quantkit's tests and benchmarks only.\n")
+                                   f"{dtype} parameters, the sample's tokenizer.{dead} For quantkit's tests and benchmarks only.\n")
     (tmp / ".complete").touch()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -167,10 +174,13 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("size", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     ap.add_argument("--dead-experts", type=int, default=0, help="experts per layer the router never picks (MoE shapes)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    print(make(args.size, args.out, args.dead_experts))
+    if args.layers is not None and args.layers < 1:
+        raise SystemExit("--layers must be at least 1")
+    print(make(args.size, args.out, args.dead_experts, args.layers))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ SPEC is the same for every runner (evaluate/metrics.py). `reference: true` keeps
 a parameter) and computes in float32: each module's weights are widened just before it runs and dropped
 after, so the results are those of a float32 copy of the model (docs/evaluation.md) at half its memory.
 `weights: "float32"` loads a whole float32 copy instead (4 bytes a parameter): the old reference, which
-the tests compare with. With CUDA, the model runs on the GPU.
+the tests compare with. `streamed: true` runs the reference layer by layer over all the windows, reading each
+layer from the files while it runs (evaluate/streamed.py), for weights that do not fit in memory. With CUDA, the model runs on the GPU.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ def evaluate(folder: str, spec: dict, load=load_model) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("reference") and spec.get("streamed"):
+        from .streamed import evaluate_streamed
+
+        return evaluate_streamed(folder, spec, "cuda" if torch.cuda.is_available() else "cpu")
     model, device, note = load(folder, spec)
     tok = AutoTokenizer.from_pretrained(folder)
     first, last = scored_range(spec["ctx"])

@@ -112,13 +112,15 @@ class ReferenceRows:
         self.f.close()
 
 
-def score(forward: Callable[[np.ndarray], np.ndarray], spec: dict, n_vocab: int) -> dict:
+def score(forward: Callable[[np.ndarray], np.ndarray], spec: dict, n_vocab: int,
+          prepare: Callable[[list[np.ndarray]], None] | None = None) -> dict:
     """Run windows of spec["tokens"] through `forward` (window ids -> logits of the scored positions) and
     accumulate; write the log-probabilities to spec["ref_write"], or compare with spec["ref_read"].
 
     spec["windows"] caps the windows scored (default: all); spec["state"] keeps the per-position values
     between runs, so a later run with a higher cap goes on from where this one stopped; spec["precision"]
-    ({relative, confidence}) stops as soon as the mean KLD is that precise."""
+    ({relative, confidence}) stops as soon as the mean KLD is that precise. `prepare(windows)`, if given, is called
+    first with every window this run may score, in order (a runner that computes them all at once: streamed.py)."""
     ctx = spec["ctx"]
     tokens = np.load(spec["tokens"])
     spans = windows(len(tokens), ctx)
@@ -135,19 +137,26 @@ def score(forward: Callable[[np.ndarray], np.ndarray], spec: dict, n_vocab: int)
     elif spec.get("ref_read"):
         ref = ReferenceRows(spec["ref_read"], "r")
     done = precision is not None and precision.reached(acc.values("kld"))
+
+    def window(i: int) -> np.ndarray:
+        a, b = spans[i]
+        ids = tokens[a:b].copy()
+        if spec.get("bos") is not None:
+            ids[0] = spec["bos"]
+        return ids
+
+    if prepare is not None and not done:
+        prepare([window(i) for i in range(start, stop)])
     for i in range(start, stop):
         if done:
             break
-        a, b = spans[i]
-        window = tokens[a:b].copy()
-        if spec.get("bos") is not None:
-            window[0] = spec["bos"]
-        lp = log_softmax(forward(window))
+        ids = window(i)
+        lp = log_softmax(forward(ids))
         if spec.get("ref_write"):
             ref.write(i * per_window, lp)
-            acc.add(lp, window[first + 1:b - a])
+            acc.add(lp, ids[first + 1:])
         else:
-            acc.add(lp, window[first + 1:b - a], None if ref is None else ref.read(i * per_window, per_window))
+            acc.add(lp, ids[first + 1:], None if ref is None else ref.read(i * per_window, per_window))
         done = precision is not None and precision.reached(acc.values("kld"))
         print(f"progress {i + 1}/{stop}", file=sys.stderr, flush=True)
     if ref is not None:

@@ -50,8 +50,9 @@ def runs_state(state_dir: Path, key: str) -> Path:
 class Evaluator:
     def __init__(self, manifest: Manifest, profile: Profile, source: Path, source_key: str, reporter: Reporter,
                  threads: int, executor: Executor | None = None, memory: dict[str, int] | None = None,
-                 source_chat: ChatFacts | None = None) -> None:
-        """`memory`: each step's predicted peak (artifact file name, or "reference"), for Ray's placement and the report."""
+                 source_chat: ChatFacts | None = None, streamed: bool = False) -> None:
+        """`memory`: each step's predicted peak (artifact file name, or "reference"), for Ray's placement and the report.
+        `streamed`: the reference runs layer by layer (evaluate/streamed.py), scoring only."""
         self.m, self.profile, self.source, self.source_key = manifest, profile, source, source_key
         self.memory = memory or {}
         self.reporter, self.threads = reporter, threads
@@ -63,6 +64,7 @@ class Evaluator:
         self.source_chat = source_chat or folder_facts(source)
         self.precision = parse_precision(profile.evaluation.precision)
         self.last_reference: EvalResult | None = None
+        self.streamed = streamed
 
     def tokens(self) -> tuple[Path, int | None]:
         """The evaluation text as the source tokenizer's ids, and the BOS id each window starts with (if any)."""
@@ -107,6 +109,8 @@ class Evaluator:
             spec |= {"probes": prompts(self.source_chat, checks), "probe_tokens": checks.max_tokens}
         if self.precision:
             spec["precision"] = asdict(self.precision)
+        if self.streamed:  # in the keys too: the streamed reference has no chat replies to compare with
+            spec["streamed"] = True
         # The key holds what the scores depend on: the tokens by content (in ref_key), never their path, so a build
         # folder moved or mounted elsewhere keeps its evaluations; the thread count changes no score.
         keyed = {k: v for k, v in spec.items() if k not in ("tokens", "threads")}
@@ -131,6 +135,8 @@ class Evaluator:
             state.unlink(missing_ok=True)
         spec = {**spec, "reference": True, "ref_write": str(ref_path), "windows": want, "state": str(state)}
         if rec and have:  # more windows of a finished reference: its chat replies are already known
+            spec["chat"] = False
+        if self.streamed:  # scores only: a generated token would read every layer again (evaluate/streamed.py)
             spec["chat"] = False
         [run] = self.executor.run_helpers([self._helper(HF_RUNNER, self.source, spec, "the fp16 source (reference)",
                                                         memory_key=REFERENCE)], self.reporter)

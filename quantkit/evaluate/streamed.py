@@ -1,0 +1,248 @@
+"""The reference run layer-major, for checkpoints whose weights do not fit in memory.
+
+The in-memory reference (hf_worker) memory-maps every weight and runs one window through all the layers, then
+the next: a model larger than free memory is then read from disk again for every window. This runs the
+decoder the other way round, over every window of a round: it reads one layer's tensors from the
+safetensors files, runs all the windows through it (each module widened to float32 as it runs, as the
+in-memory reference does), and frees the layer. What stays in memory between layers is the windows' hidden
+states (windows x ctx x hidden in float32) and the layers outside the decoder (embeddings, final norm, head).
+Peak: the largest layer as stored, one module of it in float32, those, and one group of windows' activations;
+flat in the number of layers.
+
+The model's own modules do the work (transformers' classes, a MoE's experts one module each as in every
+evaluation: evaluate/experts.py), so its numbers are the in-memory reference's. The inputs of the first
+decoder layer (its attention mask, positions and rotary embeddings) are taken from the model's own forward,
+stopped there, so nothing of an architecture's forward is written again here.
+
+It scores and does not generate: each generated token needs every layer, so a reply would read the whole
+model from disk once per token. The smoke test and the chat probes' source replies are then not the
+reference's (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+NO_GENERATION = ("the reference ran layer by layer (streamed): it scores the text and does not generate, as every "
+                 "generated token would read each layer from disk again; it has no smoke test or chat replies")
+# Activation memory one group of windows may take in a layer; more windows than fit run in several groups.
+GROUP_BYTES = 1_000_000_000
+_LAYER = re.compile(r"^(.*\.layers)\.(\d+)\.")
+
+
+class NotStreamable(SystemExit):
+    """A checkpoint this mode cannot run layer by layer; the message says why and what to do."""
+
+
+def window_activation_bytes(config: dict, ctx: int) -> int:
+    """float32 activations of one window in one decoder layer: the residual stream, attention's projections
+    and scores, and the MLP's (a MoE's: each token's top-k experts)."""
+    h = int(config.get("hidden_size") or 4096)
+    heads = int(config.get("num_attention_heads") or 32)
+    mlp = int(config.get("intermediate_size") or 4 * h) * int(config.get("num_experts_per_tok") or 1)
+    return 4 * ctx * (8 * h + 3 * mlp + 2 * heads * ctx)
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """{checkpoint tensor name: its safetensors file}, from the index or the single file's header."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    names = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            names.update({k: f for k in st.keys()})
+    return names
+
+
+class StreamedModel:
+    """A transformers model whose decoder layers are read from the checkpoint only while they run."""
+
+    def __init__(self, folder: str, spec: dict, device: str) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .experts import defuse
+        from .hf_worker import compute_in_float32
+
+        self.folder, self.device = Path(folder), device
+        config = AutoConfig.from_pretrained(folder)
+        text = config.get_text_config()
+        if len(set(getattr(text, "layer_types", None) or [])) > 1:
+            raise NotStreamable(f"error: {self.folder.name}'s layers use different attention masks "
+                                f"({', '.join(sorted(set(text.layer_types)))}), which the streamed reference does not "
+                                "take from the model's forward; use evaluation.reference: in-memory")
+        defuse(folder, spec)
+        stored = getattr(config, "dtype", None) or torch.float16
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=stored).eval()
+        self._materialize_buffers()
+        self.places = self._placements()
+        self.layers = self.model.get_decoder().layers
+        self.prefix = {id(layer): name for name, layer in self.model.named_modules() if _is_layer(name)}
+        compute_in_float32(self.model)
+        # Everything outside the decoder layers stays in memory (stored type) for the whole run.
+        self._load([n for n in self.places if not _LAYER.match(n)])
+        for target, source in getattr(self.model, "all_tied_weights_keys", {}).items():
+            if target not in self.places:
+                _set_param(self.model, target, self.model.get_parameter(source))
+        self.vocab = int(text.vocab_size)
+        # spec["stream_group"]: windows per group, to run several groups of a small text (the tests).
+        self.group = spec.get("stream_group") or max(1, GROUP_BYTES // window_activation_bytes(text.to_dict(), spec["ctx"]))
+        self.hidden: list = []
+
+    def _materialize_buffers(self) -> None:
+        """Buffers computed at construction (rotary frequencies) are meta tensors on the meta device: make them
+        on the real device and compute them with transformers' own initialisation."""
+        for module in self.model.modules():
+            if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+                module.to_empty(device=self.device, recurse=False)
+                self.model._init_weights(module)
+
+    def _placements(self) -> dict[str, tuple[Path, str]]:
+        """{model parameter: (file, checkpoint name)} through transformers' own renamings for this model. Refused
+        when transformers would convert tensors on load (fused, split or permuted: not one tensor per
+        parameter), or when a parameter has no tensor or a tensor no parameter."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        from .hf_worker import refuse_unread
+
+        transforms = get_model_conversion_mapping(self.model)
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        params = dict(self.model.named_parameters())
+        meta = self.model.state_dict()
+        places, converted, unexpected = {}, [], []
+        for key, file in checkpoint_files(self.folder).items():
+            name, pattern = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
+            if pattern is not None:
+                converted.append(key)
+            elif name in params:
+                places[name] = (file, key)
+            elif name not in meta:  # a persistent buffer stored in the file is computed here, not read
+                unexpected.append(key)
+        if converted:
+            raise NotStreamable(f"error: transformers converts {len(converted)} tensor(s) of {self.folder.name} when it "
+                                f"loads them ({converted[0]}, ...), which the streamed reference cannot do layer by "
+                                "layer; use evaluation.reference: in-memory")
+        tied = getattr(self.model, "all_tied_weights_keys", {})
+        missing = [n for n in params if n not in places and n not in tied]
+        refuse_unread(str(self.folder), [f"{k} (unset)" for k in missing]
+                      + [f"{k} (in the files, not in the model)" for k in unexpected])
+        return places
+
+    def _load(self, names: list[str]) -> None:
+        """Read these parameters from the checkpoint, a file at a time, and put them in the model."""
+        from safetensors import safe_open
+
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.places[name][0]].append(name)
+        for file, in_file in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as st:
+                for name in in_file:
+                    tensor = st.get_tensor(self.places[name][1])
+                    expected = self.model.get_parameter(name).shape
+                    if tensor.shape != expected:
+                        raise SystemExit(f"error: {self.places[name][1]} in {file.name} has shape {list(tensor.shape)}, "
+                                         f"the model's {name} {list(expected)}")
+                    _set_param(self.model, name, tensor.to(self.device))
+
+    def _free(self, prefix: str) -> None:
+        for name, p in list(self.model.named_parameters()):
+            if name.startswith(prefix):
+                _set_param(self.model, name, p.to("meta"))
+
+    def run(self, windows: list[np.ndarray]) -> None:
+        """The final hidden states of these windows (then `forward` gives each one's logits), layer by layer."""
+        import torch
+
+        ids = torch.from_numpy(np.stack(windows).astype(np.int64)).to(self.device)
+        groups = [ids[i:i + self.group] for i in range(0, len(ids), self.group)]
+        with torch.inference_mode():
+            inputs = [self._first_layer_inputs(g) for g in groups]
+            for k, layer in enumerate(self.layers):
+                prefix = self.prefix[id(layer)] + "."
+                self._load([n for n in self.places if n.startswith(prefix)])
+                for state, kwargs in inputs:
+                    out = layer(state[0], **kwargs)
+                    state[0] = out[0] if isinstance(out, tuple) else out
+                self._free(prefix)
+                print(f"progress {k + 1}/{len(self.layers)}", file=sys.stderr, flush=True)  # layers, then windows
+            norm = self.model.get_decoder().norm
+            self.hidden = [h for state, _ in inputs for h in norm(state[0])]
+        self.next = 0
+
+    def _first_layer_inputs(self, ids):
+        """([hidden states], keyword arguments) the model's forward gives its first decoder layer for `ids`: the
+        forward is stopped there, before any layer's weights are needed."""
+        import torch
+
+        seen = {}
+
+        def stop(_module, args, kwargs):
+            seen["hidden"], seen["kwargs"] = (args[0] if args else kwargs.pop("hidden_states")), kwargs
+            raise _Stop
+
+        hook = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model.get_decoder()(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        return [seen["hidden"].to(torch.float32)], seen["kwargs"]
+
+    def forward(self, keep) -> "callable":
+        """forward(window) for metrics.score: the next window's logits of the scored rows, in `run`'s order."""
+        import torch
+
+        head = self.model.get_output_embeddings()
+
+        def logits(window: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                out = head(self.hidden[self.next][keep])
+            self.hidden[self.next] = None  # scored: its hidden states are not needed again
+            self.next += 1
+            return out.float().cpu().numpy()
+
+        return logits
+
+
+class _Stop(Exception):
+    pass
+
+
+def _is_layer(name: str) -> bool:
+    return bool(re.fullmatch(r".*\.layers\.\d+", name))
+
+
+def _set_param(model, name: str, tensor) -> None:
+    import torch
+
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    module._parameters[leaf] = tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(
+        tensor, requires_grad=False)
+
+
+def evaluate_streamed(folder: str, spec: dict, device: str) -> dict:
+    """metrics.score's result for the reference run layer-major; no chat turns (see above)."""
+    import torch
+
+    from .metrics import score, scored_range
+
+    model = StreamedModel(folder, spec, device)
+    first, last = scored_range(spec["ctx"])
+    result = score(model.forward(torch.arange(first, last, device=device)), spec, model.vocab, prepare=model.run)
+    not_run = {"passed": False, "reply": "", "reason": "not run: the streamed reference does not generate", "prompt": ""}
+    return result | {"note": NO_GENERATION, "streamed": True, "smoke": not_run}
