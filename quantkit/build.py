@@ -109,8 +109,7 @@ def reference_step(src: Source, ev, vocab: int, n_windows: int, limit: int) -> t
     streamed = ev.reference == "streamed" or (ev.reference == "auto" and streamable and bool(limit) and in_memory > limit)
     if not streamed:
         return StepMemory("reference (fp16 source, transformers)", REFERENCE, in_memory), False
-    peak = streamed_reference_peak(stats.weight_bytes, stats.largest_layer, stats.largest, src.config, vocab, ev.ctx,
-                                   max(1, n_windows))
+    peak = streamed_reference_peak(stats, src.config, vocab, ev.ctx, max(1, n_windows))
     return StepMemory("reference (fp16 source, transformers, streamed layer by layer)", REFERENCE, peak), True
 
 

@@ -64,24 +64,27 @@ def reference_peak(params: int, weight_bytes: int, largest_module: int, vocab: i
                + scored_logits(vocab, ctx))
 
 
-# The streamed reference (evaluate/streamed.py): torch and transformers, the tensors outside the decoder layers
-# (as stored), the largest layer as stored and one module of it in float32, every window's hidden states, one
-# group of windows' activations, and the scored rows' logits. Fitted to Mixtral-8x7B-shaped checkpoints of 2
-# and 4 layers (docs/benchmarks.md, "Mixtral at its real dimensions").
-STREAMED_FIXED = 700_000_000
+# The streamed reference (evaluate/streamed.py): torch and transformers and the tensors outside the decoder
+# layers (as stored), the windows' hidden states, and the larger of two phases: a layer running (the largest
+# layer as stored, its largest tensor in float32, one group of windows' activations) or the head scoring (the
+# largest tensor, the head, in float32, and the scored rows' logits). Fitted to Mixtral-8x7B-shaped checkpoints
+# of 2 and 4 layers (docs/benchmarks.md, "Mixtral at its real dimensions"): measured 4.62 and 4.66 GB, predicted
+# 4.98 GB for both (the activation term counts every routed token in every expert, an upper bound).
+STREAMED_FIXED = 400_000_000
 
 
-def streamed_reference_peak(weight_bytes: int, largest_layer: int, largest: int, config: dict, vocab: int, ctx: int,
-                            n_windows: int) -> int:
+def streamed_reference_peak(stats, config: dict, vocab: int, ctx: int, n_windows: int) -> int:
+    """`stats`: source.TensorStats of the checkpoint."""
     from .evaluate.streamed import GROUP_BYTES, window_activation_bytes
 
     h = int(config.get("hidden_size") or 4096)
     n_layers = int(config.get("num_hidden_layers") or 1)
     act = window_activation_bytes(config, ctx)
     group = max(1, min(n_windows, GROUP_BYTES // act))
-    outside = max(0, weight_bytes - n_layers * largest_layer)  # embeddings, head, final norm
-    return int(STREAMED_FIXED + outside + largest_layer + 4 * largest + 4 * n_windows * ctx * h + group * act
-               + scored_logits(vocab, ctx))
+    outside = max(0, stats.weight_bytes - n_layers * stats.largest_layer)  # embeddings, head, final norm
+    layer_phase = stats.largest_layer + 4 * stats.largest_in_layer + group * act
+    head_phase = 4 * stats.largest + scored_logits(vocab, ctx)
+    return int(STREAMED_FIXED + outside + 4 * n_windows * ctx * h + max(layer_phase, head_phase))
 
 
 def chat_kv_bytes(config: dict) -> int:

@@ -308,12 +308,14 @@ class TensorStats:
     embedding: int = 0  # values of the input embedding
     head: int = 0  # values of an untied output head (0 when tied to the embedding)
     largest_layer: int = 0  # bytes of the largest decoder layer (what the streamed reference reads at once)
+    largest_in_layer: int = 0  # values of the largest tensor inside a decoder layer (widened while the layer runs)
 
 
 def tensor_stats(folder: Path) -> TensorStats:
     params = weight_bytes = largest = experts = linear = embedding = head = 0
     modules: dict[str, int] = {}
     layers: dict[str, int] = {}
+    in_layer = 0
     for f in sorted(folder.glob("*.safetensors")):
         for name, t in safetensors_header(f).items():
             if name == "__metadata__":
@@ -330,6 +332,7 @@ def tensor_stats(folder: Path) -> TensorStats:
                 experts += size
             if layer := re.match(r".*\.layers\.\d+\.", name):
                 layers[layer[0]] = layers.get(layer[0], 0) + size
+                in_layer = max(in_layer, n)
             if ".layers." in name and name.endswith(".weight") and len(t["shape"]) == 2:
                 linear += n
             embedding += n if name == "model.embed_tokens.weight" else 0
@@ -337,7 +340,7 @@ def tensor_stats(folder: Path) -> TensorStats:
     if params == 0:
         raise SourceError(f"no tensors found in {folder}/*.safetensors", "check the download")
     return TensorStats(params, weight_bytes, largest, max(modules.values()), experts, linear, embedding, head,
-                       max(layers.values(), default=0))
+                       max(layers.values(), default=0), in_layer)
 
 
 def param_count(folder: Path) -> int:

@@ -37,10 +37,11 @@ from quantkit.source import resolve  # noqa: E402
 
 
 class AnonPeak:
-    """Peak RssAnon over this process's descendants, sampled while a step runs."""
+    """Peak RssAnon over this process's descendants, sampled while a step runs (and, as file_peak, their
+    RssFile: pages of memory-mapped files, which the kernel can reclaim and read again)."""
 
     def __init__(self) -> None:
-        self.peak = 0
+        self.peak = self.file_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -55,7 +56,7 @@ class AnonPeak:
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.wait(0.05):
-            total = 0
+            total = mapped = 0
             for pid in os.listdir("/proc"):
                 if not pid.isdigit() or int(pid) == me:
                     continue
@@ -66,7 +67,8 @@ class AnonPeak:
                 fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
                 if int(fields.get("PPid", "0").strip()) == me and "RssAnon" in fields:
                     total += int(fields["RssAnon"].split()[0]) * 1024
-            self.peak = max(self.peak, total)
+                    mapped += int(fields["RssFile"].split()[0]) * 1024
+            self.peak, self.file_peak = max(self.peak, total), max(self.file_peak, mapped)
 
 
 def copy_baseline(src: Path, dst: Path) -> tuple[int, float]:
