@@ -134,9 +134,9 @@ class Evaluator:
         if not have:
             state.unlink(missing_ok=True)
         spec = {**spec, "reference": True, "ref_write": str(ref_path), "windows": want, "state": str(state)}
-        if rec and have:  # more windows of a finished reference: its chat replies are already known
-            spec["chat"] = False
-        if self.streamed:  # scores only: a generated token would read every layer again (evaluate/streamed.py)
+        # No chat turns for more windows of a finished reference (its replies are known), nor for a streamed one
+        # (a generated token would read every layer again: evaluate/streamed.py).
+        if (rec and have) or self.streamed:
             spec["chat"] = False
         [run] = self.executor.run_helpers([self._helper(HF_RUNNER, self.source, spec, "the fp16 source (reference)",
                                                         memory_key=REFERENCE)], self.reporter)

@@ -33,7 +33,7 @@ NO_GENERATION = ("the reference ran layer by layer (streamed): it scores the tex
                  "generated token would read each layer from disk again; it has no smoke test or chat replies")
 # Activation memory one group of windows may take in a layer; more windows than fit run in several groups.
 GROUP_BYTES = 1_000_000_000
-_LAYER = re.compile(r"^(.*\.layers)\.(\d+)\.")
+_LAYER = re.compile(r".*\.layers\.\d+")  # a decoder layer's module name (its parameters': this and a dot)
 
 
 class NotStreamable(SystemExit):
@@ -87,10 +87,14 @@ class StreamedModel:
         self._materialize_buffers()
         self.places = self._placements()
         self.layers = self.model.get_decoder().layers
-        self.prefix = {id(layer): name for name, layer in self.model.named_modules() if _is_layer(name)}
+        # Each layer's parameters, in the layers' order (the decoder's module names end in their index).
+        by_layer = defaultdict(list)
+        for name in self.places:
+            by_layer[m[0] if (m := _LAYER.match(name)) else ""].append(name)
+        self.layer_params = [by_layer[name] for name, _ in self.model.named_modules() if _LAYER.fullmatch(name)]
         compute_in_float32(self.model)
         # Everything outside the decoder layers stays in memory (stored type) for the whole run.
-        self._load([n for n in self.places if not _LAYER.match(n)])
+        self._load(by_layer[""])
         for target, source in getattr(self.model, "all_tied_weights_keys", {}).items():
             if target not in self.places:
                 _set_param(self.model, target, self.model.get_parameter(source))
@@ -157,10 +161,9 @@ class StreamedModel:
                                          f"the model's {name} {list(expected)}")
                     _set_param(self.model, name, tensor.to(self.device))
 
-    def _free(self, prefix: str) -> None:
-        for name, p in list(self.model.named_parameters()):
-            if name.startswith(prefix):
-                _set_param(self.model, name, p.to("meta"))
+    def _free(self, names: list[str]) -> None:
+        for name in names:
+            _set_param(self.model, name, self.model.get_parameter(name).to("meta"))
 
     def run(self, windows: list[np.ndarray]) -> None:
         """The final hidden states of these windows (then `forward` gives each one's logits), layer by layer."""
@@ -170,13 +173,12 @@ class StreamedModel:
         groups = [ids[i:i + self.group] for i in range(0, len(ids), self.group)]
         with torch.inference_mode():
             inputs = [self._first_layer_inputs(g) for g in groups]
-            for k, layer in enumerate(self.layers):
-                prefix = self.prefix[id(layer)] + "."
-                self._load([n for n in self.places if n.startswith(prefix)])
+            for k, (layer, names) in enumerate(zip(self.layers, self.layer_params, strict=True)):
+                self._load(names)
                 for state, kwargs in inputs:
                     out = layer(state[0], **kwargs)
                     state[0] = out[0] if isinstance(out, tuple) else out
-                self._free(prefix)
+                self._free(names)
                 print(f"progress {k + 1}/{len(self.layers)}", file=sys.stderr, flush=True)  # layers, then windows
             norm = self.model.get_decoder().norm
             self.hidden = [h for state, _ in inputs for h in norm(state[0])]
@@ -220,10 +222,6 @@ class StreamedModel:
 
 class _Stop(Exception):
     pass
-
-
-def _is_layer(name: str) -> bool:
-    return bool(re.fullmatch(r".*\.layers\.\d+", name))
 
 
 def _set_param(model, name: str, tensor) -> None:
