@@ -123,14 +123,32 @@ def hub(session_hub, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def module_hub(session_hub, tmp_path_factory):
+def module_dir(tmp_path_factory, request):
+    """`tmp_path_factory.mktemp` for a module's fixtures, whose folders are removed when the module is done unless
+    one of its tests failed. A run writes about 19 GB; what only one module reads should not wait for the session's
+    end to give its disk back (pyproject.toml keeps no passed test's folder)."""
+    made = []
+    failed = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_hub(session_hub, module_dir):
     """The session's test Hub, fresh for a module whose tests build on each other's state (its repos, its request
     log); reset again when the module is done."""
     from hub_server import isolate_client
 
     session_hub.reset(keep=(SAMPLE_REPO,))
     mp = pytest.MonkeyPatch()
-    tmp = tmp_path_factory.mktemp("module-hub")
+    tmp = module_dir("module-hub")
     isolate_client(mp, tmp / "hf_home_tests")
     session_hub.env = hub_env(session_hub, tmp / "hf_home")
     try:

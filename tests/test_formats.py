@@ -33,11 +33,11 @@ SMOKE_TOKENS = 8  # tests/profiles/formats.yaml: smoke.max_tokens
 
 
 @pytest.fixture(scope="module")
-def formats_build(module_hub, tmp_path_factory):
+def formats_build(module_hub, module_dir):
     """The formats profile, with GPTQ and AWQ calibrated on a Hub dataset (`hf:`) served by the test Hub."""
     model = make("tiny")
-    out = tmp_path_factory.mktemp("formats")
-    tmp = tmp_path_factory.mktemp("calib-hub")
+    out = module_dir("formats")
+    tmp = module_dir("calib-hub")
     api = HfApi(endpoint=module_hub.endpoint, token=TOKEN)
     api.create_repo("alice/calibration", repo_type="dataset")
     api.upload_file(path_or_fileobj=str(CALIBRATION["botchan"]), path_in_repo="calibration.txt",

@@ -19,10 +19,10 @@ from quantkit.profiles import available_profiles
 
 
 @pytest.fixture(scope="module")
-def plugin_path(tmp_path_factory):
+def plugin_path(module_dir):
     """The tiny plugin really installed (pip, from its folder) into a directory put on PYTHONPATH."""
-    target = tmp_path_factory.mktemp("plugin")
-    source = tmp_path_factory.mktemp("plugin-src") / "tinyformat"
+    target = module_dir("plugin")
+    source = module_dir("plugin-src") / "tinyformat"
     shutil.copytree(TESTS / "fixtures" / "tinyformat", source)  # pip writes build/ next to the sources
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True)

@@ -13,8 +13,8 @@ MODEL = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def depth_build(sample_model, tiny_seed, tmp_path_factory):
-    out = tmp_path_factory.mktemp("depth")
+def depth_build(sample_model, tiny_seed, module_dir):
+    out = module_dir("depth")
     seed(tiny_seed, out)  # the same evaluation settings: the F16 file and the reference are taken as they are
     proc = run_cli("build", sample_model, "--profile", PROFILES / "depth.yaml", "--out", out, check=True)
     folder = out / MODEL

@@ -45,9 +45,9 @@ def _cli(hub, queue, *args, **kw):
 
 
 @pytest.fixture(scope="module")
-def built_by_worker(hub, tmp_path_factory):
+def built_by_worker(hub, module_dir):
     """One watch pass and one worker run, as cron would do them."""
-    tmp = tmp_path_factory.mktemp("jobs-local")
+    tmp = module_dir("jobs-local")
     queue, out = tmp / "queue.db", tmp / "out"
     first = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
     work = _cli(hub, queue, "worker", "--once", "--poll", "0.2", check=True)

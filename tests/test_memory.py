@@ -18,8 +18,8 @@ WINDOWS = 6  # of 512 tokens: 1,530 scored positions
 
 
 @pytest.fixture(scope="module")
-def sample_tokens(sample_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref")
+def sample_tokens(sample_model, module_dir):
+    tmp = module_dir("ref")
     text = tmp / "text.txt"
     from quantkit.evaluate.text import load_text
 

@@ -13,8 +13,8 @@ pytest.importorskip("mlx_lm", reason="the mlx extra is not installed (QUANTKIT_E
 
 
 @pytest.fixture(scope="module")
-def mlx_build(sample_model, tiny_seed, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlx")
+def mlx_build(sample_model, tiny_seed, module_dir):
+    out = module_dir("mlx")
     seed(tiny_seed, out)  # the same evaluation settings: its F16 file and the reference are taken as they are
     proc = run_cli("build", sample_model, "--profile", PROFILES / "mlx.yaml", "--out", out, check=True)
     folder = out / sample_model.name

@@ -19,9 +19,9 @@ pytest.importorskip("gptqmodel", reason="the gptq extra is not installed (QUANTK
 
 
 @pytest.fixture(scope="module")
-def moe_build(tmp_path_factory):
+def moe_build(module_dir):
     model = make("moe-tiny", dead_experts=2)
-    out = tmp_path_factory.mktemp("moe")
+    out = module_dir("moe")
     proc = run_cli("build", model, "--profile", PROFILES / "moe.yaml", "--out", out, check=True)
     folder = out / model.name
     return {"model": model, "dir": folder, "report": json.loads((folder / "report.json").read_text()), "proc": proc}
