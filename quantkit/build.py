@@ -16,7 +16,8 @@ from .gates import judge
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .manifest import SCHEMA, Manifest
-from .memory import REFERENCE, StepMemory, machine_memory, reference_peak, streamed_reference_peak
+from .memory import (REFERENCE, StepMemory, machine_memory, reference_peak, streamed_reference_mapped,
+                     streamed_reference_peak)
 from .plan import ArtifactPlan, ArtifactResult, BuildPlan, from_record
 from .profiles import Profile, load_profile
 from .progress import Reporter
@@ -41,11 +42,12 @@ class BuildResult:
 def make_plan(source: str | Source, profile: str | Profile | None = None, out: str | Path = "builds", *,
               revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
               converter: str | None = None, remote_gpus: bool = False, memory_limit: int | None = None,
-              memory_where: str = "this machine", reporter: Reporter | None = None) -> BuildPlan:
+              memory_where: str = "this machine", gpu_memory: int = 0, reporter: Reporter | None = None) -> BuildPlan:
     """What a build will make. `converter`: a checkout of a format's converter to use instead of the bundled one
     (GGUF: a llama.cpp tree; the CLI's --llama-cpp). `remote_gpus`: the steps run on a Ray cluster with GPU nodes, so a backend that
     needs a GPU is planned even where this machine has none. `memory_limit`: what one step may use (default:
-    this machine's memory, or $QUANTKIT_MEMORY); BuildPlan.check_memory() refuses steps beyond it. `reporter` hears
+    this machine's memory, or $QUANTKIT_MEMORY); BuildPlan.check_memory() refuses steps beyond it. `gpu_memory`:
+    plan for a machine with a CUDA GPU of this many bytes (the CLI's `plan --gpu`), as remote_gpus does. `reporter` hears
     of the download's retries and of a source taken from the Hugging Face cache."""
     src = source if isinstance(source, Source) else resolve(
         source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
@@ -65,7 +67,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         backend = formats.get(name)
         backend.validate(options)
         try:
-            backend.check(remote_gpus)  # every backend's needs, before any of them plans or builds
+            backend.check(remote_gpus or gpu_memory > 0)  # every backend's needs, before any of them plans or builds
         except ProfileError as e:
             if when == "fail":
                 raise
@@ -89,11 +91,12 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
             if fmt.runner and item.is_model:
                 held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
-                                              fmt.evaluation_peak(held, vocab, ev.ctx, src.config)))
+                                              fmt.evaluation_peak(held, vocab, ev.ctx, src.config),
+                                              fmt.evaluation_mapped(item.predicted_bytes), max(1, tokens // ev.ctx)))
     # Absolute: converters run in working directories of their own.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,
-                     memory_limit=limit, memory_where=memory_where, reference_streamed=streamed)
+                     memory_limit=limit, memory_where=memory_where, reference_streamed=streamed, gpu_memory=gpu_memory)
 
 
 def reference_step(src: Source, ev, vocab: int, n_windows: int, limit: int) -> tuple[StepMemory, bool]:
@@ -108,9 +111,13 @@ def reference_step(src: Source, ev, vocab: int, n_windows: int, limit: int) -> t
     streamable = mapped or not is_moe(src.config)
     streamed = ev.reference == "streamed" or (ev.reference == "auto" and streamable and bool(limit) and in_memory > limit)
     if not streamed:
-        return StepMemory("reference (fp16 source, transformers)", REFERENCE, in_memory), False
+        # The weights as stored stay memory-mapped, and every window runs through all of them; fused experts are
+        # copies (anonymous), their file pages read once.
+        weights = stats.weight_bytes - (0 if mapped else stats.expert_bytes)
+        return StepMemory("reference (fp16 source, transformers)", REFERENCE, in_memory, weights, max(1, n_windows)), False
     peak = streamed_reference_peak(stats, src.config, vocab, ev.ctx, max(1, n_windows))
-    return StepMemory("reference (fp16 source, transformers, streamed layer by layer)", REFERENCE, peak), True
+    return StepMemory("reference (fp16 source, transformers, streamed layer by layer)", REFERENCE, peak,
+                      streamed_reference_mapped(stats, src.config)), True
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
@@ -121,7 +128,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
 
     reporter = reporter or Reporter()
     plan.check_memory()
-    for line in plan.skipped:
+    for line in plan.skipped + plan.re_reads():
         reporter.warn(line)
     threads = threads or os.cpu_count() or 1
     start = time.monotonic()
@@ -170,6 +177,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         result = formats.get(item.backend).describe(item, path, facts)
         result.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
         result.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
+        result.peak_anon_bytes, result.peak_file_bytes = int(facts.get("peak_anon_bytes", 0)), int(facts.get("peak_file_bytes", 0))
         result.seconds = float(facts.get("seconds", 0.0))
         result.tools = tools[item.filename]
         described[item.filename] = result

@@ -28,14 +28,14 @@ LlamaOpt = typer.Option(None, "--llama-cpp", help="A llama.cpp checkout whose co
                         "matching the installed llama-cpp-python).", envvar="QUANTKIT_LLAMA_CPP")
 
 
-def _memory_limit(memory: Optional[str]) -> Optional[int]:
+def _memory_limit(memory: Optional[str], option: str = "--memory") -> Optional[int]:
     from .fsutil import parse_bytes
 
     if memory is None:
         return None  # this machine's, or $QUANTKIT_MEMORY
     value = parse_bytes(memory)
     if value is None:
-        raise QuantkitError(f"--memory {memory!r} is not a size", "write it like 16G, 512M or a number of bytes")
+        raise QuantkitError(f"{option} {memory!r} is not a size", "write it like 16G, 512M or a number of bytes")
     return value
 
 
@@ -65,7 +65,10 @@ def _source(source: Optional[str], sample: bool, profile: Optional[str], reporte
 @app.command()
 def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: Optional[str] = ProfileOpt, out: Path = OutOpt,
          revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt, trust_remote_code: bool = RemoteOpt,
-         llama_cpp: Optional[str] = LlamaOpt, memory: Optional[str] = MemoryOpt) -> None:
+         llama_cpp: Optional[str] = LlamaOpt, memory: Optional[str] = MemoryOpt,
+         gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for a machine with a CUDA GPU of this memory, "
+                                           "e.g. 80G: backends that need one are planned, not refused.",
+                                           show_default=False)) -> None:
     """Show what `build` would make, the disk it needs and each step's peak memory, without building anything.
     Exits 5 when a step cannot fit this machine's memory."""
     from .build import make_plan
@@ -74,7 +77,7 @@ def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: O
     reporter = Reporter()
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
                   trust_remote_code=trust_remote_code, converter=llama_cpp, memory_limit=_memory_limit(memory),
-                  reporter=reporter)
+                  gpu_memory=_memory_limit(gpu, "--gpu") or 0, reporter=reporter)
     typer.echo(p.render())
     p.check_memory()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .fsutil import human_size
-from .memory import StepMemory, too_large
+from .memory import StepMemory, re_reads, too_large
 from .profiles import Profile
 from .source import Source
 
@@ -44,6 +44,8 @@ class ArtifactPlan:
     uses: tuple[str, ...] = ()  # other artifacts it needs (the importance matrix)
     options: dict[str, Any] = field(default_factory=dict)
     predicted_peak_bytes: int = 0  # the backend's estimate of the build step's peak memory (0: no estimate)
+    predicted_mapped_bytes: int = 0  # of which memory-mapped input (memory.StepMemory: it need not fit)
+    passes: int = 1  # how many times the step goes through that input (llama-imatrix: its chunks)
     runtime_bytes: int = 0  # what a runtime holds when it loads the artifact, if more than its size (copies it makes)
     note: str = ""  # what the plan should say of it: "3 shards", "180 tensors fall back"
 
@@ -64,16 +66,28 @@ class BuildPlan:
     memory_limit: int = 0  # what one step may use: this machine's memory, or the largest Ray node's (0: unknown)
     memory_where: str = "this machine"
     reference_streamed: bool = False  # the reference runs layer by layer (evaluate/streamed.py): it does not generate
+    gpu_memory: int = 0  # planned for a machine with a CUDA GPU of this size (plan --gpu; 0: this machine's means)
 
     def memory_steps(self) -> list[StepMemory]:
         """Every step that runs in a process of its own, with its predicted peak memory."""
         built = [StepMemory(f"{'convert to' if a.role == 'intermediate' else 'make'} {a.filename}", a.filename,
-                            a.predicted_peak_bytes) for a in self.artifacts if a.predicted_peak_bytes]
+                            a.predicted_peak_bytes, a.predicted_mapped_bytes, a.passes)
+                 for a in self.artifacts if a.predicted_peak_bytes]
         return built + self.evaluations
 
     def check_memory(self) -> None:
         """Refuse (exit 5) when a step cannot fit: before any work, never an OOM kill halfway through."""
         too_large(self.memory_steps(), self.memory_limit, self.memory_where)
+
+    def gpu_steps(self) -> list[str]:
+        """The artifacts whose build steps and evaluations need a GPU (Format.gpus)."""
+        from . import formats
+
+        return [a.filename for a in self.artifacts if formats.get(a.backend).gpus]
+
+    def re_reads(self) -> list[str]:
+        """The steps that fit only by reading their memory-mapped files again, and what that costs."""
+        return re_reads(self.memory_steps(), self.memory_limit)
 
     @property
     def predicted_bytes(self) -> int:
@@ -89,7 +103,7 @@ class BuildPlan:
         for a in self.artifacts:
             note = "intermediate" if a.role == "intermediate" else f"from {a.depends_on}" if a.depends_on else ""
             note += "".join(f" + {u}" for u in a.uses) + (f"; {a.note}" if a.note else "")
-            mem = f"  peak memory ~{human_size(a.predicted_peak_bytes)}" if a.predicted_peak_bytes else ""
+            mem = f"  peak memory ~{_split(a.predicted_peak_bytes, a.predicted_mapped_bytes)}" if a.predicted_peak_bytes else ""
             lines.append(f"  {a.backend:5} {a.variant:14} {a.filename:48} {human_size(a.predicted_bytes):>9}{mem}  {note}")
         ev = self.profile.evaluation
         if ev.enabled:
@@ -102,18 +116,29 @@ class BuildPlan:
                 lines.append(f"  each file scored until {ev.precision} (at most {ev.max_tokens or 'all'} tokens)")
             if self.profile.chat_checks.enabled:
                 lines.append("  chat checks: template and stop tokens vs the source; tool-call and JSON-mode replies vs the fp16 source's")
-            lines += [f"  {e.step:70} peak memory ~{human_size(e.peak_bytes)}" for e in self.evaluations]
+            lines += [f"  {e.step:70} peak memory ~{_split(e.peak_bytes, e.mapped_bytes)}" for e in self.evaluations]
             lines += [f"  bound  {b.describe()}" for b in self.profile.bounds]
         else:
             lines.append("evaluation: off (evaluation.enabled: false): files are built and described, not measured")
         if steps := self.memory_steps():
-            worst = max(steps, key=lambda s: s.peak_bytes)
+            worst = max(steps, key=lambda s: (s.anonymous_bytes, s.peak_bytes))
             limit = f"{self.memory_where} has {human_size(self.memory_limit)}" if self.memory_limit else "limit unknown"
-            verdict = " (TOO LARGE)" if self.memory_limit and worst.peak_bytes > self.memory_limit else ""
-            lines.append(f"memory: the largest step is {worst.step}, ~{human_size(worst.peak_bytes)}; {limit}{verdict}")
+            verdict = " (TOO LARGE)" if self.memory_limit and worst.anonymous_bytes > self.memory_limit else ""
+            lines.append(f"memory: the largest step is {worst.step}, ~{_split(worst.peak_bytes, worst.mapped_bytes)}; "
+                         f"{limit}{verdict}")
+            lines += [f"  re-reads {line}" for line in self.re_reads()]
+        if on_gpu := self.gpu_steps():
+            size = f"a GPU of {human_size(self.gpu_memory)}" if self.gpu_memory else "a CUDA GPU"
+            lines.append(f"gpu: {len(on_gpu)} step(s) run on {size}: {', '.join(on_gpu)}; their GPU memory is not "
+                         "predicted (the figures above are host memory)")
         lines += [f"skipped  {line}" for line in self.skipped]
         lines.append(f"disk needed: ~{human_size(self.predicted_bytes)} (artifacts + {human_size(self.eval_scratch_bytes)} evaluation scratch)")
         return "\n".join(lines)
+
+
+def _split(peak: int, mapped: int) -> str:
+    """'14.4 GB (12.4 GB of it memory-mapped files)'"""
+    return human_size(peak) + (f" ({human_size(mapped)} of it memory-mapped files)" if mapped else "")
 
 
 # llama-perplexity's statistics (evaluate/stats.py), as EvalResult keeps them.
@@ -133,6 +158,8 @@ class EvalResult:
     smoke_reply: str
     smoke_reason: str
     peak_rss_bytes: int = 0  # measured peak resident memory of the evaluating process
+    peak_anon_bytes: int = 0  # its peak anonymous memory and peak of memory-mapped file pages, sampled (memwatch)
+    peak_file_bytes: int = 0
     peak_gpu_bytes: int = 0  # measured peak GPU memory (torch runners on CUDA)
     predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
     seconds: float = 0.0  # wall time of the evaluation (model load and smoke test included)
@@ -170,6 +197,8 @@ class ArtifactResult:
     details: dict[str, Any] = field(default_factory=dict)  # what else the format reports (an importance matrix: its chunks)
     predicted_bytes: int = 0
     peak_rss_bytes: int = 0  # measured peak memory of the process that built it (0: not measured)
+    peak_anon_bytes: int = 0  # of which its peak anonymous memory, sampled (memwatch; 0: not measured)
+    peak_file_bytes: int = 0  # and its peak of memory-mapped file pages, which the kernel can reclaim
     predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
     seconds: float = 0.0  # wall time of the build step (0: not built in a timed run)
     stated_bits: float = 0.0  # the rate the quantizer states for the layers it quantized (0: none, as GGUF mixes types)

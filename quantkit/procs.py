@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import ToolError
+from .memwatch import MemoryWatch
 
 
 def die_with_parent() -> None:
@@ -31,6 +32,13 @@ def die_with_parent() -> None:
 class Finished:
     lines: list[str]  # stdout and stderr, merged, one entry per line (or per tqdm redraw)
     peak_rss_bytes: int  # the child's own peak resident memory, from the kernel's accounting
+    peak_anon_bytes: int = 0  # its peak anonymous memory, sampled (memwatch.MemoryWatch)
+    peak_file_bytes: int = 0  # its peak of resident pages of memory-mapped files, sampled
+
+    def memory(self) -> dict[str, int]:
+        """The facts a build step reports of its memory (ArtifactResult's peak_* fields)."""
+        return {"peak_rss_bytes": self.peak_rss_bytes, "peak_anon_bytes": self.peak_anon_bytes,
+                "peak_file_bytes": self.peak_file_bytes}
 
 
 def run_python(args: Sequence[str], **kwargs) -> Finished:
@@ -51,24 +59,25 @@ def run_program(program: str | Path, args: Sequence[str], *, on_line: Callable[[
                             cwd=cwd, env=full_env, text=True, errors="replace", bufsize=1,
                             preexec_fn=die_with_parent)
     assert proc.stdout is not None
-    try:
-        for raw in proc.stdout:
-            # tqdm redraws with \r; each redraw is a progress line of its own.
-            for line in raw.rstrip("\n").split("\r"):
-                if line:
-                    lines.append(line)
-                    tail.append(line)
-                    if on_line:
-                        on_line(line)
-        # wait4, not wait: it gives this child's own rusage (peak RSS), which backends report as measured memory.
-        _, status, usage = os.wait4(proc.pid, 0)
-        code = proc.returncode = os.waitstatus_to_exitcode(status)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    with MemoryWatch(proc.pid) as watch:
+        try:
+            for raw in proc.stdout:
+                # tqdm redraws with \r; each redraw is a progress line of its own.
+                for line in raw.rstrip("\n").split("\r"):
+                    if line:
+                        lines.append(line)
+                        tail.append(line)
+                        if on_line:
+                            on_line(line)
+            # wait4, not wait: it gives this child's own rusage (peak RSS), which backends report as measured memory.
+            _, status, usage = os.wait4(proc.pid, 0)
+            code = proc.returncode = os.waitstatus_to_exitcode(status)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
     if code != 0:
         cause = next((l for l in reversed(tail) if "error" in l.lower()), tail[-1] if tail else "")
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         raise ToolError(f"{what} failed ({how}): {cause.strip()[:300]}", "the last lines of its output:\n" + "\n".join(tail))
-    return Finished(lines, usage.ru_maxrss * 1024)
+    return Finished(lines, usage.ru_maxrss * 1024, watch.peak_anon, watch.peak_file)

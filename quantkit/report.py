@@ -119,7 +119,9 @@ def prompt_format(template: str | None) -> str | None:
 def _memory_cells(step: dict) -> str:
     """Planned and measured peak memory and wall time of a build step or an evaluation ('—': not run this time)."""
     planned, measured, seconds = step.get("predicted_peak_bytes"), step.get("peak_rss_bytes"), step.get("seconds")
-    return (f"{human_size(planned) if planned else '—'} | {human_size(measured) if measured else '—'} | "
+    anon, mapped = step.get("peak_anon_bytes"), step.get("peak_file_bytes")
+    split = f"{human_size(anon)} / {human_size(mapped or 0)}" if anon else "—"
+    return (f"{human_size(planned) if planned else '—'} | {human_size(measured) if measured else '—'} | {split} | "
             f"{f'{seconds:.1f} s' if seconds else '—'} |")
 
 
@@ -310,16 +312,19 @@ def render_markdown(data: dict) -> str:
             continue
         lines.append(f"- **{label(a)}**: {'pass' if e.get('smoke_passed') else 'FAIL'} ({e.get('smoke_reason', '')}): "
                      f"{e.get('smoke_reply', '')!r}")
-    lines += ["", "## Build", "", "| File | Planned size | Size | Planned peak memory | Peak memory (measured) | Time |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Build", "", "| File | Planned size | Size | Planned peak memory | Peak memory (measured) | "
+              "Anonymous / file-backed | Time |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {a['filename']} | {human_size(a.get('predicted_bytes') or 0)} | {human_size(a['size_bytes'])} | "
               + _memory_cells(a) for a in data["artifacts"]]
     if ref := ev["reference_result"]:
-        lines += ["", "| Evaluation of | Planned peak memory | Peak memory (measured) | Time |", "|---|---:|---:|---:|"]
+        lines += ["", "| Evaluation of | Planned peak memory | Peak memory (measured) | Anonymous / file-backed | Time |",
+                  "|---|---:|---:|---:|---:|"]
         rows = [("reference (fp16 source)", ref)] + [(a["filename"], a["evaluation"]) for a in data["artifacts"] if a["evaluation"]]
         lines += [f"| {name} | " + _memory_cells(e) for name, e in rows]
     lines += ["", "Peak memory is the process's peak resident set; it includes pages of memory-mapped "
-              "inputs, which the system can reclaim. It is measured only when the step runs, not on a resumed run."]
+              "inputs, which the system can reclaim. The next column splits it (sampled every 0.1 s, each its own "
+              "peak): anonymous memory, which must fit, and file-backed pages, which the system can drop and read "
+              "again. It is measured only when the step runs, not on a resumed run."]
     lines += ["", "## Tensor types", ""]
     for a in models(data["artifacts"]):
         lines.append(f"- {label(a)}: " + ", ".join(f"{k} ×{v}" for k, v in a["tensor_types"].items()))

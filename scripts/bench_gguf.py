@@ -5,7 +5,7 @@ convert:   quantkit's conversion step (llama.cpp's converter, HF -> f16 GGUF) in
            to a plain copy of the same safetensors bytes on the same disk; and its peak memory for
            the sample and for synthetic Llama-shaped 1B and 3B checkpoints (scripts/make_synthetic_model.py):
            the peak resident set (ru_maxrss, which also counts pages of the memory-mapped input) and
-           the peak anonymous memory (RssAnon, sampled every 50 ms: what the process really needs).
+           the peak anonymous memory (RssAnon, sampled every 0.1 s by quantkit.memwatch: what the process really needs).
 quantize:  quantkit's quantize step vs a direct llama_model_quantize call on the same f16 file
            (target: ratio <= 1.05).
 
@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,41 +33,6 @@ from quantkit.plan import ArtifactPlan  # noqa: E402
 from quantkit.progress import Reporter  # noqa: E402
 from quantkit.sample import ensure_sample  # noqa: E402
 from quantkit.source import resolve  # noqa: E402
-
-
-class AnonPeak:
-    """Peak RssAnon over this process's descendants, sampled while a step runs (and, as file_peak, their
-    RssFile: pages of memory-mapped files, which the kernel can reclaim and read again)."""
-
-    def __init__(self) -> None:
-        self.peak = self.file_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "AnonPeak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        me = os.getpid()
-        while not self._stop.wait(0.05):
-            total = mapped = 0
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit() or int(pid) == me:
-                    continue
-                try:
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:
-                    continue
-                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-                if int(fields.get("PPid", "0").strip()) == me and "RssAnon" in fields:
-                    total += int(fields["RssAnon"].split()[0]) * 1024
-                    mapped += int(fields["RssFile"].split()[0]) * 1024
-            self.peak, self.file_peak = max(self.peak, total), max(self.file_peak, mapped)
 
 
 def copy_baseline(src: Path, dst: Path) -> tuple[int, float]:
@@ -86,10 +50,9 @@ def convert(model: Path, work: Path, threads: int) -> tuple[Path, float, int, in
                         role="intermediate")
     ctx = BuildContext(source=source, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
     start = time.perf_counter()
-    with AnonPeak() as anon:
-        facts = GGUFFormat().build(item, ctx)
+    facts = GGUFFormat().build(item, ctx)
     os.sync()
-    return work / item.filename, time.perf_counter() - start, facts["peak_rss_bytes"], anon.peak
+    return work / item.filename, time.perf_counter() - start, facts["peak_rss_bytes"], facts["peak_anon_bytes"]
 
 
 def quantize_quantkit(f16: Path, work: Path, qtype: str, threads: int) -> float:

@@ -5,7 +5,7 @@ mixtral --layers N: hidden 4096, 8 experts of 14336, top-2, bf16, 2.8 GB a layer
 
 For each N and mode: wall time, peak resident memory (ru_maxrss), and the peaks of anonymous memory (what
 the process needs) and of file-backed pages (memory-mapped weights, which the kernel can reclaim), sampled
-every 50 ms; the plan's prediction; and the two modes' agreement (KLD of their log-probabilities, PPL
+every 0.1 s by quantkit.memwatch; the plan's prediction; and the two modes' agreement (KLD of their log-probabilities, PPL
 ratio). Baseline measured in the same run: one plain sequential read of the checkpoint's files (the least
 any reference must do), as the time ratio.
 
@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_gguf import AnonPeak  # noqa: E402
 from make_synthetic_model import make  # noqa: E402
 
 from quantkit.evaluate.metrics import ReferenceRows  # noqa: E402
@@ -53,15 +52,14 @@ def reference(model: Path, work: Path, mode: str, tokens: Path, bos, ctx: int, w
             "windows": windows, "ref_write": str(work / f"{mode}.npy"), "streamed": mode == "streamed"}
     (work / f"{mode}.spec.json").write_text(json.dumps(spec))
     start = time.perf_counter()
-    with AnonPeak() as peak:
-        run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(model), str(work / f"{mode}.spec.json"),
-                    str(work / f"{mode}.json")])
+    done = run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(model), str(work / f"{mode}.spec.json"),
+                       str(work / f"{mode}.json")])
     result = json.loads((work / f"{mode}.json").read_text())
     rows = ReferenceRows(str(work / f"{mode}.npy"), "r")
     logprobs = rows.read(0, windows * (ctx // 2 - 1)).astype(np.float64)
     rows.close()
-    return {"seconds": time.perf_counter() - start, "peak_rss": result["peak_rss_bytes"], "anon": peak.peak,
-            "file": peak.file_peak, "ppl": result["perplexity"], "logprobs": logprobs}
+    return {"seconds": time.perf_counter() - start, "peak_rss": result["peak_rss_bytes"], "anon": done.peak_anon_bytes,
+            "file": done.peak_file_bytes, "ppl": result["perplexity"], "logprobs": logprobs}
 
 
 def main() -> None:

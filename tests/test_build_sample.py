@@ -112,8 +112,13 @@ def test_every_step_records_its_planned_and_measured_memory(sample_build):
         assert planned > 0 and measured > 0 and step["seconds"] > 0, name
         # The estimates are fitted at 135M, 3B and 7B (docs/benchmarks.md): within these bounds at 135M.
         assert 0.6 * planned < measured < 1.25 * planned, (name, planned, measured)
+        # The same peak split into anonymous and file-backed pages (sampled, each its own peak): each at most
+        # the whole, together about it.
+        anon, mapped = step["peak_anon_bytes"], step["peak_file_bytes"]
+        assert 0 < anon <= 1.01 * measured and 0 < mapped <= 1.01 * measured, (name, anon, mapped, measured)
+        assert anon + mapped > 0.8 * measured, (name, anon, mapped, measured)
     md = (sample_build["dir"] / "report.md").read_text()
-    assert "| Evaluation of | Planned peak memory | Peak memory (measured) | Time |" in md
+    assert "| Evaluation of | Planned peak memory | Peak memory (measured) | Anonymous / file-backed | Time |" in md
     assert "| reference (fp16 source) |" in md
 
 

@@ -31,6 +31,10 @@ def test_exl2_is_refused_without_cuda_and_nothing_is_built(sample_model, tmp_pat
     assert err.startswith("error: backend exl2 needs") and "a CUDA GPU" in err
     assert "EXL2 needs a CUDA GPU" in fix and "if_unavailable: skip" in fix
     assert not (tmp_path / "out").exists()
+    # Planned for a machine that has one (plan --gpu), the same profile plans its EXL2 steps there.
+    plan = run_cli("plan", sample_model, "--profile", _profile(tmp_path, "fail"), "--gpu", "80G", check=True).stdout
+    assert "gpu: 2 step(s) run on a GPU of 80.0 GB: SmolLM2-135M-Instruct-exl2-measurement.json, " \
+           "SmolLM2-135M-Instruct-exl2-4.0bpw-h6" in plan
 
 
 @no_cuda_only

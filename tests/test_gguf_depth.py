@@ -97,6 +97,13 @@ def test_planned_sizes_match_the_built_files(depth_build, sample_model):
         assert abs(item.predicted_bytes - actual) / actual < 0.02, (item.filename, item.predicted_bytes, actual)
     proc = run_cli("plan", sample_model, "--profile", PROFILES / "depth.yaml", "--out", folder.parent, check=True)
     assert "3 shards of at most 60.0 MB" in proc.stdout and "+ SmolLM2-135M-Instruct.imatrix.gguf" in proc.stdout
+    # imatrix.from: q8_0 runs llama-imatrix on the Q8_0 shards, which are made first and without an imatrix.
+    by = {i.variant: i for i in plan.artifacts}
+    assert by["imatrix"].depends_on == f"{MODEL}-Q8_0" and by["Q8_0"].uses == () and by["IQ4_XS"].uses == (by["imatrix"].filename,)
+    assert [i.variant for i in plan.artifacts].index("Q8_0") < [i.variant for i in plan.artifacts].index("imatrix")
+    # It maps the 145 MB Q8_0 file, not the 271 MB F16 one, and goes through it once per chunk.
+    assert by["imatrix"].predicted_mapped_bytes == by["Q8_0"].predicted_bytes < by["F16"].predicted_bytes
+    assert by["imatrix"].passes == 16
 
 
 def test_iquant_without_imatrix_is_refused_at_plan_time(sample_model, tmp_path):
@@ -115,6 +122,8 @@ def test_iquant_without_imatrix_is_refused_at_plan_time(sample_model, tmp_path):
     ("types: [{type: Q4_K_M, split_max_size: lots}]", "is not a size"),
     ("types: [Q4_K_M, {type: Q4_K_M, imatrix: true}]", "two entries are named 'Q4_K_M'"),
     ("{intermediate: q8_0, types: [Q4_K_M]}", "no other type can be made"),
+    ("{imatrix: {from: q8_0}, types: [IQ4_XS, {type: Q8_0, output: Q6_K}]}", "needs a plain Q8_0 entry in gguf.types"),
+    ("{imatrix: {from: f32}, types: [IQ4_XS]}", "'f32' is not a file it can be computed from"),
     ("types: [{type: Q4_K_M, overrides: {'ffn_(': Q8_0}}]", "is not a regular expression"),
 ])
 def test_bad_gguf_options(sample_model, tmp_path, backend_yaml, message):

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..memwatch import MemoryWatch
 from .stats import MIN_BASE_LOGPROB, Precision, statistics
 
 
@@ -170,9 +171,11 @@ def worker_main(argv: list[str], commands: dict[str, Callable]) -> int:
     """The command line of an evaluation worker: `evaluate TARGET SPEC.json OUT.json`, plus its own commands."""
     if argv and argv[0] == "evaluate":
         start = time.monotonic()
-        result = commands["evaluate"](argv[1], json.loads(Path(argv[2]).read_text()))
+        with MemoryWatch() as watch:
+            result = commands["evaluate"](argv[1], json.loads(Path(argv[2]).read_text()))
         # Measured here rather than by the parent, so they travel with the result from a Ray task too.
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result |= watch.facts()
         result["seconds"] = round(time.monotonic() - start, 2)
         Path(argv[3]).write_text(json.dumps(result, indent=1))
         return 0

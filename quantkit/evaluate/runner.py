@@ -38,7 +38,7 @@ def merge_runs(earlier: dict, later: dict) -> dict:
     """One evaluation from two rounds: the later one's statistics (it went on from the earlier one's tokens), the
     earlier one's chat replies, the larger peak memory and the time of both."""
     return {**earlier, **{k: v for k, v in later.items() if k not in ("smoke", "probes")},
-            "peak_rss_bytes": max(earlier.get("peak_rss_bytes", 0), later.get("peak_rss_bytes", 0)),
+            **{k: max(earlier.get(k, 0), later.get(k, 0)) for k in ("peak_rss_bytes", "peak_anon_bytes", "peak_file_bytes")},
             "seconds": earlier.get("seconds", 0) + later.get("seconds", 0)}
 
 
@@ -230,6 +230,7 @@ class Evaluator:
             tokens_scored=raw["tokens_scored"],
             smoke_passed=smoke["passed"], smoke_reply=smoke["reply"], smoke_reason=smoke["reason"],
             peak_rss_bytes=int(raw.get("peak_rss_bytes", 0)), peak_gpu_bytes=int(raw.get("peak_gpu_bytes", 0)),
+            peak_anon_bytes=int(raw.get("peak_anon_bytes", 0)), peak_file_bytes=int(raw.get("peak_file_bytes", 0)),
             predicted_peak_bytes=self.memory.get(label, 0), seconds=float(raw.get("seconds", 0.0)),
             note=raw.get("note", ""), windows=int(raw.get("windows", 0)), probes=probes, **stats,
         )

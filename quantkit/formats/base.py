@@ -159,6 +159,11 @@ class Format(ABC):
         (None: only the parameter count is known)."""
         return self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx)
 
+    def evaluation_mapped(self, file_bytes: int) -> int:
+        """How much of evaluation_peak is the artifact's file memory-mapped (pages the kernel can drop and read
+        again) for an artifact of `file_bytes` on disk. 0: the runner copies the weights (all anonymous)."""
+        return 0
+
     def chat_facts(self, path: Path) -> ChatFacts:
         """The chat template, special tokens and stop tokens as the artifact's runtime reads them."""
         return folder_facts(path)

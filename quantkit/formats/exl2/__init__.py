@@ -126,7 +126,7 @@ class EXL2Format(Format):
                     _check(done, tmp / "config.json")
                     drop_local_paths(tmp / "config.json")  # quantization_config names the calibration file
             step.update(1, 1)
-        return {**facts, "peak_rss_bytes": done.peak_rss_bytes, "source_params": param_count(ctx.source.path)}
+        return {**facts, **done.memory(), "source_params": param_count(ctx.source.path)}
 
     def _preflight(self, view: Path, ctx: BuildContext) -> Parity:
         """exllamav2 must reproduce the fp16 source before it quantizes it: a runtime that misreads the model

@@ -8,7 +8,6 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from ...memory import chat_kv_bytes, scored_logits
 from ...evaluate.parity import Parity
 from ..base import BuildContext, Card, Format, Requirement, package
 from .options import GGUFVariant, parse_options
-from .predict import peak_for_params, predict_sizes, quantize_spec
+from .predict import peak_for_params, predict_sizes, quantize_spec, run_peak
 from .shards import gguf_files, model_file, split
 from .types import INTERMEDIATES
 from .imatrix import compute_imatrix
@@ -79,17 +78,29 @@ class GGUFFormat(Format):
                                role="intermediate", peak=sizes.peak_convert)
         items = [inter]
         imatrix = None
+
+        def variant(v: GGUFVariant, uses: tuple[str, ...] = ()) -> ArtifactPlan:
+            return self._artifact(source, v.name, sizes.files[v.name], v.split_max_bytes, variant=v,
+                                  depends_on=inter.filename, peak=sizes.peak_quantize, uses=uses)
+
+        calibrated = None  # the ladder's Q8_0 when the imatrix is computed from it
         if opts.imatrix:
+            q8 = next((v for v in opts.variants if v.name == opts.imatrix.model), None)
+            if q8:
+                calibrated = variant(q8)
+                items.append(calibrated)  # a plan lists every artifact after its inputs
+            runs = calibrated or inter
             imatrix = ArtifactPlan(
                 backend=self.name, variant="imatrix", filename=f"{source.name}.imatrix.gguf", role="imatrix",
-                predicted_bytes=sizes.imatrix_bytes, depends_on=inter.filename, options=asdict(opts.imatrix),
-                predicted_peak_bytes=sizes.peak_run, note=f"{opts.imatrix.chunks} chunks of {opts.imatrix.text}",
+                predicted_bytes=sizes.imatrix_bytes, depends_on=runs.filename, options=opts.imatrix.options(),
+                predicted_peak_bytes=run_peak(runs.predicted_bytes), predicted_mapped_bytes=runs.predicted_bytes,
+                passes=opts.imatrix.chunks,
+                note=f"{opts.imatrix.chunks} chunks of {opts.imatrix.text}",
             )
             items.append(imatrix)
         for v in opts.variants:
-            items.append(self._artifact(source, v.name, sizes.files[v.name], v.split_max_bytes, variant=v,
-                                        depends_on=inter.filename, peak=sizes.peak_quantize,
-                                        uses=(imatrix.filename,) if v.imatrix and imatrix else ()))
+            if calibrated is None or v.name != calibrated.variant:
+                items.append(variant(v, (imatrix.filename,) if v.imatrix and imatrix else ()))
         if any(i.role == "model" and i.options.get("split_max_bytes") for i in items):
             find_tool("llama-gguf-split")
         return items
@@ -139,7 +150,7 @@ class GGUFFormat(Format):
 
             target = tmp / f"{out.name}.gguf" if limit else tmp  # shards are named after it: NAME-00001-of-0000N.gguf
             done = run_python(args + ["--outfile", str(target)], on_line=on_line, cwd=tree.root, what="llama.cpp converter")
-        return {"peak_rss_bytes": done.peak_rss_bytes}
+        return done.memory()
 
     def _quantize(self, item: ArtifactPlan, ctx: BuildContext, src: Path, out: Path) -> dict[str, Any]:
         limit = item.options.get("split_max_bytes")
@@ -161,7 +172,7 @@ class GGUFFormat(Format):
                 whole.unlink()
         # The quantizer's own log is the only record of which tensors could not take the asked type.
         return {"fallbacks": [m.groupdict() for line in done.lines if (m := _FALLBACK.search(line))],
-                "peak_rss_bytes": done.peak_rss_bytes}
+                **done.memory()}
 
     def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
         if item.role == "intermediate":
@@ -197,6 +208,9 @@ class GGUFFormat(Format):
         # llama.cpp allocates the chat turns' KV cache up front.
         return (self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx)
                 + (chat_kv_bytes(config) if config is not None else 0))
+
+    def evaluation_mapped(self, file_bytes: int) -> int:
+        return file_bytes  # llama.cpp maps the file; only the types its CPU backend repacks are copies
 
     def chat_facts(self, path: Path):
         from .chat_facts import gguf_facts

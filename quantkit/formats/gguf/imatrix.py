@@ -45,7 +45,7 @@ def compute_imatrix(model: Path, out: Path, options: dict[str, Any], ctx) -> dic
         ctx.reporter.warn(f"importance matrix: {describe_idle(idle)} saw no calibration token; llama.cpp quantizes "
                           "them without importance weights (its partial-data path). For better i-quants of them, "
                           "calibrate on more or more varied text (imatrix.chunks, imatrix.text)")
-    return {"peak_rss_bytes": done.peak_rss_bytes, "chunks": chunks, "chunk_tokens": n_ctx, "text": options["text"],
+    return {**done.memory(), "chunks": chunks, "chunk_tokens": n_ctx, "text": options["text"],
             "experts_without_data": idle}
 
 

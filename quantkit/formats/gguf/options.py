@@ -4,6 +4,7 @@
       intermediate: f16            # f16 | bf16 | q8_0 | auto (bf16 when the source is bf16)
       split_max_size: 48G          # larger artifacts are written as llama.cpp shards
       imatrix: {text: builtin:botchan, chunks: 64, ctx: 512}   # compute an importance matrix
+      # imatrix: {from: q8_0}     # ...from the ladder's Q8_0 file instead: half the memory of a 16-bit one
       types:
         - Q4_K_M                                             # a plain llama.cpp type
         - {type: Q4_K_M, name: Q4_K_L, embeddings: Q8_0, output: Q8_0}
@@ -15,7 +16,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ...errors import ProfileError
@@ -26,7 +27,8 @@ from .types import INTERMEDIATES, NEEDS_IMATRIX, ftypes, ggml_types, normalize
 DEFAULT_SPLIT = "48G"
 _BACKEND_KEYS = {"types", "intermediate", "imatrix", "split_max_size"}
 _ENTRY_KEYS = {"type", "name", "imatrix", "embeddings", "output", "overrides", "split_max_size"}
-_IMATRIX_KEYS = {"text", "chunks", "ctx"}
+_IMATRIX_KEYS = {"text", "chunks", "ctx", "from"}
+IMATRIX_FROM = ("intermediate", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,18 @@ class ImatrixOptions:
     text: str = "builtin:botchan"  # calibration text; never the evaluation text
     chunks: int = 64  # chunks of `ctx` tokens fed through the model (llama-imatrix --chunks)
     ctx: int = 512
+    # The file llama-imatrix runs: "intermediate", or the name of the ladder's plain Q8_0 variant. llama-imatrix
+    # maps the whole file, so a Q8_0 one halves its memory (47 instead of 93 GB at Mixtral-8x7B); llama.cpp's
+    # community does this for big models (llama.cpp issue #5153).
+    model: str = "intermediate"
+
+    def options(self) -> dict[str, Any]:
+        """What the imatrix step depends on (part of its resume key; `model` only when it is not the default,
+        so that imatrix steps planned before it existed keep their keys)."""
+        opts = asdict(self)
+        if self.model == "intermediate":
+            del opts["model"]
+        return opts
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,21 @@ def parse_options(options: dict[str, Any], source_dtype: str) -> GGUFOptions:
         imatrix = ImatrixOptions()
     if imatrix is not None and not any(v.imatrix for v in variants):
         imatrix = None  # asked for, but every entry opted out
+    if imatrix is not None and imatrix.model == "q8_0":
+        imatrix, variants = _imatrix_from_q8_0(imatrix, variants)
     return GGUFOptions(inter, variants, imatrix, split)
+
+
+def _imatrix_from_q8_0(imatrix: ImatrixOptions, variants: list[GGUFVariant]):
+    """The importance matrix computed from the ladder's plain Q8_0 file (no per-tensor types of its own, which
+    would change what calibration sees). That file is made without one: llama.cpp's Q8_0 quantizer ignores
+    importance weights (quantize_q8_0 in ggml-quants.c), so the file is the same and nothing depends on itself."""
+    q8 = next((v for v in variants if v.type == "Q8_0" and not (v.overrides or v.embeddings or v.output)), None)
+    if q8 is None:
+        raise ProfileError("gguf.imatrix.from: q8_0 needs a plain Q8_0 entry in gguf.types to compute it from",
+                           "add Q8_0 to gguf.types, or drop `from: q8_0` (the imatrix is then computed from the intermediate)")
+    variants = [replace(v, imatrix=False) if v is q8 else v for v in variants]
+    return replace(imatrix, model=q8.name), variants
 
 
 def _imatrix_options(spec: Any) -> ImatrixOptions:
@@ -105,7 +133,12 @@ def _imatrix_options(spec: Any) -> ImatrixOptions:
     if not isinstance(spec, dict) or set(spec) - _IMATRIX_KEYS:
         raise ProfileError(f"gguf.imatrix: expected a mapping with keys {sorted(_IMATRIX_KEYS)}, got {spec!r}",
                            "e.g. imatrix: {text: builtin:botchan, chunks: 64, ctx: 512}")
-    opts = ImatrixOptions(**spec)
+    spec = dict(spec)
+    model = str(spec.pop("from", "intermediate")).lower()
+    if model not in IMATRIX_FROM:
+        raise ProfileError(f"gguf.imatrix.from: {model!r} is not a file it can be computed from",
+                           f"use one of: {', '.join(IMATRIX_FROM)}")
+    opts = ImatrixOptions(**spec, model=model)
     if opts.text.startswith("builtin:") and opts.text.split(":", 1)[1] not in CALIBRATION:
         raise ProfileError(f"gguf.imatrix.text: unknown built-in calibration text {opts.text!r}",
                            f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, a text file or hf:ORG/DATASET")

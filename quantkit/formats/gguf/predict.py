@@ -49,6 +49,11 @@ def peak_for_params(params: int) -> int:
     return _FIXED["run"] + 2 * params
 
 
+def run_peak(file_bytes: int) -> int:
+    """llama-imatrix's peak: it maps the whole file it runs."""
+    return _FIXED["run"] + file_bytes
+
+
 def quantize_spec(options: dict[str, Any], src: Path, dst: Path, threads: int, *, imatrix: Path | None = None,
                   dry_run: bool = False) -> dict[str, Any]:
     """The quantize worker's spec for one variant's options (GGUFVariant.options())."""
@@ -106,7 +111,7 @@ def _predict(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
         largest = max(int(t.n_elements) for t in tensors)
         plan.peak_convert = int(_FIXED["convert"] + _PER_LARGEST_VALUE["convert"] * largest)
         plan.peak_quantize = int(_FIXED["quantize"] + _PER_LARGEST_VALUE["quantize"] * largest)
-        plan.peak_run = _FIXED["run"] + skeleton.stat().st_size  # llama-imatrix holds the whole model
+        plan.peak_run = run_peak(skeleton.stat().st_size)
         plan.imatrix_bytes = _imatrix_bytes(tensors)
     return plan
 

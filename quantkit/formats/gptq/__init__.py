@@ -112,7 +112,7 @@ class GPTQModelFormat(Format):
             done = run_python(["-m", "quantkit.formats.gptq.worker", str(spec_file)], on_line=on_line, cwd=spec_file.parent,
                        env={"GPTQMODEL_CPU_WORKERS": str(ctx.threads)}, what=f"GPTQModel ({self.method.name})")
             spec_file.unlink()
-        return {"source_params": param_count(ctx.source.path), "peak_rss_bytes": done.peak_rss_bytes}
+        return {"source_params": param_count(ctx.source.path), **done.memory()}
 
     def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
         return versions("gptqmodel", "transformers", "torch")  # GPTQModel quantizes with torch, through transformers

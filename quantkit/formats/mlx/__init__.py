@@ -122,7 +122,7 @@ class MLXFormat(Format):
             step.update(1, 1)
         shutil.rmtree(view)
         bpw = next((float(m.group(1)) for line in done.lines if (m := _BPW.search(line))), 0.0)
-        return {"peak_rss_bytes": done.peak_rss_bytes, "source_params": param_count(ctx.source.path), "mlx_bpw": bpw}
+        return {**done.memory(), "source_params": param_count(ctx.source.path), "mlx_bpw": bpw}
 
     def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
         return versions("mlx", "mlx-lm")
