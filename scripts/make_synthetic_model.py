@@ -13,9 +13,12 @@ the router never pick the last K experts of every layer (the embeddings carry a 
 router reads), which is how calibration leaves experts without data in real MoE models.
 
 Written as 2 GB shards with a safetensors index, like the Hub's large checkpoints, one shard in
-memory at a time. Cached in ~/.cache/quantkit/synthetic/<name>/.
+memory at a time. Cached in ~/.cache/quantkit/synthetic/<name>/. `--header-only` writes every shard's real
+safetensors header (names, shapes, dtypes, offsets) and leaves its data a hole in a sparse file: the whole
+Mixtral-8x7B (93 GB) takes a few MB of disk, for `quantkit plan`, which reads headers only (its weights read
+as zeros).
 Usage: .venv/bin/python scripts/make_synthetic_model.py tiny|1b|3b|7b|mixtral|moe|moe-tiny [--layers N]
-       [--dead-experts K] [--out DIR]
+       [--dead-experts K] [--header-only] [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -88,19 +92,44 @@ def tensors(cfg: dict):
         yield "lm_head.weight", (cfg["vocab_size"], h)
 
 
-def default_out(size: str, dead_experts: int = 0, layers: int | None = None) -> Path:
+def write_header_only(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str) -> None:
+    """A safetensors file with its real header and no data: the data region is left a hole (a sparse file).
+    safetensors writes no file without the tensors' bytes, so the header is written as its format specifies:
+    the header's length (8 bytes, little-endian), the JSON header padded to 8 bytes, then the data."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dims in shapes.items():
+        n = 2 * _numel(dims)  # 16-bit weights
+        header[name] = {"dtype": dtype, "shape": list(dims), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+def _numel(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def default_out(size: str, dead_experts: int = 0, layers: int | None = None, header_only: bool = False) -> Path:
     name = {"moe": "Synthetic-Mixtral", "moe-tiny": "Synthetic-Mixtral-Tiny", "7b": "Synthetic-Mistral-7B",
             "mixtral": "Synthetic-Mixtral-8x7B", "tiny": "Synthetic-Llama-Tiny"}.get(
         size, f"Synthetic-Llama-{size.upper()}")
     name += (f"-L{layers}" if layers else "") + (f"-dead{dead_experts}" if dead_experts else "")
-    return cache_dir() / "synthetic" / name
+    return cache_dir() / "synthetic" / (name + ("-header-only" if header_only else ""))
 
 
-def make(size: str, out: Path | None = None, dead_experts: int = 0, layers: int | None = None) -> Path:
+def make(size: str, out: Path | None = None, dead_experts: int = 0, layers: int | None = None,
+         header_only: bool = False) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    out = out or default_out(size, dead_experts, layers)
+    out = out or default_out(size, dead_experts, layers, header_only)
     shape = SHAPES[size] | ({"num_hidden_layers": layers} if layers else {})
     dtype = getattr(torch, shape.get("dtype", "float16"))
     if (out / ".complete").exists():
@@ -131,11 +160,20 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0, layers: int 
 
     def flush() -> None:
         shards.append(list(current))
-        save_file(current, tmp / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
+        path = tmp / f"part-{len(shards)}.safetensors"
+        if header_only:
+            write_header_only(path, current, {torch.float16: "F16", torch.bfloat16: "BF16"}[dtype])
+        else:
+            save_file(current, path, metadata={"format": "pt"})
         current.clear()
 
+    def nbytes(t) -> int:
+        return 2 * (_numel(t) if isinstance(t, tuple) else t.numel())
+
     for name, dims in tensors(cfg):
-        if len(dims) > 1:
+        if header_only:
+            current[name] = tuple(dims)
+        elif len(dims) > 1:
             t = torch.randn(dims, generator=gen) * 0.02
             if name == "lm_head.weight":
                 # Logits with a spread of about 4 (as trained models have), not near-uniform ones: quantization
@@ -149,8 +187,8 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0, layers: int 
             current[name] = t.to(dtype)
         else:
             current[name] = torch.ones(dims, dtype=dtype)
-        total += current[name].numel()
-        if sum(t.numel() * 2 for t in current.values()) >= SHARD_BYTES:
+        total += nbytes(current[name]) // 2
+        if sum(nbytes(t) for t in current.values()) >= SHARD_BYTES:
             flush()
     if current:
         flush()
@@ -163,8 +201,9 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0, layers: int 
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total * 2},
                                                                    "weight_map": weight_map}, indent=1))
     dead = f" The router never picks the last {dead_experts} experts of a layer." if dead_experts else ""
-    (tmp / "README.md").write_text(f"Synthetic {cfg['architectures'][0]}-shaped checkpoint, {total / 1e9:.2f}B random "
-                                   f"{dtype} parameters, the sample's tokenizer.{dead} For quantkit's tests and benchmarks only.\n")
+    what = "parameters as headers only (sparse files with no data)" if header_only else "random parameters"
+    (tmp / "README.md").write_text(f"Synthetic {cfg['architectures'][0]}-shaped checkpoint, {total / 1e9:.2f}B {dtype} "
+                                   f"{what}, the sample's tokenizer.{dead} For quantkit's tests and benchmarks only.\n")
     (tmp / ".complete").touch()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -176,11 +215,12 @@ def main() -> None:
     ap.add_argument("size", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     ap.add_argument("--dead-experts", type=int, default=0, help="experts per layer the router never picks (MoE shapes)")
+    ap.add_argument("--header-only", action="store_true", help="real headers, no data (sparse files): for planning")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.layers is not None and args.layers < 1:
         raise SystemExit("--layers must be at least 1")
-    print(make(args.size, args.out, args.dead_experts, args.layers))
+    print(make(args.size, args.out, args.dead_experts, args.layers, args.header_only))
 
 
 if __name__ == "__main__":
