@@ -12,6 +12,7 @@ from . import formats
 from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
 from .evaluate.experts import is_moe, keeps_experts_mapped
 from .evaluate.integrity import check as check_chat, check_source_template, folder_facts
+from .evaluate.placement import refuse_unplaced
 from .gates import judge
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
@@ -58,6 +59,9 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         raise ProfileError(f"evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
                            f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
     check_source_template(folder_facts(src.path))
+    if is_moe(src.config) and ev.enabled:
+        # A MoE's router and expert names are where a checkpoint and transformers' loader part ways.
+        refuse_unplaced(src.path, str(src.config.get("model_type") or ""))
     chosen, skipped = [], []
     for name, options in prof.backends.items():
         options = dict(options)

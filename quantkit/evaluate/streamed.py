@@ -21,7 +21,6 @@ reference's (docs/evaluation.md).
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections import defaultdict
@@ -49,41 +48,20 @@ def window_activation_bytes(config: dict, ctx: int) -> int:
     return 4 * ctx * (8 * h + 3 * mlp + 2 * heads * ctx)
 
 
-def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """{checkpoint tensor name: its safetensors file}, from the index or the single file's header."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    names = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as st:
-            names.update({k: f for k in st.keys()})
-    return names
-
-
 class StreamedModel:
     """A transformers model whose decoder layers are read from the checkpoint only while they run."""
 
     def __init__(self, folder: str, spec: dict, device: str) -> None:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .experts import defuse
         from .hf_worker import compute_in_float32
+        from .placement import meta_model
 
         self.folder, self.device = Path(folder), device
-        config = AutoConfig.from_pretrained(folder)
+        self.model, config = meta_model(folder, spec)
         text = config.get_text_config()
         if len(set(getattr(text, "layer_types", None) or [])) > 1:
             raise NotStreamable(f"error: {self.folder.name}'s layers use different attention masks "
                                 f"({', '.join(sorted(set(text.layer_types)))}), which the streamed reference does not "
                                 "take from the model's forward; use evaluation.reference: in-memory")
-        defuse(folder, spec)
-        stored = getattr(config, "dtype", None) or torch.float16
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=stored).eval()
         self._materialize_buffers()
         self.places = self._placements()
         self.layers = self.model.get_decoder().layers
@@ -112,37 +90,19 @@ class StreamedModel:
                 self.model._init_weights(module)
 
     def _placements(self) -> dict[str, tuple[Path, str]]:
-        """{model parameter: (file, checkpoint name)} through transformers' own renamings for this model. Refused
-        when transformers would convert tensors on load (fused, split or permuted: not one tensor per
-        parameter), or when a parameter has no tensor or a tensor no parameter."""
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-
+        """{model parameter: (file, checkpoint name)} (evaluate/placement.py). Refused when transformers would
+        convert tensors on load (fused, split or permuted: not one tensor per parameter), or would leave any
+        unread."""
         from .hf_worker import refuse_unread
+        from .placement import place
 
-        transforms = get_model_conversion_mapping(self.model)
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-        params = dict(self.model.named_parameters())
-        meta = self.model.state_dict()
-        places, converted, unexpected = {}, [], []
-        for key, file in checkpoint_files(self.folder).items():
-            name, pattern = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
-            if pattern is not None:
-                converted.append(key)
-            elif name in params:
-                places[name] = (file, key)
-            elif name not in meta:  # a persistent buffer stored in the file is computed here, not read
-                unexpected.append(key)
-        if converted:
-            raise NotStreamable(f"error: transformers converts {len(converted)} tensor(s) of {self.folder.name} when it "
-                                f"loads them ({converted[0]}, ...), which the streamed reference cannot do layer by "
-                                "layer; use evaluation.reference: in-memory")
-        tied = getattr(self.model, "all_tied_weights_keys", {})
-        missing = [n for n in params if n not in places and n not in tied]
-        refuse_unread(str(self.folder), [f"{k} (unset)" for k in missing]
-                      + [f"{k} (in the files, not in the model)" for k in unexpected])
-        return places
+        placement = place(self.model, self.folder)
+        if placement.converted:
+            raise NotStreamable(f"error: transformers converts {len(placement.converted)} tensor(s) of {self.folder.name} "
+                                f"when it loads them ({placement.converted[0]}, ...), which the streamed reference cannot "
+                                "do layer by layer; use evaluation.reference: in-memory")
+        refuse_unread(str(self.folder), placement.unread)
+        return placement.places
 
     def _load(self, names: list[str]) -> None:
         """Read these parameters from the checkpoint, a file at a time, and put them in the model."""
@@ -154,12 +114,7 @@ class StreamedModel:
         for file, in_file in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as st:
                 for name in in_file:
-                    tensor = st.get_tensor(self.places[name][1])
-                    expected = self.model.get_parameter(name).shape
-                    if tensor.shape != expected:
-                        raise SystemExit(f"error: {self.places[name][1]} in {file.name} has shape {list(tensor.shape)}, "
-                                         f"the model's {name} {list(expected)}")
-                    _set_param(self.model, name, tensor.to(self.device))
+                    _set_param(self.model, name, st.get_tensor(self.places[name][1]).to(self.device))
 
     def _free(self, names: list[str]) -> None:
         for name in names:
