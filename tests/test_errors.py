@@ -181,6 +181,8 @@ def test_broken_checkpoints(sample_model, tmp_path, how, message):
 @pytest.mark.parametrize("profile, code, message", [
     ("backends: {gptq: {variants: [{bits: 4, group_size: 128}]}}", 4, "group size 128 does not divide the layer widths [576]"),
     ("backends: {exl2: {bits: [4.0, 9.5]}}", 4, "exl2: 9.5 bits per weight is out of range"),
+    ("backends: {exl2: {bits: [4.0, {bits: 8.0, head: 8}]}}", 4, "exl2: unknown key(s) ['head'] in {'bits': 8.0, 'head': 8}"),
+    ("backends: {exl2: {bits: [{bits: 8.0, head_bits: 7}]}}", 4, "exl2: head_bits 7 is not supported"),
     ("backends: {gguf: {types: [Q8_0]}}\nevaluation: {ctx: 512, max_tokens: 600}", 4,
      "evaluation.max_tokens 600 is less than two windows of ctx 512"),
     ("backends: {gguf: {types: [Q8_0]}\n", 4, "is not valid YAML"),

@@ -62,3 +62,16 @@ def test_parity_bounds_name_what_disagrees():
     bad = Parity("exllamav2, fp16 source", 2.9, 0.21, 1530)
     assert not bad.passed and bad.problems() == "KLD 2.9000 > 0.01; top-1 21.0% < 97%"
     assert not Parity("x", 0.005, 0.95, 10).passed and Parity("x", 0.005, 0.95, 10).problems() == "top-1 95.0% < 97%"
+
+
+def test_a_rate_can_carry_its_own_head_bits(sample_model):
+    """The seeds' EXL2 repos: 3.0-6.0 bpw with a 6-bit head, 8.0 bpw with an 8-bit one."""
+    from quantkit.formats.exl2 import EXL2Format
+    from quantkit.source import resolve
+
+    items = EXL2Format().plan(resolve(str(sample_model)), {"bits": [6.0, 4.0, {"bits": 8.0, "head_bits": 8}, 4.0]})
+    assert [i.variant for i in items] == ["measurement", "4.0bpw-h6", "6.0bpw-h6", "8.0bpw-h8"]
+    assert [i.options.get("head_bits") for i in items[1:]] == [6, 6, 8]
+    # The 8-bit head costs what its 2 more bits do on the sample's tied 28M-value head.
+    assert items[3].predicted_bytes - EXL2Format().plan(resolve(str(sample_model)), {"bits": [8.0]})[1].predicted_bytes \
+        == 49152 * 576 * 2 // 8

@@ -63,19 +63,26 @@ class EXL2Format(Format):
             raise ProfileError(f"exl2: unknown option(s) {sorted(unknown)}", f"allowed: {', '.join(sorted(_KEYS))}")
         bits = options.get("bits", [3.0, 4.0, 5.0, 6.0, 8.0])
         head = options.get("head_bits", 6)
-        if head not in (6, 8):
-            raise ProfileError(f"exl2: head_bits {head!r} is not supported", "use 6 or 8")
         if not isinstance(bits, list) or not bits:
             raise ProfileError(f"exl2: bits must be a list of bits per weight, got {bits!r}", "e.g. bits: [4.0, 6.0]")
-        for b in bits:
+        # An entry is a rate (the head at head_bits) or {bits, head_bits}: releases put an 8-bit head on 8.0 bpw.
+        variants = set()
+        for entry in bits:
+            if isinstance(entry, dict) and set(entry) - {"bits", "head_bits"}:
+                raise ProfileError(f"exl2: unknown key(s) {sorted(set(entry) - {'bits', 'head_bits'})} in {entry!r}",
+                                   "an entry of bits is a rate or {bits: 8.0, head_bits: 8}")
+            b, h = (entry.get("bits"), entry.get("head_bits", head)) if isinstance(entry, dict) else (entry, head)
             if not isinstance(b, (int, float)) or isinstance(b, bool) or not 2.0 <= b <= 8.0:
                 raise ProfileError(f"exl2: {b!r} bits per weight is out of range", "use values from 2.0 to 8.0")
+            if h not in (6, 8):
+                raise ProfileError(f"exl2: head_bits {h!r} is not supported", "use 6 or 8")
+            variants.add((float(b), h))
         calib = {"text": "builtin:botchan", "rows": 100, "length": 2048, **(options.get("calibration") or {})}
         measure = {"rows": 16, "length": 2048, **(options.get("measurement") or {})}
-        return bits, head, calib, measure
+        return sorted(variants), calib, measure
 
     def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
-        bits, head, calib, measure = self._parse(options)
+        variants, calib, measure = self._parse(options)
         stats = tensor_stats(source.path)
         # A tied head is quantized as a copy of the embedding.
         params, embed, head_values, linear = stats.params, stats.embedding, stats.head or stats.embedding, stats.linear
@@ -85,7 +92,7 @@ class EXL2Format(Format):
             predicted_peak_bytes=2 * 2 * params, note="exllamav2's measurement pass, shared by every bitrate",
         )
         items = [measurement]
-        for b in sorted(set(float(x) for x in bits)):
+        for b, head in variants:
             variant = f"{b:.1f}bpw-h{head}"
             items.append(ArtifactPlan(
                 backend=self.name, variant=variant, filename=f"{source.name}-exl2-{variant}",
