@@ -96,7 +96,8 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
                 held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
                                               fmt.evaluation_peak(held, vocab, ev.ctx, src.config),
-                                              fmt.evaluation_mapped(item.predicted_bytes), max(1, tokens // ev.ctx)))
+                                              fmt.evaluation_mapped(item),
+                                              max(1, -(-(tokens // ev.ctx) // fmt.windows_per_pass))))
     # Absolute: converters run in working directories of their own.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,

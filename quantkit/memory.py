@@ -48,7 +48,7 @@ class StepMemory:
     target: str  # the artifact's file name, or "reference"
     peak_bytes: int  # anonymous + memory-mapped
     mapped_bytes: int = 0  # of which memory-mapped file pages
-    passes: int = 1  # how many times the step goes through its mapped files (windows, imatrix chunks)
+    passes: int = 1  # how many times the step goes through its mapped files (decodes of windows, imatrix chunks)
 
     @property
     def anonymous_bytes(self) -> int:

@@ -101,6 +101,8 @@ class Format(ABC):
     gpus: int = 0
     # The runner's own memory besides the artifact it holds and the scored logits.
     eval_fixed_bytes: int = HF_EVAL_FIXED
+    # Windows the runner scores in one pass over the weights (the plan's re-read estimate counts passes).
+    windows_per_pass: int = 1
     card: Card = Card(display="")
 
     def requirements(self) -> list[Requirement]:
@@ -159,9 +161,9 @@ class Format(ABC):
         (None: only the parameter count is known)."""
         return self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx)
 
-    def evaluation_mapped(self, file_bytes: int) -> int:
-        """How much of evaluation_peak is the artifact's file memory-mapped (pages the kernel can drop and read
-        again) for an artifact of `file_bytes` on disk. 0: the runner copies the weights (all anonymous)."""
+    def evaluation_mapped(self, item: ArtifactPlan) -> int:
+        """How much of evaluation_peak is memory-mapped files (pages the kernel can drop and read again) when
+        scoring `item`. 0: the runner copies the weights (all anonymous)."""
         return 0
 
     def chat_facts(self, path: Path) -> ChatFacts:

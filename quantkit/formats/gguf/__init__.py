@@ -26,6 +26,7 @@ from .predict import peak_for_params, predict_sizes, quantize_spec, run_peak
 from .shards import gguf_files, model_file, split
 from .types import INTERMEDIATES
 from .imatrix import compute_imatrix
+from .evaluate_worker import WINDOWS_PER_DECODE
 from . import card as gguf_card
 from .card import USE_HINTS, imatrix_lines
 
@@ -41,12 +42,17 @@ _FALLBACK = re.compile(
 # the copies llama.cpp's CPU backend makes of some types), the KV cache and one window's compute buffers.
 # Measured on the F16 files at 135M, 3B and 7B: 0.69, 6.43 and 15.08 GB.
 GGUF_EVAL_FIXED = 300_000_000
+# Each window scored in the same decode beyond the first (evaluate_worker.WINDOWS_PER_DECODE): llama.cpp's
+# logits of its scored half, twice (the output head's result and the copy it returns), and its activations.
+# Fitted on the sample (vocabulary 49,152, hidden 576): 4 windows a decode measured 345 MB above 1 a decode.
+_WINDOW_ACTIVATION_PER_HIDDEN = 40
 
 
 class GGUFFormat(Format):
     name = "gguf"
     runner = "quantkit.formats.gguf.evaluate_worker"
     eval_fixed_bytes = GGUF_EVAL_FIXED
+    windows_per_pass = WINDOWS_PER_DECODE
     card = Card(display="GGUF", layout="files", tags=("llama.cpp",), featured=("Q4_K_M",),
                 loads_in="They load in llama.cpp, LM Studio, Ollama and anything else built on llama.cpp.")
 
@@ -206,11 +212,13 @@ class GGUFFormat(Format):
 
     def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
         # llama.cpp allocates the chat turns' KV cache up front.
-        return (self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx)
+        hidden = int((config or {}).get("hidden_size") or 4096)
+        windows = (WINDOWS_PER_DECODE - 1) * ctx * (vocab * 4 + _WINDOW_ACTIVATION_PER_HIDDEN * hidden)
+        return (self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx) + windows
                 + (chat_kv_bytes(config) if config is not None else 0))
 
-    def evaluation_mapped(self, file_bytes: int) -> int:
-        return file_bytes  # llama.cpp maps the file; only the types its CPU backend repacks are copies
+    def evaluation_mapped(self, item: ArtifactPlan) -> int:
+        return item.predicted_bytes  # llama.cpp maps the file; only the types its CPU backend repacks are copies
 
     def chat_facts(self, path: Path):
         from .chat_facts import gguf_facts

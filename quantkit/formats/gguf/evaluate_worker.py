@@ -3,18 +3,27 @@
   evaluate:  python -m quantkit.formats.gguf.evaluate_worker evaluate MODEL SPEC.json OUT.json
 
 SPEC holds: tokens (path to .npy), bos (id each window starts with, or null), ctx, threads,
-ref_read (path to the reference's log-probabilities), smoke options. Progress goes to stderr as
-"progress I/N" lines.
+ref_read (path to the reference's log-probabilities), smoke options, and windows_per_decode (default
+WINDOWS_PER_DECODE). Progress goes to stderr as "progress I/N" lines.
+
+The text is scored as llama-perplexity scores it: several windows per decode, each its own sequence in the
+KV cache (n_seq = n_batch / n_ctx there; 2048 / 512 = 4 by default), so the weights are read once for all of
+them. A GGUF larger than free memory, whose pages the kernel drops and reads again, is then read once per
+group of windows, not once per window. One micro-batch holds the whole group (n_ubatch = n_batch): with
+llama.cpp's default n_ubatch of 512, each window would still be a weight pass of its own.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import deque
 
 import numpy as np
 
 from ...evaluate.chat import CHAT_CTX, chat_turns, render_chat
 from ...evaluate.metrics import score, scored_range, worker_main
+
+WINDOWS_PER_DECODE = 4  # llama-perplexity's default: n_batch 2048 over windows of 512
 
 
 def _load(model: str, ctx: int, threads: int):
@@ -35,19 +44,53 @@ class Decoder:
     """llama.cpp's decode with logits only for the rows asked for, as llama-perplexity does: the output
     layer (vocabulary-sized) then runs on half of each window, and nothing else is copied."""
 
-    def __init__(self, llm, n_ctx: int) -> None:
+    def __init__(self, ctx, n_vocab: int, n_tokens: int, own: bool = False) -> None:
         import llama_cpp
 
-        self._c = llama_cpp
-        # The raw llama_context of the Llama object (llama-cpp-python is pinned in pyproject.toml).
-        self.ctx, self.n_vocab = llm._ctx.ctx, llm.n_vocab()
-        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self._c, self.ctx, self.n_vocab, self.own = llama_cpp, ctx, n_vocab, own
+        self.batch = llama_cpp.llama_batch_init(n_tokens, 0, 1)
+        self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_past = 0
+
+    @classmethod
+    def of(cls, llm) -> "Decoder":
+        """On the Llama object's own context (the raw llama_context; llama-cpp-python is pinned in pyproject.toml)."""
+        return cls(llm._ctx.ctx, llm.n_vocab(), llm.n_ctx())
+
+    @classmethod
+    def for_windows(cls, llm, ctx: int, n_seq: int) -> "Decoder":
+        """A context of its own on the same model, for scoring: n_seq sequences of ctx tokens, decoded in one
+        micro-batch (the Llama object's context serves the chat turns)."""
+        import llama_cpp
+
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx = params.n_batch = params.n_ubatch = n_seq * ctx
+        params.n_seq_max = n_seq
+        raw = llama_cpp.llama_init_from_model(llm.model, params)
+        if not raw:
+            raise RuntimeError(f"llama.cpp could not make a context for {n_seq} windows of {ctx} tokens")
+        return cls(raw, llm.n_vocab(), n_seq * ctx, own=True)
 
     def reset(self) -> None:
         self._c.llama_memory_clear(self.memory, True)
         self.n_past = 0
+
+    def decode_windows(self, windows: list[np.ndarray], first_output: int) -> list[np.ndarray]:
+        """Each window its own sequence from position 0, all in one decode; each window's logits of its
+        positions first_output.. (views, valid until the next call), as llama-perplexity's perplexity()."""
+        self.reset()
+        b, i = self.batch, 0
+        for seq, window in enumerate(windows):
+            for pos, t in enumerate(window):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), pos, 1, pos >= first_output
+                b.seq_id[i][0] = seq
+                i += 1
+        b.n_tokens = i
+        if self._c.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError(f"llama_decode failed for {len(windows)} windows")
+        rows = len(windows[0]) - first_output
+        out = np.ctypeslib.as_array(self._c.llama_get_logits(self.ctx), shape=(len(windows) * rows, self.n_vocab))
+        return [out[k * rows:(k + 1) * rows] for k in range(len(windows))]
 
     def decode(self, tokens, first_output: int) -> np.ndarray:
         """Append `tokens`; the logits of positions first_output.. of them (a view, valid until the next call)."""
@@ -63,6 +106,29 @@ class Decoder:
 
     def close(self) -> None:
         self._c.llama_batch_free(self.batch)
+        if self.own:
+            self._c.llama_free(self.ctx)
+
+
+class WindowGroups:
+    """metrics.score's prepare and forward: the windows it will score are decoded `n_seq` at a time, and
+    handed out one by one in its order."""
+
+    def __init__(self, dec: Decoder, n_seq: int, first: int, last: int) -> None:
+        self.dec, self.n_seq, self.first, self.last = dec, n_seq, first, last
+        self.pending: deque = deque()
+        self.ready: deque = deque()
+
+    def prepare(self, windows: list[np.ndarray]) -> None:
+        self.pending = deque(windows)
+
+    def forward(self, window: np.ndarray) -> np.ndarray:
+        if not self.ready:
+            group = [self.pending.popleft() for _ in range(min(self.n_seq, len(self.pending)))]
+            self.ready = deque(zip(group, self.dec.decode_windows(group, self.first)))
+        decoded, logits = self.ready.popleft()
+        assert np.array_equal(decoded, window), "windows asked for out of the prepared order"
+        return logits[: self.last - self.first]
 
 
 def evaluate(model: str, spec: dict) -> dict:
@@ -70,13 +136,12 @@ def evaluate(model: str, spec: dict) -> dict:
 
     first, last = scored_range(spec["ctx"])
     llm = _load(model, spec["ctx"], spec["threads"])
-    dec = Decoder(llm, llm.n_ctx())
-
-    def forward(window: np.ndarray) -> np.ndarray:
-        dec.reset()
-        return dec.decode(window, first)[: last - first]
-
-    result = score(forward, spec, llm.n_vocab())
+    n_seq = int(spec.get("windows_per_decode") or WINDOWS_PER_DECODE)
+    scoring = Decoder.for_windows(llm, spec["ctx"], n_seq)
+    groups = WindowGroups(scoring, n_seq, first, last)
+    result = score(groups.forward, spec, llm.n_vocab(), prepare=groups.prepare)
+    scoring.close()  # its KV cache and buffers, before the chat turns
+    dec = Decoder.of(llm)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     template = llm.metadata.get("tokenizer.chat_template")
     piece = lambda t: llm.detokenize([t], special=True).decode("utf-8", errors="replace")  # noqa: E731
