@@ -95,9 +95,11 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
             if fmt.runner and item.is_model:
                 held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
-                                              fmt.evaluation_peak(held, vocab, ev.ctx, src.config),
+                                              fmt.evaluation_peak(held, vocab, ev.ctx, src.config, item),
                                               fmt.evaluation_mapped(item),
                                               max(1, -(-(tokens // ev.ctx) // fmt.windows_per_pass))))
+        # Evaluations run one at a time: the largest scratch folder one of them writes (MLX's dequantized checkpoint).
+        scratch += max((formats.get(i.backend).evaluation_scratch(i) for i in items if i.is_model), default=0)
     # Absolute: converters run in working directories of their own.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,

@@ -83,8 +83,11 @@ def test_a_step_too_large_for_the_machine_is_refused_up_front(sample_model, tmp_
     out = tmp_path / "out"
     args = ("--memory", "600M") if how == "option" else ()
     env = {"QUANTKIT_MEMORY": "600M"} if how == "env" else {}
+    # tiny.yaml with 10 windows: the GGUF runner decodes 4 at a time, so 3 passes over each file.
+    profile = tmp_path / "ten-windows.yaml"
+    profile.write_text((PROFILES / "tiny.yaml").read_text().replace("max_tokens: 512", "max_tokens: 2560"))
     for command in ("plan", "build"):
-        proc = run_cli(command, sample_model, "--profile", PROFILES / "tiny.yaml", "--out", out, *args, env=env)
+        proc = run_cli(command, sample_model, "--profile", profile, "--out", out, *args, env=env)
         assert proc.returncode == 5, proc.stderr
         err = proc.stderr.strip().splitlines()
         i = next(i for i, line in enumerate(err) if line.startswith("error: "))  # build prints its plan first
@@ -100,7 +103,7 @@ def test_a_step_too_large_for_the_machine_is_refused_up_front(sample_model, tmp_
             reread = next(line for line in proc.stdout.splitlines() if "re-reads" in line)
             assert reread.startswith("  re-reads evaluate SmolLM2-135M-Instruct-F16.gguf: 270.9 MB of memory-mapped "
                                      "files do not stay resident beside"), reread
-            assert "over 2 passes: at least" in reread and "reference" not in proc.stdout.split("re-reads", 1)[1], reread
+            assert "over 3 passes: at least" in reread and "reference" not in proc.stdout.split("re-reads", 1)[1], reread
         assert "--ray" in err[i + 1] and "evaluation.enabled: false" in err[i + 1]
         assert "Traceback" not in proc.stderr
     assert not out.exists()  # refused before anything was written
@@ -120,7 +123,9 @@ def test_worker_jobs_are_sized_by_the_plans_formulas(sample_model, tmp_path):
     plan = make_plan(str(sample_model), profile, tmp_path)
     heaviest = max(s.peak_bytes for s in plan.memory_steps())
     _, estimate = job_needs(profile, tensor_stats(sample_model).params)
-    # From the parameter count alone (the Hub's listing), the job's estimate is the plan's heaviest step.
-    assert abs(estimate / heaviest - 1) < 0.15, (estimate, heaviest)
+    # From the parameter count alone (the Hub's listing), the job's estimate is the plan's heaviest step, or above
+    # it: it assumes a 152k vocabulary, whose logits for the GGUF runner's four windows a decode take 0.9 GB more
+    # than the sample's 49k.
+    assert heaviest <= estimate < 1.5 * heaviest, (estimate, heaviest)
     # A Mistral-7B fits a 24 GB machine; a Mixtral-8x7B does not.
     assert job_needs(profile, 7_241_732_096)[1] < 24e9 < job_needs(profile, 46_702_792_704)[1]

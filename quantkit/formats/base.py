@@ -156,14 +156,19 @@ class Format(ABC):
         return {}
 
     # Evaluation
-    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None,
+                        item: ArtifactPlan | None = None) -> int:
         """Peak memory of scoring one artifact of `artifact_bytes` (its runtime size) for a model of `config`
-        (None: only the parameter count is known)."""
+        (None: only the parameter count is known); `item`, the artifact's plan where there is one."""
         return self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx)
 
     def evaluation_mapped(self, item: ArtifactPlan) -> int:
         """How much of evaluation_peak is memory-mapped files (pages the kernel can drop and read again) when
         scoring `item`. 0: the runner copies the weights (all anonymous)."""
+        return 0
+
+    def evaluation_scratch(self, item: ArtifactPlan) -> int:
+        """Disk the runner writes while scoring `item` and removes after (0: none)."""
         return 0
 
     def chat_facts(self, path: Path) -> ChatFacts:

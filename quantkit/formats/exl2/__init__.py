@@ -186,7 +186,8 @@ class EXL2Format(Format):
             stated_bits=float(cfg.get("bits") or item.options["bits"]),
         )
 
-    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None,
+                        item: ArtifactPlan | None = None) -> int:
         return self.eval_fixed_bytes + scored_logits(vocab, ctx)  # the file streams to the GPU, not held here
 
     def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:

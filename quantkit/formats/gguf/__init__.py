@@ -210,9 +210,10 @@ class GGUFFormat(Format):
             details={k: facts[k] for k in ("chunks", "chunk_tokens", "text", "experts_without_data") if facts.get(k)},
         )
 
-    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None,
+                        item: ArtifactPlan | None = None) -> int:
         # llama.cpp allocates the chat turns' KV cache up front.
-        hidden = int((config or {}).get("hidden_size") or 4096)
+        hidden = int((config or {}).get("hidden_size") or 0)
         windows = (WINDOWS_PER_DECODE - 1) * ctx * (vocab * 4 + _WINDOW_ACTIVATION_PER_HIDDEN * hidden)
         return (self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx) + windows
                 + (chat_kv_bytes(config) if config is not None else 0))

@@ -1,7 +1,8 @@
 """MLX: mlx-lm's own converter (`mlx_lm.convert`), one folder per variant as mlx-community publishes them:
 uniform 4- or 8-bit with a group size, or one of mlx-lm's mixed recipes. Sizes are planned by applying
 mlx-lm's quantization to the lazily loaded model (exact, nothing computed). Evaluated on the exact weights
-(evaluate_worker: MLX dequantizes, transformers scores, mlx-lm runs the smoke test and a runtime check), and
+(evaluate_worker: MLX dequantizes a layer at a time, transformers scores, mlx-lm runs the smoke test and a
+runtime check on the folder as published), and
 published as one repo per variant ({Model}-MLX-4bit), the folder on main."""
 
 from __future__ import annotations
@@ -27,18 +28,43 @@ BITS = (2, 3, 4, 5, 6, 8)  # mlx's affine quantization
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 64  # mlx-lm's default; mlx-community's "-4bit" repos use it
 _BPW = re.compile(r"Quantized model with ([\d.]+) bits per weight")
-# mlx-lm's converter: mlx, transformers (its tokenizer) and the model, loaded lazily and written layer by
-# layer; the source's 16-bit weights are read once (memory-mapped) and the quantized ones held until saved.
-# Measured on the sample (135M): 0.93 GB peak at 4-bit, 1.0 GB at 8-bit.
+# mlx-lm's converter: mlx, transformers (its tokenizer) and the model, loaded lazily. mlx-lm's save_model
+# splits the quantized weights into shards of at most 5 GiB (make_shards) and, with donate_model, drops the
+# model's own references, so each shard is computed when it is written and freed after: what is in memory
+# at once is the 16-bit source tensors one output shard is made from, read into MLX's own (anonymous) buffers.
+# Measured: the sample (135M) 0.93 GB at 4-bit, 1.0 GB at 8-bit; the Mixtral-dimension synthetic with 2 layers
+# (2.95B, one 1.9 GB shard) 5.99 GB anonymous and 0.27 GB file-backed, predicted 6.6 GB by convert_peak.
 CONVERT_FIXED = 700_000_000
-# Evaluating a folder (evaluate_worker): mlx, mlx-lm, torch and transformers, and the weights dequantized to
-# 16 bits (at most 4 times a 4-bit folder), held by MLX and then by transformers, one after the other.
+MLX_SHARD_BYTES = 5 << 30  # mlx_lm.utils.MAX_FILE_SIZE_GB
+# Evaluating a folder (evaluate_worker): mlx, mlx-lm, torch and transformers. Besides them, one after the other:
+# MLX writing the dequantized 16-bit checkpoint a layer at a time; mlx-lm running the folder quantized (about
+# its size); transformers scoring the checkpoint, memory-mapped (2 bytes a parameter: ArtifactPlan.runtime_bytes),
+# one module widened to float32 at a time (the output head the largest).
 MLX_EVAL_FIXED = 1_400_000_000
+# mlx-lm's run of the folder with its scales and biases widened to float32: 4-bit with group 64 stores 4 bits
+# and 2 x 16 bits per 64 weights, so the widening adds a quarter (an 8-bit folder's an eighth).
+MLX_RUNTIME_FACTOR = 1.25
 
 
 def variant_name(bits: int | None, group_size: int, recipe: str | None) -> str:
     name = recipe or f"{bits}bit"
     return name if group_size == DEFAULT_GROUP else f"{name}-g{group_size}"
+
+
+def dequantize_peak(config: dict[str, Any]) -> int:
+    """evaluate_worker.write_checkpoint's anonymous memory: one decoder layer in 16 bits and its largest tensor
+    (a MoE's experts of one projection, stacked) in float32, from the model's config."""
+    h = int(config.get("hidden_size") or 0)
+    mlp = int(config.get("intermediate_size") or 4 * h) * max(1, int(config.get("num_local_experts") or 0))
+    heads = int(config.get("num_attention_heads") or 1)
+    kv = int(config.get("num_key_value_heads") or heads) * int(config.get("head_dim") or h // heads)
+    return 2 * (3 * mlp * h + 2 * h * h + 2 * h * kv) + 4 * mlp * h
+
+
+def convert_peak(params: int, weight_bytes: int) -> int:
+    """mlx-lm's converter on `params` 16-bit parameters writing `weight_bytes` of quantized weights: the source
+    tensors of one output shard at a time (see CONVERT_FIXED)."""
+    return CONVERT_FIXED + int(2 * params * min(1.0, MLX_SHARD_BYTES / max(weight_bytes, 1)))
 
 
 def recipes() -> list[str]:
@@ -61,7 +87,8 @@ class MLXFormat(Format):
         return [package("mlx", "mlx", INSTALL_HINT), package("mlx-lm", "mlx_lm", INSTALL_HINT)]
 
     def step_peak(self, params: int) -> int:
-        return CONVERT_FIXED + 3 * params  # 16-bit source pages + the quantized copy (at most 8 bits)
+        return convert_peak(params, params * 9 // 16)  # 4-bit with group 64: 4.5 bits a weight
+
 
     def vocabulary(self) -> set[str]:
         return super().vocabulary() | {"mlx_lm", "mlx-community"}
@@ -102,7 +129,9 @@ class MLXFormat(Format):
         params = tensor_stats(source.path).params
         return [ArtifactPlan(
             backend=self.name, variant=v["name"], filename=f"{source.name}-MLX-{v['name']}",
-            predicted_bytes=sizes[v["name"]]["weight_bytes"] + files, options=v, predicted_peak_bytes=self.step_peak(params),
+            predicted_bytes=sizes[v["name"]]["weight_bytes"] + files, options=v,
+            predicted_peak_bytes=convert_peak(params, sizes[v["name"]]["weight_bytes"]),
+            runtime_bytes=2 * params,
             note="embedding quantized" + (" (the head is tied to it)" if not sizes[v["name"]]["separate_head"] else "")
             if sizes[v["name"]]["embedding_quantized"] else "") for v in variants]
 
@@ -146,8 +175,22 @@ class MLXFormat(Format):
                      "tied_head": bool(config.get("tie_word_embeddings"))},
         )
 
-    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None) -> int:
-        return self.eval_fixed_bytes + 4 * artifact_bytes + scored_logits(vocab, ctx)
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None,
+                        item: ArtifactPlan | None = None) -> int:
+        # Anonymous: the larger of MLX writing one layer and mlx-lm running the folder; then transformers' head
+        # widened to float32. Memory-mapped: the dequantized checkpoint (artifact_bytes, 2 bytes a parameter).
+        # The phases run one after the other; counting them together keeps the plan on the safe side.
+        cfg = config or {}
+        head = 4 * vocab * int(cfg.get("hidden_size") or 0)
+        runtime = int(MLX_RUNTIME_FACTOR * (item.predicted_bytes if item else artifact_bytes // 4))
+        return (self.eval_fixed_bytes + max(dequantize_peak(cfg), runtime) + head + artifact_bytes
+                + scored_logits(vocab, ctx))
+
+    def evaluation_mapped(self, item: ArtifactPlan) -> int:
+        return item.runtime_bytes  # the dequantized checkpoint, as transformers maps it
+
+    def evaluation_scratch(self, item: ArtifactPlan) -> int:
+        return item.runtime_bytes  # that checkpoint, written beside the build's scratch and removed after
 
     def made_with(self, report: dict) -> str:
         version = (report.get("tools", {}).get(self.name) or {}).get("mlx-lm")
@@ -165,7 +208,8 @@ class MLXFormat(Format):
                   "sample's 4-bit folder), so MLX dequantizes each folder's layers with its own mx.dequantize (the exact "
                   "values its kernels compute with) and transformers scores those weights on the same token ids, against "
                   "the same fp16 reference as every other format, and writes the tool-call and JSON-mode replies. "
-                  "mlx-lm itself runs the smoke test (mlx-lm's generate), and must give the same next-token "
+                  "mlx-lm itself runs the smoke test (mlx-lm's generate, on the folder as published, with float32 "
+                  "activations), and must give the same next-token "
                   "distributions as transformers on the same weights (KLD at most 0.01 over 64 tokens) or the build "
                   "stops: that check catches a runtime that misreads the model's config.")
         return {"MLX": [text]}

@@ -2,19 +2,22 @@
 
   evaluate:  python -m quantkit.formats.mlx.evaluate_worker evaluate FOLDER SPEC.json OUT.json
 
-MLX's CPU backend is far too slow on x86 to score text (measured on the sample's 4-bit folder, 2 cores:
-6.5 s a token, about 55 minutes a 512-token window; 70 s a window with the layers dequantized), so:
+MLX's CPU backend is far too slow on x86 to score text in 16 bits (measured on the sample's 4-bit folder, 2
+cores: 6.5 s a token, about 55 minutes a 512-token window), so:
 
-1. mlx-lm loads the folder and dequantizes every layer with MLX's own `mx.dequantize` (mlx-lm's
-   dequantize_model): the exact values its quantized matmuls compute with, written as a 16-bit checkpoint
-   under the folder's own tensor names (which are the source architecture's for the models mlx-lm keeps as
-   transformers names them).
+1. MLX dequantizes every layer with its own `mx.dequantize` (mlx-lm's dequantize_model, applied to the folder
+   loaded lazily): the exact values its quantized matmuls compute with, written as a 16-bit checkpoint under
+   the source architecture's tensor names, a decoder layer a shard. Nothing is computed until a shard is
+   written, and a written shard's arrays are dropped, so one layer is dequantized in memory at a time, not the
+   model (93 GB for Mixtral-8x7B).
 2. The perplexity, KL-divergence and top-1 come from that checkpoint through the reference's runner
    (transformers, computed in float32), on the same token ids; so do the tool-call and JSON-mode replies.
-3. mlx-lm itself runs the folder as its users do: the smoke test with mlx-lm's generate, and a runtime check
-   that mlx-lm's model code, reading the folder's config.json, gives the same next-token distributions as
-   transformers on the same weights. A runtime that misreads the model (transformers 5's rope_parameters read
-   as the default RoPE base) fails here instead of being published.
+3. mlx-lm itself runs the folder as its users do, quantized (its quantized matmuls, with the scales and
+   activations in float32: MLX's CPU backend computes float16 slowly and gathers a MoE's experts in float32
+   only; the packed weights stay as they are, so this takes about the folder's size): the smoke test with
+   mlx-lm's generate, and a runtime check that mlx-lm's model code, reading the folder's config.json, gives the
+   same next-token distributions as transformers on the same weights. A runtime that misreads the model
+   (transformers 5's rope_parameters read as the default RoPE base) fails here instead of being published.
 """
 
 from __future__ import annotations
@@ -39,24 +42,15 @@ _TOKENIZER_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_confi
                     "special_tokens_map.json", "tokenizer.model")
 
 
-def _dequantized(folder: str):
-    """The folder as mlx-lm loads it, every layer dequantized by MLX (mlx-lm's dequantize_model)."""
+def _runtime(folder: str):
+    """(model, tokenizer): the folder as mlx-lm loads it, quantized, with its floating-point parameters (scales,
+    biases, norms) and so its activations in float32."""
+    import mlx.core as mx
     from mlx_lm import load
-    from mlx_lm.utils import dequantize_model
 
     model, tok = load(folder)
-    return dequantize_model(model), tok
-
-
-def _runnable_here(model) -> None:
-    """MLX's CPU backend runs a MoE's stacked experts (gather_mm) in float32 only ("[GatherMM::eval] Currently only
-    supports float32"): there, widen the dequantized model to float32, which is exact, and computes as the
-    reference does. Metal runs them as stored."""
-    import mlx.core as mx
-    from mlx_lm.models.switch_layers import SwitchLinear
-
-    if mx.default_device() == mx.cpu and any(isinstance(m, SwitchLinear) for _, m in model.named_modules()):
-        model.set_dtype(mx.float32)
+    model.set_dtype(mx.float32)
+    return model, tok
 
 
 def _first_tokens(spec: dict) -> np.ndarray:
@@ -89,33 +83,77 @@ def source_names(weights: dict, model_type: str) -> dict:
     return named
 
 
-def write_checkpoint(folder: str, spec: dict, out: Path) -> np.ndarray:
-    """In MLX: the 16-bit checkpoint of the exact weights into `out`, under the source's tensor names, and
-    mlx-lm's log-probabilities of the runtime check's tokens."""
+def layer_of(name: str) -> str:
+    """The shard a tensor goes to: its decoder layer ("model.layers.3"), or "" for the rest."""
+    m = re.match(r".*?\.layers\.\d+(?=\.)", name)
+    return m[0] if m else ""
+
+
+def write_checkpoint(folder: str, out: Path) -> int:
+    """In MLX: the 16-bit checkpoint of the exact weights into `out`, under the source's tensor names, a shard
+    per decoder layer (and one for the rest), each computed only as it is written. Returns the shard count.
+
+    The weights are dequantized in float32 (scale x q + bias as the runtime's float32 scales give them) and
+    stored as float16, whatever the source's 16-bit type: bfloat16's 8-bit mantissa would round them 16 times
+    more coarsely, enough to part from mlx-lm's own run (KLD 0.075 over the runtime check's 64 tokens on the
+    Mixtral-dimension synthetic, against 0.01 allowed)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load_model
 
-    model, _ = _dequantized(folder)
     config = json.loads((Path(folder) / "config.json").read_text())
-    weights = source_names(dict(tree_flatten(model.parameters())), str(config.get("model_type") or ""))
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
-    _runnable_here(model)
+    model, _ = load_model(Path(folder), lazy=True)
+    model.set_dtype(mx.float32)  # the scales, biases and norms; lazy, as everything here until a shard is saved
+    weights = source_names({k: v.astype(mx.float16) for k, v in tree_flatten(dequantize_model(model).parameters())},
+                           str(config.get("model_type") or ""))
+    # The lazy arrays in `weights` must be all that refer to the rest: an evaluated array that anything else
+    # holds (the model's modules, the float32 dequantized values) stays in memory.
+    del model
+    groups: dict[str, list[str]] = {}
+    for name in weights:
+        groups.setdefault(layer_of(name), []).append(name)
+    n, index = len(groups), {}
+    for k, names in enumerate(groups.values(), 1):
+        shard = f"model-{k:05d}-of-{n:05d}.safetensors"
+        # A tensor at a time, so that one tensor's float32 values exist at once (a MoE layer's stacked experts of
+        # one projection: 1.9 GB at Mixtral's dimensions), not the layer's. Popped: once written, nothing holds
+        # this layer's dequantized (or quantized) arrays.
+        arrays = {}
+        for name in names:
+            arrays[name] = weights.pop(name)
+            mx.eval(arrays[name])
+        mx.save_safetensors(str(out / shard), arrays, metadata={"format": "pt"})
+        del arrays
+        index.update({name: shard for name in names})
+    mx.clear_cache()  # MLX keeps freed buffers for reuse; transformers runs next in this process
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
+    # transformers loads with the config's dtype: bfloat16 would round the float16 weights again.
+    config.update({k: "float16" for k in ("torch_dtype", "dtype") if k in config} or {"torch_dtype": "float16"})
     (out / "config.json").write_text(json.dumps(config))
     for name in _TOKENIZER_FILES:
         if (Path(folder) / name).is_file():
             shutil.copy(Path(folder) / name, out / name)
-    return log_softmax(np.array(model(mx.array(_first_tokens(spec))[None])[0].astype(mx.float32)))
+    return n
+
+
+def runtime_logprobs(folder: str, spec: dict) -> np.ndarray:
+    """mlx-lm's log-probabilities of the runtime check's tokens, on the folder as its users run it."""
+    import mlx.core as mx
+
+    model, _ = _runtime(folder)
+    out = log_softmax(np.array(model(mx.array(_first_tokens(spec))[None])[0].astype(mx.float32)))
+    del model
+    mx.clear_cache()
+    return out
 
 
 def mlx_smoke(folder: str, spec: dict) -> dict | None:
-    """The smoke test as mlx-lm users run the folder: mlx-lm's generate, greedy, stopping at its EOS ids (on the
-    dequantized layers: the same weights, at a usable speed on CPU)."""
+    """The smoke test as mlx-lm users run the folder: mlx-lm's generate, greedy, stopping at its EOS ids."""
     from mlx_lm import stream_generate
 
-    model, tok = _dequantized(folder)
-    _runnable_here(model)
+    model, tok = _runtime(folder)
     hf = tok._tokenizer  # the transformers tokenizer mlx-lm wraps
 
     def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
@@ -146,7 +184,8 @@ def runtime_check(folder: Path, runtime_logprobs: np.ndarray, spec: dict) -> tup
 def evaluate(folder: str, spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="mlx-dequantized-", dir=Path(spec["tokens"]).parent) as tmp:
         out = Path(tmp)
-        kld, top1 = runtime_check(out, write_checkpoint(folder, spec, out), spec)
+        write_checkpoint(folder, out)
+        kld, top1 = runtime_check(out, runtime_logprobs(folder, spec), spec)
         if kld > RUNTIME_MAX_KLD:
             sys.exit(f"error: mlx-lm does not reproduce its own folder's weights as transformers runs them (KLD {kld:.4f} "
                      f"> {RUNTIME_MAX_KLD}, top-1 {top1:.1%} over {RUNTIME_CHECK_TOKENS} tokens): it misreads the "
@@ -156,7 +195,7 @@ def evaluate(folder: str, spec: dict) -> dict:
     if spec.get("chat") is not False and (smoke := mlx_smoke(folder, spec)):
         result["smoke"] = smoke
     result["note"] = (f"exact weights (dequantized by MLX) scored through transformers; smoke test with mlx-lm's "
-                      f"generate; mlx-lm vs transformers on the same weights: KLD {kld:.5f}, top-1 {top1:.0%} "
+                      f"generate (quantized, float32 activations); mlx-lm vs transformers on the same weights: KLD {kld:.5f}, top-1 {top1:.0%} "
                       f"over {RUNTIME_CHECK_TOKENS} tokens")
     return result
 
