@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """MLX on this machine's CPU: can it score text? The sample's 4-bit folder (made by mlx-lm's converter) run
-by MLX as it is (quantized matmuls), by MLX with its layers dequantized to 16 bits, and, as the baseline in the
-same run, by transformers on the same dequantized weights (what quantkit's MLX evaluation does). Prints the
+by MLX as it is (quantized matmuls, 16-bit scales and activations), by MLX quantized with its scales and
+activations in float32 (what quantkit's smoke test and runtime check run), by MLX with its layers dequantized
+to 16 bits, and, as the baseline in the same run, by transformers on the same dequantized weights (what
+quantkit's MLX evaluation scores). Prints the
 time per token of each on the same token ids and the ratios against the baseline. Tokens: --quantized for the
 first (it is slow), --tokens for the others.
 
@@ -57,6 +59,10 @@ def main() -> int:
 
         mlx_run(1)  # first call: kernels and buffers
         quantized = mlx_run(args.quantized)
+        model.set_dtype(mx.float32)  # scales, biases and norms; the packed weights stay 4-bit
+        mlx_run(1)
+        quantized_f32 = mlx_run(args.tokens)
+        model, _ = load(str(folder))
         model = dequantize_model(model)
         mx.eval(model.parameters())
         mlx_run(1)
@@ -81,6 +87,8 @@ def main() -> int:
           f"{dequantized / baseline:7.1f}x the baseline")
     print(f"MLX, 4-bit as published ({args.quantized} tokens):                {quantized * 1000:8.1f} ms a token  "
           f"{quantized / baseline:7.1f}x the baseline")
+    print(f"MLX, 4-bit, float32 scales and activations ({args.tokens} tokens): {quantized_f32 * 1000:8.1f} ms a token  "
+          f"{quantized_f32 / baseline:7.1f}x the baseline")
     print(f"one 512-token window: transformers {512 * baseline:.1f} s, MLX dequantized {512 * dequantized:.0f} s, "
           f"MLX 4-bit {512 * quantized / 60:.0f} min")
     return 0
