@@ -7,9 +7,9 @@ cores: 6.5 s a token, about 55 minutes a 512-token window), so:
 
 1. MLX dequantizes every layer with its own `mx.dequantize` (mlx-lm's dequantize_model, applied to the folder
    loaded lazily): the exact values its quantized matmuls compute with, written as a 16-bit checkpoint under
-   the source architecture's tensor names, a decoder layer a shard. Nothing is computed until a shard is
-   written, and a written shard's arrays are dropped, so one layer is dequantized in memory at a time, not the
-   model (93 GB for Mixtral-8x7B).
+   the source architecture's tensor names, a decoder layer a shard. Nothing is computed until its shard is
+   written, a tensor at a time, and a written shard's arrays are dropped, so one layer is dequantized in memory
+   at a time, not the model (93 GB for Mixtral-8x7B).
 2. The perplexity, KL-divergence and top-1 come from that checkpoint through the reference's runner
    (transformers, computed in float32), on the same token ids; so do the tool-call and JSON-mode replies.
 3. mlx-lm itself runs the folder as its users do, quantized (its quantized matmuls, with the scales and
