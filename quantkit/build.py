@@ -13,6 +13,8 @@ from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFa
 from .evaluate.experts import is_moe, keeps_experts_mapped
 from .evaluate.integrity import check as check_chat, check_source_template, folder_facts
 from .evaluate.placement import refuse_unplaced
+from .evaluate.probes import prompts as probe_prompts
+from .evaluate.reference_time import ReferenceTime, predict
 from .gates import judge
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
@@ -58,7 +60,8 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:
         raise ProfileError(f"evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
                            f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
-    check_source_template(folder_facts(src.path))
+    facts = folder_facts(src.path)
+    check_source_template(facts)
     if is_moe(src.config) and ev.enabled:
         # A MoE's router and expert names are where a checkpoint and transformers' loader part ways.
         refuse_unplaced(src.path, str(src.config.get("model_type") or ""))
@@ -87,9 +90,12 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     evaluations = []
     limit = machine_memory() if memory_limit is None else memory_limit
     streamed = False
+    ref_time = None
     if ev.enabled:
-        reference, streamed = reference_step(src, ev, vocab, tokens // ev.ctx, limit)
+        stats = tensor_stats(src.path)
+        reference, streamed = reference_step(src, stats, ev, vocab, tokens // ev.ctx, limit)
         evaluations.append(reference)
+        ref_time = predict_reference_time(stats, prof, facts, (tokens // ev.ctx) * ev.ctx, streamed)
         for item in items:
             fmt = formats.get(item.backend)
             if fmt.runner and item.is_model:
@@ -103,13 +109,14 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     # Absolute: converters run in working directories of their own.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,
-                     memory_limit=limit, memory_where=memory_where, reference_streamed=streamed, gpu_memory=gpu_memory)
+                     memory_limit=limit, memory_where=memory_where, reference_streamed=streamed, gpu_memory=gpu_memory,
+                     reference_time=ref_time)
 
 
-def reference_step(src: Source, ev, vocab: int, n_windows: int, limit: int) -> tuple[StepMemory, bool]:
+def reference_step(src: Source, stats, ev, vocab: int, n_windows: int, limit: int) -> tuple[StepMemory, bool]:
     """The reference's step and whether it runs streamed (evaluate/streamed.py): as the profile says, or with
-    `auto`, when the in-memory run would need more than `limit` and the checkpoint can be read layer by layer."""
-    stats = tensor_stats(src.path)
+    `auto`, when the in-memory run would need more than `limit` and the checkpoint can be read layer by layer.
+    `stats`: source.TensorStats of the checkpoint."""
     # Experts kept one module each (evaluate/experts.py): no fused copy, and one expert widened at a time.
     mapped = keeps_experts_mapped(src.config)
     in_memory = reference_peak(stats.params, stats.weight_bytes, stats.largest if mapped else stats.largest_module,
@@ -125,6 +132,22 @@ def reference_step(src: Source, ev, vocab: int, n_windows: int, limit: int) -> t
     peak = streamed_reference_peak(stats, src.config, vocab, ev.ctx, max(1, n_windows))
     return StepMemory("reference (fp16 source, transformers, streamed layer by layer)", REFERENCE, peak,
                       streamed_reference_mapped(stats, src.config)), True
+
+
+def predict_reference_time(stats, prof: Profile, facts, scored_tokens: int, streamed: bool) -> ReferenceTime:
+    """The reference's scoring and chat turns, timed as evaluate/reference_time.py predicts: the chat turns are the
+    smoke test (when the source has a chat template) and the probes, on the prompts the build will render."""
+    prompts, replies = [], {}
+    if facts.template and not streamed:  # the streamed reference does not generate
+        smoke = prof.smoke
+        prompts.append(facts.render_messages([{"role": "system", "content": smoke.system},
+                                              {"role": "user", "content": smoke.question}]))
+        replies["smoke"] = smoke.max_tokens
+        if prof.chat_checks.enabled:
+            for name, prompt in probe_prompts(facts, prof.chat_checks).items():
+                prompts.append(prompt)
+                replies[name.replace("_", " ")] = prof.chat_checks.max_tokens
+    return predict(stats.params, stats.weight_bytes, scored_tokens, prompts, replies)
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,

@@ -6,6 +6,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .evaluate.reference_time import ReferenceTime
 from .fsutil import human_size
 from .memory import StepMemory, re_reads, too_large
 from .profiles import Profile
@@ -67,6 +68,7 @@ class BuildPlan:
     memory_where: str = "this machine"
     reference_streamed: bool = False  # the reference runs layer by layer (evaluate/streamed.py): it does not generate
     gpu_memory: int = 0  # planned for a machine with a CUDA GPU of this size (plan --gpu; 0: this machine's means)
+    reference_time: ReferenceTime | None = None  # the reference's scoring and chat turns, timed (None: no evaluation)
 
     def memory_steps(self) -> list[StepMemory]:
         """Every step that runs in a process of its own, with its predicted peak memory."""
@@ -117,6 +119,8 @@ class BuildPlan:
             if self.profile.chat_checks.enabled:
                 lines.append("  chat checks: template and stop tokens vs the source; tool-call and JSON-mode replies vs the fp16 source's")
             lines += [f"  {e.step:70} peak memory ~{_split(e.peak_bytes, e.mapped_bytes)}" for e in self.evaluations]
+            if self.reference_time:
+                lines += [f"  {line}" for line in self.reference_time.render()]
             lines += [f"  bound  {b.describe()}" for b in self.profile.bounds]
         else:
             lines.append("evaluation: off (evaluation.enabled: false): files are built and described, not measured")

@@ -47,22 +47,31 @@ def smoke_verdict(reply: str, end_token: str | None, prompt: str, opts: dict) ->
             "reason": reason, "prompt": prompt}
 
 
-def chat_turns(generate, render, spec: dict, missing: str = "the artifact has no chat template") -> dict:
+def chat_turns(generate, render, spec: dict, missing: str = "the artifact has no chat template",
+               generate_many=None) -> dict:
     """The smoke test and the probes of one runner. `generate(prompt, max_tokens, special=True)` decodes
     greedily and returns (reply, end-of-turn token or None); `render(messages)` is the artifact's own template
     (None: it has none, and `missing` says so). The probes' prompts come rendered, from the source's template (evaluate/probes.py).
+    `generate_many([(prompt, max_tokens, special), ...])`, if given, answers all the turns in one go (the reference
+    decodes them as one batch: evaluate/hf_worker.py) and replaces `generate`.
     `chat: false` in the spec: none of it (a later round of scoring, whose chat turns are already known); `smoke:
     null`: the probes only (a runner whose smoke test runs in another runtime)."""
     if spec.get("chat") is False:
         return {}
-    out = {}
+    out: dict = {}
+    turns: list[tuple[str, str, int, bool]] = []  # (what, prompt, max tokens, special tokens in the reply)
     if (opts := spec.get("smoke")) is not None:
         if render is None:
             out["smoke"] = {"passed": False, "reply": "", "reason": missing, "prompt": ""}
         else:
             prompt = render([{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}])
-            reply, end_token = generate(prompt, opts["max_tokens"], special=False)
+            turns.append(("smoke", prompt, opts["max_tokens"], False))
+    turns += [(f"probe:{name}", prompt, spec["probe_tokens"], True) for name, prompt in (spec.get("probes") or {}).items()]
+    many = generate_many or (lambda asked: [generate(*turn) for turn in asked])
+    replies = many([turn[1:] for turn in turns]) if turns else []
+    for (what, prompt, _, _), (reply, end_token) in zip(turns, replies):
+        if what == "smoke":
             out["smoke"] = smoke_verdict(reply, end_token, prompt, opts)
-    if spec.get("probes"):
-        out["probes"] = {name: generate(prompt, spec["probe_tokens"])[0] for name, prompt in spec["probes"].items()}
+        else:
+            out.setdefault("probes", {})[what.removeprefix("probe:")] = reply
     return out

@@ -8,6 +8,9 @@ than that wraps `evaluate` with a loader of its own).
 SPEC is the same for every runner (evaluate/metrics.py). `reference: true` keeps the weights as stored (fp16 or bf16, 2 bytes
 a parameter) and computes in float32: each module's weights are widened just before it runs and dropped
 after, so the results are those of a float32 copy of the model (docs/evaluation.md) at half its memory.
+Its chat replies read each prompt in float32 the same way, then decode the replies together as one batch in the
+stored 16-bit dtype (`generate_batch`): widening the whole model again for every generated token cost 5 s a token
+at 3B. `generate: "float32"` decodes every token in float32 instead, one prompt at a time (the old replies).
 `weights: "float32"` loads a whole float32 copy instead (4 bytes a parameter): the old reference, which
 the tests compare with. `streamed: true` runs the reference layer by layer over all the windows, reading each
 layer from the files while it runs (evaluate/streamed.py), for weights that do not fit in memory. With CUDA, the model runs on the GPU.
@@ -15,8 +18,10 @@ layer from the files while it runs (evaluate/streamed.py), for weights that do n
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +44,26 @@ def tokenize(folder: str, text_file: str, out: str, bos_out: str) -> None:
     Path(bos_out).write_text(json.dumps({"bos": bos}))
 
 
-def compute_in_float32(model) -> None:
+class Widening:
+    """The switch of compute_in_float32's hooks: on, every module runs in float32; off, in its stored dtype."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+
+def compute_in_float32(model) -> Widening:
     """Run every module in float32 while its weights stay in their stored 16-bit type: a pre-hook widens
     the module's own parameters, a hook puts the 16-bit tensors back. One module's float32 copy exists
-    at a time (the largest: the output head, or a MoE layer's fused experts), not the model's."""
+    at a time (the largest: the output head, or a MoE layer's fused experts), not the model's. The switch
+    it returns turns the widening off (the reference's batched decode) and on again."""
     import torch
+
+    switch = Widening()
 
     def widen(module, *_):
         module._stored = {}
+        if not switch.enabled:
+            return
         for name, p in module.named_parameters(recurse=False):
             if p.is_floating_point() and p.dtype != torch.float32:
                 module._stored[name], p.data = p.data, p.data.float()
@@ -61,6 +78,7 @@ def compute_in_float32(model) -> None:
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters(recurse=False)):
             module.register_forward_pre_hook(widen)
             module.register_forward_hook(narrow)
+    return switch
 
 
 def load_model(folder: str, spec: dict):
@@ -77,7 +95,7 @@ def load_model(folder: str, spec: dict):
     model, unread = load_with_transformers(folder, device, spec, dtype=dtype)
     refuse_unread(folder, unread)
     if dtype == "auto":
-        compute_in_float32(model)
+        model.quantkit_widening = compute_in_float32(model)
     return model, device, ""
 
 
@@ -129,8 +147,14 @@ def evaluate(folder: str, spec: dict, load=load_model) -> dict:
             logits = model(ids, logits_to_keep=keep).logits[0]
         return logits.float().cpu().numpy()
 
+    start = time.monotonic()
     result = score(forward, spec, model.config.vocab_size)
-    result |= chat_turns(*chat_functions(model, tok), spec, "the checkpoint has no chat template")
+    result["score_seconds"] = round(time.monotonic() - start, 2)
+    generate, render, generate_many, chat_stats = chat_functions(model, tok, spec)
+    start = time.monotonic()
+    result |= chat_turns(generate, render, spec, "the checkpoint has no chat template", generate_many)
+    if chat_stats["generated_tokens"]:
+        result["chat_stats"] = chat_stats | {"seconds": round(time.monotonic() - start, 2)}
     if device == "cuda":
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
     if note:
@@ -138,24 +162,125 @@ def evaluate(folder: str, spec: dict, load=load_model) -> dict:
     return result
 
 
-def chat_functions(model, tok):
-    """(generate, render) for chat_turns: transformers' generate and apply_chat_template, as users run them."""
+def chat_functions(model, tok, spec: dict | None = None):
+    """(generate, render, generate_many, stats) for chat_turns: transformers' generate and apply_chat_template, as
+    users run them. For the reference (compute_in_float32), generate_many reads each prompt in float32 and decodes
+    the replies in the stored dtype, as one batch (generate_batch; spec["generate"] "stored", the default), or every
+    token in float32 a prompt at a time (spec["generate"] "float32", the old replies, slow at scale). `stats`
+    counts the prompt and generated tokens and the seconds each phase took, as the turns run."""
     import torch
 
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     eos.discard(None)
+    stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
+
+    def reply(new: list[int], special: bool) -> tuple[str, str | None]:
+        end_token = tok.convert_ids_to_tokens(new[-1]) if new and new[-1] in eos else None
+        return tok.decode(new[:-1] if end_token else new, skip_special_tokens=not special), end_token
 
     def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+        start = time.monotonic()
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos),
                                  pad_token_id=tok.pad_token_id or sorted(eos)[0])
         new = out[0][ids.shape[1]:].tolist()
-        end_token = tok.convert_ids_to_tokens(new[-1]) if new and new[-1] in eos else None
-        return tok.decode(new[:-1] if end_token else new, skip_special_tokens=not special), end_token
+        stats["prompt_tokens"] += ids.shape[1]
+        stats["generated_tokens"] += len(new)
+        stats["decode_seconds"] += time.monotonic() - start
+        return reply(new, special)
 
-    return generate, template_render(tok)
+    widening = getattr(model, "quantkit_widening", None)
+    generate_many = None
+    if widening is not None and (spec or {}).get("generate", "stored") == "stored":
+        def generate_many(turns: list[tuple[str, int, bool]]) -> list[tuple[str, str | None]]:
+            prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _, _ in turns]
+            news = generate_batch(model, widening, prompts, [n for _, n, _ in turns], eos,
+                                  tok.pad_token_id or sorted(eos)[0], stats)
+            return [reply(new, special) for new, (_, _, special) in zip(news, turns)]
+
+    return generate, template_render(tok), generate_many, stats
+
+
+def generate_batch(model, widening: Widening, prompts: list[list[int]], max_tokens: list[int], eos: set[int],
+                   pad: int, stats: dict) -> list[list[int]]:
+    """Greedy replies (token ids, ending with the end-of-turn token when there is one) to several prompts. Each
+    prompt is read on its own in float32 (as the windows are scored) and gives the first token; the KV caches, kept
+    in the stored 16-bit dtype, are padded on the left into one batch, and transformers' generate decodes every
+    reply at once in that dtype: one pass over the weights a step for all the replies, where widening to float32
+    cost a conversion of the whole model per token. A cache transformers keeps in another form than plain
+    per-layer tensors (linear attention, a sliding window already full) is decoded a prompt at a time instead."""
+    import torch
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    device = model.device
+    # transformers 5.2x names the cache `cache` (past_key_values, its old name, still works with a warning).
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    first, caches = [], []
+    start = time.monotonic()
+    widening.enabled = True
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=1, do_sample=False,
+                                 eos_token_id=sorted(eos), pad_token_id=pad, return_dict_in_generate=True)
+            first.append(int(out.sequences[0, -1]))
+            caches.append(getattr(out, cache_kw))
+    stats["prompt_tokens"] += sum(len(ids) for ids in prompts)
+    stats["prefill_seconds"] += time.monotonic() - start
+    news = [[t][: max_tokens[i]] for i, t in enumerate(first)]
+    live = [i for i, t in enumerate(first) if t not in eos and max_tokens[i] > 1]
+    start = time.monotonic()
+    widening.enabled = False
+    try:
+        plain = all(getattr(caches[i], "layers", None) and all(
+            type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer
+                                            and layer.cumulative_length == layer.keys.shape[-2])
+            for layer in caches[i].layers) for i in live)
+        if live and plain:
+            width = max(len(prompts[i]) for i in live)
+            cache = caches[live[0]]
+            for n, layer in enumerate(cache.layers):
+                rows = [caches[i].layers[n] for i in live]
+                layer.keys = torch.cat([_pad_left(r.keys, width) for r in rows]).to(dtype)
+                layer.values = torch.cat([_pad_left(r.values, width) for r in rows]).to(dtype)
+                if isinstance(layer, DynamicSlidingWindowLayer):
+                    layer.cumulative_length = width
+            ids = torch.full((len(live), width + 1), pad, dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(live):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i] + [first[i]], device=device)
+                mask[row, width - len(prompts[i]):] = 1
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, **{cache_kw: cache}, do_sample=False,
+                                     max_new_tokens=max(max_tokens[i] for i in live) - 1, eos_token_id=sorted(eos),
+                                     pad_token_id=pad)
+            tails = {i: out[row, width + 1:].tolist() for row, i in enumerate(live)}
+        else:  # each reply from its prompt and first token, read again in the stored dtype
+            tails = {}
+            for i in live:
+                with torch.inference_mode():
+                    out = model.generate(torch.tensor([prompts[i] + [first[i]]], device=device), do_sample=False,
+                                         max_new_tokens=max_tokens[i] - 1, eos_token_id=sorted(eos), pad_token_id=pad)
+                tails[i] = out[0, len(prompts[i]) + 1:].tolist()
+        for i, tail in tails.items():
+            for t in tail[: max_tokens[i] - 1]:
+                news[i].append(t)
+                if t in eos:
+                    break
+    finally:
+        widening.enabled = True
+    stats["generated_tokens"] += sum(len(new) for new in news)
+    stats["decode_seconds"] += time.monotonic() - start
+    return news
+
+
+def _pad_left(states, width: int):
+    """[batch, heads, positions, dim] states, zeros on the left up to `width` positions (masked out)."""
+    import torch
+
+    return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
 
 
 def template_render(tok):

@@ -103,7 +103,10 @@ class Evaluator:
         # What the runner asks and checks; whether a failure fails the build (allow_failures) is the build's call.
         smoke = {k: v for k, v in asdict(self.profile.smoke).items() if k != "allow_failures"}
         ref_key = sha256_text(REFERENCE, self.source_key, self.m.sha256(tokens), str(self.ctx))
-        spec = {"tokens": str(tokens), "bos": bos, "ctx": self.ctx, "threads": self.threads, "smoke": smoke}
+        # "generate": how the reference decodes its replies (evaluate/hf_worker.py): keyed, as every artifact's probes
+        # are judged against them.
+        spec = {"tokens": str(tokens), "bos": bos, "ctx": self.ctx, "threads": self.threads, "smoke": smoke,
+                "generate": "stored"}
         checks = self.profile.chat_checks
         if checks.enabled and self.source_chat.template:
             spec |= {"probes": prompts(self.source_chat, checks), "probe_tokens": checks.max_tokens}
