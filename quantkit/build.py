@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import formats
 from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
+from .evaluate.chat import smoke_messages
 from .evaluate.experts import is_moe, keeps_experts_mapped
 from .evaluate.integrity import check as check_chat, check_source_template, folder_facts
 from .evaluate.placement import refuse_unplaced
@@ -140,8 +141,7 @@ def predict_reference_time(stats, prof: Profile, facts, scored_tokens: int, stre
     prompts, replies = [], {}
     if facts.template and not streamed:  # the streamed reference does not generate
         smoke = prof.smoke
-        prompts.append(facts.render_messages([{"role": "system", "content": smoke.system},
-                                              {"role": "user", "content": smoke.question}]))
+        prompts.append(facts.render_messages(smoke_messages(smoke.system, smoke.question)))
         replies["smoke"] = smoke.max_tokens
         if prof.chat_checks.enabled:
             for name, prompt in probe_prompts(facts, prof.chat_checks).items():

@@ -47,6 +47,11 @@ def smoke_verdict(reply: str, end_token: str | None, prompt: str, opts: dict) ->
             "reason": reason, "prompt": prompt}
 
 
+def smoke_messages(system: str, question: str) -> list[dict]:
+    """The smoke test's conversation, as every runner renders it (and the plan, to time it)."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
 def chat_turns(generate, render, spec: dict, missing: str = "the artifact has no chat template",
                generate_many=None) -> dict:
     """The smoke test and the probes of one runner. `generate(prompt, max_tokens, special=True)` decodes
@@ -64,7 +69,7 @@ def chat_turns(generate, render, spec: dict, missing: str = "the artifact has no
         if render is None:
             out["smoke"] = {"passed": False, "reply": "", "reason": missing, "prompt": ""}
         else:
-            prompt = render([{"role": "system", "content": opts["system"]}, {"role": "user", "content": opts["question"]}])
+            prompt = render(smoke_messages(opts["system"], opts["question"]))
             turns.append(("smoke", prompt, opts["max_tokens"], False))
     turns += [(f"probe:{name}", prompt, spec["probe_tokens"], True) for name, prompt in (spec.get("probes") or {}).items()]
     many = generate_many or (lambda asked: [generate(*turn) for turn in asked])

@@ -173,6 +173,7 @@ def chat_functions(model, tok, spec: dict | None = None):
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     eos.discard(None)
+    eos_ids, pad = sorted(eos), tok.pad_token_id or min(eos)
     stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     def reply(new: list[int], special: bool) -> tuple[str, str | None]:
@@ -183,8 +184,7 @@ def chat_functions(model, tok, spec: dict | None = None):
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
         start = time.monotonic()
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos),
-                                 pad_token_id=tok.pad_token_id or sorted(eos)[0])
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos_ids, pad_token_id=pad)
         new = out[0][ids.shape[1]:].tolist()
         stats["prompt_tokens"] += ids.shape[1]
         stats["generated_tokens"] += len(new)
@@ -196,8 +196,7 @@ def chat_functions(model, tok, spec: dict | None = None):
     if widening is not None and (spec or {}).get("generate", "stored") == "stored":
         def generate_many(turns: list[tuple[str, int, bool]]) -> list[tuple[str, str | None]]:
             prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _, _ in turns]
-            news = generate_batch(model, widening, prompts, [n for _, n, _ in turns], eos,
-                                  tok.pad_token_id or sorted(eos)[0], stats)
+            news = generate_batch(model, widening, prompts, [n for _, n, _ in turns], eos, pad, stats)
             return [reply(new, special) for new, (_, _, special) in zip(news, turns)]
 
     return generate, template_render(tok), generate_many, stats
@@ -212,19 +211,20 @@ def generate_batch(model, widening: Widening, prompts: list[list[int]], max_toke
     cost a conversion of the whole model per token. A cache transformers keeps in another form than plain
     per-layer tensors (linear attention, a sliding window already full) is decoded a prompt at a time instead."""
     import torch
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     device = model.device
     # transformers 5.2x names the cache `cache` (past_key_values, its old name, still works with a warning).
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    greedy = {"do_sample": False, "eos_token_id": sorted(eos), "pad_token_id": pad}
     first, caches = [], []
     start = time.monotonic()
     widening.enabled = True
     with torch.inference_mode():
         for ids in prompts:
-            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=1, do_sample=False,
-                                 eos_token_id=sorted(eos), pad_token_id=pad, return_dict_in_generate=True)
+            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=1, return_dict_in_generate=True,
+                                 **greedy)
             first.append(int(out.sequences[0, -1]))
             caches.append(getattr(out, cache_kw))
     stats["prompt_tokens"] += sum(len(ids) for ids in prompts)
@@ -234,11 +234,7 @@ def generate_batch(model, widening: Widening, prompts: list[list[int]], max_toke
     start = time.monotonic()
     widening.enabled = False
     try:
-        plain = all(getattr(caches[i], "layers", None) and all(
-            type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer
-                                            and layer.cumulative_length == layer.keys.shape[-2])
-            for layer in caches[i].layers) for i in live)
-        if live and plain:
+        if live and all(_paddable(caches[i]) for i in live):
             width = max(len(prompts[i]) for i in live)
             cache = caches[live[0]]
             for n, layer in enumerate(cache.layers):
@@ -253,16 +249,15 @@ def generate_batch(model, widening: Widening, prompts: list[list[int]], max_toke
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i] + [first[i]], device=device)
                 mask[row, width - len(prompts[i]):] = 1
             with torch.inference_mode():
-                out = model.generate(ids, attention_mask=mask, **{cache_kw: cache}, do_sample=False,
-                                     max_new_tokens=max(max_tokens[i] for i in live) - 1, eos_token_id=sorted(eos),
-                                     pad_token_id=pad)
+                out = model.generate(ids, attention_mask=mask, **{cache_kw: cache},
+                                     max_new_tokens=max(max_tokens[i] for i in live) - 1, **greedy)
             tails = {i: out[row, width + 1:].tolist() for row, i in enumerate(live)}
         else:  # each reply from its prompt and first token, read again in the stored dtype
             tails = {}
             for i in live:
                 with torch.inference_mode():
-                    out = model.generate(torch.tensor([prompts[i] + [first[i]]], device=device), do_sample=False,
-                                         max_new_tokens=max_tokens[i] - 1, eos_token_id=sorted(eos), pad_token_id=pad)
+                    out = model.generate(torch.tensor([prompts[i] + [first[i]]], device=device),
+                                         max_new_tokens=max_tokens[i] - 1, **greedy)
                 tails[i] = out[0, len(prompts[i]) + 1:].tolist()
         for i, tail in tails.items():
             for t in tail[: max_tokens[i] - 1]:
@@ -274,6 +269,16 @@ def generate_batch(model, widening: Widening, prompts: list[list[int]], max_toke
     stats["generated_tokens"] += sum(len(new) for new in news)
     stats["decode_seconds"] += time.monotonic() - start
     return news
+
+
+def _paddable(cache) -> bool:
+    """A cache of plain per-layer tensors (every position kept), which can be padded into a batch."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return bool(getattr(cache, "layers", None)) and all(
+        type(layer) is DynamicLayer
+        or (type(layer) is DynamicSlidingWindowLayer and layer.cumulative_length == layer.keys.shape[-2])
+        for layer in cache.layers)
 
 
 def _pad_left(states, width: int):
