@@ -18,14 +18,49 @@ from .errors import ToolError
 from .memwatch import MemoryWatch
 
 
+# The Hub credentials a child can find: the variables huggingface_hub reads, and (through HF_TOKEN_PATH) the token
+# file `hf auth login` stores. A child that does not talk to the Hub gets none of them, so that the libraries it
+# runs (llama.cpp's converter, transformers, GPTQModel, mlx-lm, pip) can neither send nor log a token. This is not
+# a sandbox: the child runs as the same user and could read the token file by its default path.
+HUB_CREDENTIALS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_ID_TOKEN", "HF_OIDC_RESOURCE")
+
+
+def child_env(extra: dict[str, str] | None = None, *, hub: bool = False) -> dict[str, str]:
+    """This process's environment plus `extra`, for a child process. `hub`: the child talks to the Hub and gets
+    the token; otherwise every Hub credential is removed, and huggingface_hub there finds no stored login."""
+    env = {**os.environ, **(extra or {})}
+    if not hub:
+        for key in HUB_CREDENTIALS:
+            env.pop(key, None)
+        env["HF_TOKEN_PATH"] = os.devnull  # reads as empty: no token
+    return env
+
+
+def _resolve_prctl() -> Callable[[], object] | None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL), looked up in libc now, in the parent: the forked child may only call an
+    already-resolved function, since a dlopen or dlsym there can deadlock on a loader lock that another thread of
+    the parent held at the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # a libc without prctl (not glibc or musl): no parent-death signal
+        return None
+    sigkill = int(signal.SIGKILL)
+    return lambda: prctl(1, sigkill)  # 1 = PR_SET_PDEATHSIG
+
+
+_SET_PDEATHSIG = _resolve_prctl()
+
+
 def die_with_parent() -> None:
     """preexec_fn: the kernel kills this child when its parent dies (even by kill -9), so a killed build
     or worker leaves no orphan still writing into the build folder. Linux only; elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if _SET_PDEATHSIG is not None:
+        _SET_PDEATHSIG()
 
 
 @dataclass(frozen=True)
@@ -47,12 +82,14 @@ def run_python(args: Sequence[str], **kwargs) -> Finished:
 
 
 def run_program(program: str | Path, args: Sequence[str], *, on_line: Callable[[str], None] | None = None,
-                cwd: Path | None = None, env: dict[str, str] | None = None, what: str = "helper") -> Finished:
-    """Run `program args...`, merging stdout and stderr; raise ToolError on failure."""
+                cwd: Path | None = None, env: dict[str, str] | None = None, what: str = "helper",
+                hub: bool = False) -> Finished:
+    """Run `program args...`, merging stdout and stderr; raise ToolError on failure. `hub`: the child talks to
+    the Hub, and gets the Hub token (child_env); by default it gets none."""
     # Children import the same quantkit as this process, whatever their working directory.
     here = str(Path(__file__).resolve().parent.parent)
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}
+    full_env = child_env({"PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}, hub=hub)
     lines: list[str] = []
     tail: collections.deque[str] = collections.deque(maxlen=15)
     proc = subprocess.Popen([str(program), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

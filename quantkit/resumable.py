@@ -10,6 +10,7 @@ are left to huggingface_hub, when hf_xet is there to fetch them: Xet keeps the c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from . import network
@@ -17,6 +18,7 @@ from .errors import SourceError
 from .fsutil import sha256_file
 
 LARGE = 16 << 20  # smaller files are cheap to fetch again
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def prefetch(repo_id: str, commit: str, patterns: list[str], blobs: Path) -> None:
@@ -29,8 +31,19 @@ def prefetch(repo_id: str, commit: str, patterns: list[str], blobs: Path) -> Non
     entries = [e for e in HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
                if isinstance(e, RepoFile) and e.lfs is not None and e.size >= LARGE and not (xet and e.xet_hash)]
     for e in filter_repo_objects(entries, allow_patterns=patterns, key=lambda e: e.path):
+        check_blob_name(repo_id, e.path, e.lfs.sha256)
         if not (blobs / e.lfs.sha256).exists():
             _fetch(repo_id, commit, e.path, e.size, e.lfs.sha256, blobs)
+
+
+def check_blob_name(repo_id: str, path: str, sha256: object) -> str:
+    """The Hub's sha256 of a file, which names its blob (and part) in the cache: refused unless it is one, since a
+    name such as "../../x" from a tampered listing would make the download write outside the cache."""
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise SourceError(f"the Hub's listing of {repo_id} gives {path[:200]!r} the LFS sha256 {str(sha256)[:80]!r}, which "
+                          "is not a sha256 (64 lowercase hex digits)",
+                          "check HF_ENDPOINT: the server there does not answer as the Hub does")
+    return sha256
 
 
 def _has_hf_xet() -> bool:

@@ -8,6 +8,14 @@ cd "$(dirname "$0")/.."
 PY=${QUANTKIT_PYTHON:-python3.11}
 CACHE=${QUANTKIT_CACHE:-$HOME/.cache/quantkit}
 LLAMA_VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+# The bindings, llama.cpp's tools and the converter quantkit runs all come from the sdist: it must be the file
+# PyPI publishes, pinned by the sha256 that quantkit itself checks (SDIST_SHA256 in quantkit/formats/gguf/llamacpp.py).
+LLAMA_SHA256=$(sed -n "s/^ *\"${LLAMA_VERSION//./\\.}\": \"\([0-9a-f]\{64\}\)\",\$/\1/p" quantkit/formats/gguf/llamacpp.py)
+if [ -z "$LLAMA_SHA256" ]; then
+  echo "[setup] error: no sha256 for llama-cpp-python $LLAMA_VERSION in SDIST_SHA256 (quantkit/formats/gguf/llamacpp.py)" >&2
+  echo "[setup]   fix: add its sdist's sha256 from https://pypi.org/pypi/llama-cpp-python/json there" >&2
+  exit 1
+fi
 # Optional parts to install (pyproject's extras): test, gptq (GPTQ/AWQ through GPTQModel, about
 # 6 GB with the torch it needs), exl2 (exllamav2; it installs anywhere but runs only on a CUDA
 # GPU), mlx (mlx and mlx-lm, CPU wheels on Linux) and ray (build steps on a Ray cluster). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
@@ -52,14 +60,27 @@ sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
 
 say() { echo "[setup] $*" >&2; }
 
+# A file that is not PyPI's is deleted, so that no later run (nor quantkit) builds from it.
+check_sdist() {
+  if ! echo "$LLAMA_SHA256  $1" | sha256sum --check --status -; then
+    rm -f "$1"
+    say "error: $1 is not the llama-cpp-python $LLAMA_VERSION source PyPI publishes (its sha256 differs); it was deleted"
+    say "  fix: check the package index pip uses (pip config list), then run this again"
+    exit 1
+  fi
+}
+
 ensure_sdist() {
   if [ ! -f "$sdist" ]; then
     say "downloading the llama-cpp-python $LLAMA_VERSION source (it carries llama.cpp and its converter)"
     mkdir -p "$CACHE/sdist"
     tmp=$(mktemp -d "$CACHE/sdist/.dl.XXXXXX")
     pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$tmp"
+    check_sdist "$tmp/llama_cpp_python-$LLAMA_VERSION.tar.gz"
     mv "$tmp"/llama_cpp_python-"$LLAMA_VERSION".tar.gz "$sdist"
     rm -rf "$tmp"
+  else
+    check_sdist "$sdist"
   fi
 }
 

@@ -21,6 +21,7 @@ Usage (see tests/test_hub_server.py for a full fixture):
     server.drop_next("PUT", r"^/_lfs/")
     server.hold_next("PUT", r"^/_lfs/", seconds=60)   # a stalled upload; returns an Event set when it stalls
     server.cut_next("GET", r"/resolve/", after_bytes=4096)  # a download cut off mid-file
+    server.rewrite_next("GET", r"/tree/", b"old", b"new")   # a tampered answer
     server.requests                    # [Logged(method, path, status, sent, range), ...]; status 0 = connection dropped
     server.stop()
 
@@ -211,6 +212,14 @@ class HubServer:
         the first `after_bytes` of the body, then close the connection: a download cut off mid-file."""
         fault = _Fault("cut", method, path_regex, count)
         fault.after_bytes = after_bytes
+        with self._lock:
+            self._faults.append(fault)
+
+    def rewrite_next(self, method: str, path_regex: str, old: bytes, new: bytes, count: int = 1) -> None:
+        """Handle the next `count` matching requests, then answer with every `old` in the body replaced by `new`: a
+        tampered answer, as from a server that is not the Hub."""
+        fault = _Fault("rewrite", method, path_regex, count)
+        fault.old, fault.new = old, new
         with self._lock:
             self._faults.append(fault)
 
@@ -761,6 +770,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, payload = 500, {"Content-Type": "application/json"}, json.dumps({"error": repr(e)}).encode()
         if fault and fault.kind == "drop":
             return self._drop(path)
+        if fault and fault.kind == "rewrite":
+            payload = payload.replace(fault.old, fault.new)
         body = payload if self.command != "HEAD" else b""
         if fault and fault.kind == "cut":
             body = body[:fault.after_bytes]

@@ -210,6 +210,25 @@ def test_a_download_cut_off_mid_file_resumes_without_fetching_again(server, tmp_
             assert hashlib.sha1(b"blob %d\0" % entry.size + (snapshot / entry.path).read_bytes()).hexdigest() == entry.blob_id
 
 
+def test_a_listing_whose_blob_name_is_no_sha256_is_refused_before_any_download(server, tmp_path):
+    # The LFS sha256 of the listing names the blob file in the cache: a tampered one must not say where bytes go.
+    info = HfApi(endpoint=server.endpoint, token=TOKEN).model_info(SOURCE, files_metadata=True)
+    [weights] = [s for s in info.siblings if s.rfilename == "model.safetensors"]
+    evil = "../../../escaped"
+    server.rewrite_next("GET", r"^/api/models/alice/SmolLM2-135M-Instruct/tree/",
+                        f'"oid": "{weights.lfs.sha256}"'.encode(), f'"oid": "{evil}"'.encode())
+    since = len(server.requests)
+    proc = run_cli("plan", SOURCE, env=_env(server, tmp_path / "hf"))
+    assert proc.returncode == 3, proc.stderr
+    assert _clean(proc) == [
+        f"error: the Hub's listing of {SOURCE} gives 'model.safetensors' the LFS sha256 '{evil}', which is not a "
+        "sha256 (64 lowercase hex digits)",
+        "  fix: check HF_ENDPOINT: the server there does not answer as the Hub does"]
+    assert any("/tree/" in r.path for r in server.requests[since:]), "the tampered listing was never asked for"
+    assert not _served(server, since, "model.safetensors")
+    assert not [p for p in tmp_path.rglob("*") if "escaped" in p.name]
+
+
 def test_a_watch_pass_in_an_outage_says_one_line_and_every_keeps_going(server, tmp_path):
     queue = tmp_path / "queue.db"
     proc = run_cli("watch", "alice", "--queue", queue, env=_env(server, tmp_path / "hf", HF_ENDPOINT="http://quantkit-test.invalid"))

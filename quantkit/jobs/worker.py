@@ -20,7 +20,7 @@ from typing import Callable
 from .. import network
 from ..exits import STATUS_ENV, read_status
 from ..memory import machine_memory
-from ..procs import die_with_parent
+from ..procs import child_env, die_with_parent
 from .queue import Job, JobQueue
 
 
@@ -110,8 +110,10 @@ class Worker:
                 "--out", job.out, "--threads", str(self.threads)] + (["--ray", self.o.ray] if self.o.ray else [])
         status = _status_path(self.q, job.id)
         status.unlink(missing_ok=True)
+        # hub=True: the build downloads its source (and any Hub dataset it calibrates or evaluates on), and
+        # publishes when the profile says publish.auto; its own helpers get no token (procs.run_program).
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", STATUS_ENV: str(status)},
+                                env=child_env({"PYTHONUNBUFFERED": "1", STATUS_ENV: str(status)}, hub=True),
                                 preexec_fn=die_with_parent)
         self.running[job.id] = _Running(job, proc, log, time.monotonic())
         self.log(f"#{job.id} {job.repo_id}@{job.revision[:12]}: started (attempt {job.attempts}/{job.max_attempts}), "

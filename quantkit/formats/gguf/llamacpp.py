@@ -23,11 +23,21 @@ from importlib import metadata
 from pathlib import Path
 
 from ...errors import ToolError
+from ...fsutil import sha256_file
 from ...paths import cache_dir
+from ...procs import child_env
 from ...pypi import pip_download
 
 # Only what the converter needs; the full tree is ~300 MB of sources and tests.
 _NEEDED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+
+# The sha256 of each llama-cpp-python sdist quantkit takes llama.cpp's converter from, as PyPI publishes it
+# (https://pypi.org/pypi/llama-cpp-python/json, "digests"). The converter runs as this user on every build, so an
+# sdist from a tampered index, mirror or cache must not reach it. ./scripts/setup.sh reads this table too (one
+# `"VERSION": "SHA256",` line per version) before it builds the bindings and tools from the same file.
+SDIST_SHA256 = {
+    "0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,7 @@ def tool_version(name: str) -> str:
 
 @cache
 def _tool_version(tool: str, size: int, mtime_ns: int) -> str:
-    proc = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60, env=child_env())
     line = next((l.strip() for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("version:")), "")
     if not line:
         raise ToolError(f"{tool} --version printed no version", "run ./scripts/setup.sh to rebuild llama.cpp's tools")
@@ -109,10 +119,18 @@ def find_tree(user_path: str | Path | None = None) -> LlamaCppTree:
 
 
 def _sdist(version: str) -> Path:
+    """The llama-cpp-python sdist of `version`, from the cache or downloaded, checked against SDIST_SHA256."""
+    expected = SDIST_SHA256.get(version)
+    if expected is None:
+        raise ToolError(f"quantkit has no sha256 for the llama-cpp-python {version} source, so it cannot check the "
+                        "llama.cpp converter it would run",
+                        "pass --llama-cpp PATH to a llama.cpp checkout, or add that version's sdist sha256 (from "
+                        "https://pypi.org/pypi/llama-cpp-python/json) to SDIST_SHA256 in quantkit/formats/gguf/llamacpp.py")
     folder = cache_dir() / "sdist"
     path = folder / f"llama_cpp_python-{version}.tar.gz"
     if path.exists():
-        return path
+        # Checked on every extraction, not only after a download: the cache may be shared or restored from elsewhere.
+        return _checked(path, version, expected, "the cached")
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         got = pip_download(f"llama-cpp-python=={version}", Path(tmp), sdist=True)
@@ -121,7 +139,20 @@ def _sdist(version: str) -> Path:
                 f"cannot download the llama-cpp-python {version} source that carries llama.cpp's converter",
                 "connect to PyPI once, or pass --llama-cpp PATH to a llama.cpp checkout",
             )
+        _checked(got, version, expected, "the downloaded")
         os.replace(got, path)
+    return path
+
+
+def _checked(path: Path, version: str, expected: str, which: str) -> Path:
+    """`path` if its sha256 is `expected`; otherwise the file is deleted (so no later run takes it) and refused."""
+    digest = sha256_file(path)
+    if digest != expected:
+        path.unlink()
+        raise ToolError(f"{which} llama-cpp-python {version} source has sha256 {digest[:16]}…, not PyPI's "
+                        f"{expected[:16]}…; it was deleted",
+                        "check the package index pip uses (pip config list) and run the command again, or pass "
+                        "--llama-cpp PATH to a llama.cpp checkout")
     return path
 
 
@@ -162,7 +193,7 @@ def _supported_architectures(root: Path) -> frozenset[str]:
         return frozenset(json.loads(marker.read_text()))
     proc = subprocess.run(
         [sys.executable, str(root / "convert_hf_to_gguf.py"), "--print-supported-models"],
-        capture_output=True, text=True, cwd=root,
+        capture_output=True, text=True, cwd=root, env=child_env(),
     )
     names, section = set(), ""
     for line in (proc.stdout + proc.stderr).splitlines():
