@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,17 +13,19 @@ from . import formats
 from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
 from .evaluate.chat import smoke_messages
 from .evaluate.experts import is_moe, keeps_experts_mapped
-from .evaluate.integrity import check as check_chat, check_source_template, folder_facts
+from .evaluate.integrity import check_source_template, folder_facts, mismatches
 from .evaluate.placement import refuse_unplaced
 from .evaluate.probes import prompts as probe_prompts
+from .evaluate.protocol import EvalSpec
 from .evaluate.reference_time import ReferenceTime, predict
-from .gates import judge
+from .gates import bound_failures
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .manifest import SCHEMA, Manifest
 from .memory import (REFERENCE, StepMemory, machine_memory, reference_peak, streamed_reference_mapped,
                      streamed_reference_peak)
-from .plan import ArtifactPlan, ArtifactResult, BuildPlan, from_record
+from .plan import ArtifactPlan, BuildPlan
+from .results import Built, Judged
 from .profiles import Profile, load_profile
 from .progress import Reporter
 from .report import parity_checks, write_reports
@@ -34,17 +37,48 @@ _DEFAULT_VOCAB = 152_064
 
 @dataclass
 class BuildResult:
+    """What run_build made, measured and judged. A build whose artifacts failed their checks still returns one
+    (the files and reports are written); `error()` says what failed, and the CLI exits with its code."""
+
     plan: BuildPlan
-    artifacts: list[ArtifactResult]
+    artifacts: list[Judged]
     built: list[str]  # filenames made in this run (empty on a fully resumed run)
     evaluated: list[str]
     report_json: Path
     report_md: Path
     seconds: float
 
+    @property
+    def failed(self) -> list[Judged]:
+        """Artifacts outside the profile's bounds or with chat-integrity mismatches (gates.bound_failures)."""
+        return [r for r in self.artifacts if r.failures]
+
+    @property
+    def smoke_failed(self) -> list[Judged]:
+        return [r for r in self.artifacts if r.evaluation and not r.evaluation.smoke_passed]
+
+    def error(self) -> QualityGateFailed | SmokeTestFailed | None:
+        """The failure to report (exit 7: failed checks, or a failed smoke test the profile does not allow), or
+        None when the build succeeded."""
+        if gated := self.failed:
+            return QualityGateFailed(
+                f"{len(gated)} artifact(s) failed their checks: {', '.join(r.variant for r in gated)} "
+                f"(see {self.report_md})",
+                "the files and reports are written; `quantkit publish` refuses them unless given --allow-failed")
+        if (smoke := self.smoke_failed) and not self.plan.profile.smoke.allow_failures:
+            return SmokeTestFailed(
+                f"smoke test failed for {len(smoke)} artifact(s): {', '.join(r.variant for r in smoke)} "
+                f"(see {self.report_md})",
+                "the files and reports are written; set smoke.allow_failures: true in the profile to accept this")
+        return None
+
+    def raise_for_failures(self) -> None:
+        if (error := self.error()) is not None:
+            raise error
+
 
 def make_plan(source: str | Source, profile: str | Profile | None = None, out: str | Path = "builds", *,
-              revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+              revision: str | None = None, allow_pickle: bool = False,
               converter: str | None = None, remote_gpus: bool = False, memory_limit: int | None = None,
               memory_where: str = "this machine", gpu_memory: int = 0, reporter: Reporter | None = None) -> BuildPlan:
     """What a build will make. `converter`: a checkout of a format's converter to use instead of the bundled one
@@ -54,37 +88,38 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     plan for a machine with a CUDA GPU of this many bytes (the CLI's `plan --gpu`), as remote_gpus does. `reporter` hears
     of the download's retries and of a source taken from the Hugging Face cache."""
     src = source if isinstance(source, Source) else resolve(
-        source, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-        log=reporter.warn if reporter else None)
+        source, revision=revision, allow_pickle=allow_pickle, log=reporter.warn if reporter else None)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     ev = prof.evaluation
-    if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:
-        raise ProfileError(f"evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
-                           f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
     facts = folder_facts(src.path)
     check_source_template(facts)
     if is_moe(src.config) and ev.enabled:
         # A MoE's router and expert names are where a checkpoint and transformers' loader part ways.
         refuse_unplaced(src.path, str(src.config.get("model_type") or ""))
-    chosen, skipped = [], []
-    for name, options in prof.backends.items():
+    for line in prof.deprecated:
+        (reporter.warn if reporter else warnings.warn)(line)
+    # Every format's options are read first: a typo is reported even for a format this machine cannot run.
+    read = []
+    for name, options in prof.formats.items():
         options = dict(options)
         when = options.pop("if_unavailable", "fail")
         if when not in ("fail", "skip"):
             raise ProfileError(f"{name}.if_unavailable must be fail or skip, got {when!r}", "fix the profile")
-        backend = formats.get(name)
-        backend.validate(options)
+        fmt = formats.get(name)
+        read.append((fmt, fmt.read_options(options), when))
+    chosen, skipped = [], []
+    for fmt, options, when in read:
         try:
-            backend.check(remote_gpus or gpu_memory > 0)  # every backend's needs, before any of them plans or builds
+            fmt.require(remote_gpus or gpu_memory > 0)  # every format's needs, before any of them plans or builds
         except ProfileError as e:
             if when == "fail":
                 raise
-            skipped.append(f"{name}: {e}; skipped (if_unavailable: skip)")
+            skipped.append(f"{fmt.name}: {e}; skipped (if_unavailable: skip)")
             continue
-        chosen.append((backend, options))
+        chosen.append((fmt, options))
     items = []
-    for backend, options in chosen:
-        items += backend.plan(src, options, converter)
+    for fmt, options in chosen:
+        items += fmt.plan(src, options, converter)
     vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
     tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
     scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2 if ev.enabled else 0
@@ -92,6 +127,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     limit = machine_memory() if memory_limit is None else memory_limit
     streamed = False
     ref_time = None
+    eval_temp = 0
     if ev.enabled:
         stats = tensor_stats(src.path)
         reference, streamed = reference_step(src, stats, ev, vocab, tokens // ev.ctx, limit)
@@ -99,19 +135,22 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         ref_time = predict_reference_time(stats, prof, facts, (tokens // ev.ctx) * ev.ctx, streamed)
         for item in items:
             fmt = formats.get(item.backend)
-            if fmt.runner and item.is_model:
+            if fmt.evaluation and item.is_model:
                 held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
                                               fmt.evaluation_peak(held, vocab, ev.ctx, src.config, item),
                                               fmt.evaluation_mapped(item),
-                                              max(1, -(-(tokens // ev.ctx) // fmt.windows_per_pass))))
-        # Evaluations run one at a time: the largest scratch folder one of them writes (MLX's dequantized checkpoint).
-        scratch += max((formats.get(i.backend).evaluation_scratch(i) for i in items if i.is_model), default=0)
+                                              max(1, -(-(tokens // ev.ctx) // fmt.evaluation.windows_per_pass))))
+        # A runner's scratch (MLX's dequantized checkpoint) stays from an artifact's first round to its last: with a
+        # precision target every artifact's can be there at once; without, each goes when its one run ends.
+        temp = [formats.get(i.backend).evaluation_scratch(i) for i in items if i.is_model]
+        eval_temp = sum(temp) if ev.precision else max(temp, default=0)
+        scratch += eval_temp
     # Absolute: converters run in working directories of their own.
     return BuildPlan(source=src, profile=prof, out_dir=Path(out).absolute() / src.name, artifacts=items,
                      eval_scratch_bytes=scratch, skipped=skipped, evaluations=evaluations,
                      memory_limit=limit, memory_where=memory_where, reference_streamed=streamed, gpu_memory=gpu_memory,
-                     reference_time=ref_time)
+                     reference_time=ref_time, eval_temp_bytes=eval_temp)
 
 
 def reference_step(src: Source, stats, ev, vocab: int, n_windows: int, limit: int) -> tuple[StepMemory, bool]:
@@ -152,9 +191,10 @@ def predict_reference_time(stats, prof: Profile, facts, scored_tokens: int, stre
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
               converter: str | None = None, executor: Executor | None = None) -> BuildResult:
-    """Build what is missing, evaluate, report. `executor`: where the artifact steps run (default: here,
-    one after another; quantkit.executors.RayExecutor: as tasks on a Ray cluster)."""
-    from .evaluate.runner import Evaluator
+    """Build what is missing, evaluate, judge, report. `executor`: where the artifact steps run (default: here,
+    one after another; quantkit.executors.RayExecutor: as tasks on a Ray cluster). Artifacts that fail their
+    checks do not raise: the result lists them (BuildResult.error, raise_for_failures)."""
+    from .evaluate.evaluator import Evaluator
 
     reporter = reporter or Reporter()
     plan.check_memory()
@@ -184,6 +224,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     need = sum(a.predicted_bytes for a in missing)
     if not (manifest.state_dir / "reference-logprobs.npy").exists():
         need += plan.eval_scratch_bytes
+    elif any(f"eval:{a.filename}" not in manifest.steps for a in plan.artifacts if a.is_model):
+        need += plan.eval_temp_bytes  # the reference rows are there; an artifact still to score writes its scratch
     check_free_space(out, need, f"{len(missing)} artifact(s) and evaluation scratch")
 
     # The evaluation text is tokenized first: one too short for the context fails before any build.
@@ -196,82 +238,59 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     tokens = None
     if evaluating:
         ids, bos = evaluator.tokens()
-        tokens = {"tokens": str(ids), "bos": bos, "ctx": plan.profile.evaluation.ctx}
-    ctx = formats.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, converter=converter,
+        tokens = EvalSpec(tokens=str(ids), ctx=plan.profile.evaluation.ctx, bos=bos, threads=threads)
+    context = formats.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, converter=converter,
                                 evaluation_text=plan.profile.evaluation.text, evaluation=tokens)
     built, keys, tools = [], {}, {}
-    described: dict[str, ArtifactResult] = {}
+    made: dict[str, Built] = {}
 
     def record(item: ArtifactPlan, facts: dict) -> None:
         path = out / item.filename
-        result = formats.get(item.backend).describe(item, path, facts)
-        result.sha256 = manifest.sha256(path)  # hashed once, by the manifest's cache
-        result.peak_rss_bytes = int(facts.get("peak_rss_bytes", 0))
-        result.peak_anon_bytes, result.peak_file_bytes = int(facts.get("peak_anon_bytes", 0)), int(facts.get("peak_file_bytes", 0))
-        result.seconds = float(facts.get("seconds", 0.0))
-        result.tools = tools[item.filename]
-        described[item.filename] = result
+        made[item.filename] = result = Built.make(item, formats.get(item.backend).describe(item, path, facts),
+                                                  manifest.sha256(path), facts, tools[item.filename])
         manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts, result=result.to_dict())
 
     for wave in _waves(plan.artifacts):
         todo = []
         for item in wave:
-            keys[item.filename] = key = _artifact_key(item, ctx, keys, manifest, source_key, tools)
+            keys[item.filename] = key = _artifact_key(item, context, keys, manifest, source_key, tools)
             rec = manifest.done(f"artifact:{item.filename}", key, out / item.filename)
-            old = from_record(ArtifactResult, {k: v for k, v in rec["result"].items() if k != "evaluation"}) \
-                if rec and isinstance(rec.get("result"), dict) else None
+            old = Built.from_dict(rec["result"]) if rec and isinstance(rec.get("result"), dict) else None
             if rec is None:
                 todo.append(item)
             elif old is None:  # built, then interrupted before it was described (or described by an older quantkit)
                 record(item, rec.get("facts", {}))
                 built.append(item.filename)
             else:
-                described[item.filename] = old
+                made[item.filename] = old.planned_as(item)
                 reporter.info(f"✓ {item.filename} (up to date)")
-        for item, facts in executor.build(todo, ctx):
+        for item, facts in executor.build(todo, context):
             record(item, facts)
             built.append(item.filename)
-    results = []
+
+    # Measured: the chat integrity of every model a runner can load, and its evaluation (the runs go out together).
+    integrity: dict[str, list[str]] = {}
+    scored = []  # (file name, (file, evaluation runner, GPUs it needs)) for every model artifact
     for item in plan.artifacts:
-        result = described[item.filename]
-        result.role, result.uses, result.predicted_bytes = item.role, list(item.uses), item.predicted_bytes  # plan facts
-        result.predicted_peak_bytes = item.predicted_peak_bytes
-        results.append(result)
-
-    scored = []  # (result, (file, evaluation runner, GPUs it needs)) for every model artifact
-    for item, result in zip(plan.artifacts, results):
         fmt = formats.get(item.backend)
-        if fmt.runner and item.is_model:
-            result.integrity = [m.render() for m in check_chat(source_chat, fmt.chat_facts(out / item.filename))]
+        if fmt.evaluation and item.is_model:
+            integrity[item.filename] = [m.render() for m in mismatches(source_chat, fmt.chat_facts(out / item.filename))]
             if evaluating:
-                scored.append((result, (out / item.filename, fmt.runner, fmt.gpus)))
-    for (result, _), evaluation in zip(scored, evaluator.evaluate([target for _, target in scored])):
-        result.evaluation = evaluation
+                scored.append((item.filename, (out / item.filename, fmt.evaluation.runner, fmt.evaluation.gpus)))
+    evaluations = dict(zip([name for name, _ in scored], evaluator.evaluate([target for _, target in scored])))
     reference = evaluator.reference_result() if evaluating else None
+    measured = [made[i.filename].measured(integrity.get(i.filename, []), evaluations.get(i.filename)) for i in plan.artifacts]
+    results = [m.judged(bound_failures(m, plan.profile.bounds)) for m in measured]
 
-    for r in results:
-        r.failures = judge(r.to_dict(), plan.profile.bounds)
     report_json, report_md = write_reports(plan, results, reference, manifest)
     for check in parity_checks([r.to_dict() for r in results]):
         if not check.passed:
             reporter.warn(f"{check.render()}: every file this runtime measured is suspect")
-    seconds = time.monotonic() - start
-    failures = [r for r in results if r.evaluation and not r.evaluation.smoke_passed]
-    for r in failures:
+    result = BuildResult(plan, results, built, evaluator.ran, report_json, report_md, time.monotonic() - start)
+    for r in result.smoke_failed:
         reporter.warn(f"smoke test failed for {r.filename}: {r.evaluation.smoke_reason}; reply: {r.evaluation.smoke_reply!r}")
-    result = BuildResult(plan, results, built, evaluator.ran, report_json, report_md, seconds)
-    if gated := [r for r in results if r.failures]:
-        for r in gated:
-            reporter.warn(f"{r.filename} failed: {'; '.join(r.failures)}")
-        raise QualityGateFailed(
-            f"{len(gated)} artifact(s) failed their checks: {', '.join(r.variant for r in gated)} (see {report_md})",
-            "the files and reports are written; `quantkit publish` refuses them unless given --allow-failed",
-        )
-    if failures and not plan.profile.smoke.allow_failures:
-        raise SmokeTestFailed(
-            f"smoke test failed for {len(failures)} artifact(s): {', '.join(r.variant for r in failures)} (see {report_md})",
-            "the files and reports are written; set smoke.allow_failures: true in the profile to accept this",
-        )
+    for r in result.failed:
+        reporter.warn(f"{r.filename} failed: {'; '.join(r.failures)}")
     return result
 
 
@@ -286,15 +305,15 @@ def _waves(items: list[ArtifactPlan]) -> list[list[ArtifactPlan]]:
     return waves
 
 
-def _artifact_key(item: ArtifactPlan, ctx: formats.BuildContext, keys: dict[str, str], manifest: Manifest,
+def _artifact_key(item: ArtifactPlan, context: formats.BuildContext, keys: dict[str, str], manifest: Manifest,
                   source_key: str, tools: dict[str, dict[str, str]]) -> str:
     """Everything that changes the artifact's bytes: its plan, what it is made from (the parent's content, the
     keys of the artifacts it uses), and what its format says besides (its own tools' versions, the content of
     files its options name). Never a path: a moved build folder keeps its keys."""
     fmt = formats.get(item.backend)
-    tools[item.filename] = fmt.tools(item, ctx)
-    parent_sha = manifest.sha256(ctx.out_dir / item.depends_on) if item.depends_on else source_key
-    made_by = json.dumps({"tools": tools[item.filename], "inputs": fmt.inputs(item, ctx)}, sort_keys=True)
+    tools[item.filename] = fmt.tools(item, context)
+    parent_sha = manifest.sha256(context.out_dir / item.depends_on) if item.depends_on else source_key
+    made_by = json.dumps({"tools": tools[item.filename], "inputs": fmt.inputs(item, context)}, sort_keys=True)
     return sha256_text("artifact", item.backend, item.variant, repr(sorted(item.options.items())),
                        keys.get(item.depends_on, ""), parent_sha, *(keys[u] for u in item.uses), made_by)
 

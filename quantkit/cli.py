@@ -20,8 +20,8 @@ ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile name (see profi
                           f"(default: {DEFAULT_PROFILE}; sample with --sample).", show_default=False)
 OutOpt = typer.Option(Path("builds"), "--out", "-o", help="Parent folder; the build goes into OUT/<Model>/.")
 RevisionOpt = typer.Option(None, "--revision", help="Branch, tag or commit of a Hub repo.")
-PickleOpt = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code).")
-RemoteOpt = typer.Option(False, "--trust-remote-code", help="Accept models that need code from their repo.")
+PickleOpt = typer.Option(False, "--allow-pickle", help="Accept pickled weights (pytorch_model.bin): quantkit converts a "
+                         "copy to safetensors with torch.load(weights_only=True).")
 MemoryOpt = typer.Option(None, "--memory", help="Memory one step may use, e.g. 16G, to plan for a smaller machine "
                          "(default: this machine's; env QUANTKIT_MEMORY).", show_default=False)
 LlamaOpt = typer.Option(None, "--llama-cpp", help="A llama.cpp checkout whose converter to use (default: the one "
@@ -64,10 +64,10 @@ def _source(source: Optional[str], sample: bool, profile: Optional[str], reporte
 
 @app.command()
 def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: Optional[str] = ProfileOpt, out: Path = OutOpt,
-         revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt, trust_remote_code: bool = RemoteOpt,
+         revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt,
          llama_cpp: Optional[str] = LlamaOpt, memory: Optional[str] = MemoryOpt,
          gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for a machine with a CUDA GPU of this memory, "
-                                           "e.g. 80G: backends that need one are planned, not refused.",
+                                           "e.g. 80G: formats that need one are planned, not refused.",
                                            show_default=False)) -> None:
     """Show what `build` would make, the disk it needs and each step's peak memory, without building anything.
     Exits 5 when a step cannot fit this machine's memory."""
@@ -76,7 +76,7 @@ def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: O
 
     reporter = Reporter()
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, converter=llama_cpp, memory_limit=_memory_limit(memory),
+                  converter=llama_cpp, memory_limit=_memory_limit(memory),
                   gpu_memory=_memory_limit(gpu, "--gpu") or 0, reporter=reporter)
     typer.echo(p.render())
     p.check_memory()
@@ -84,7 +84,7 @@ def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: O
 
 @app.command()
 def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: Optional[str] = ProfileOpt, out: Path = OutOpt,
-          revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt, trust_remote_code: bool = RemoteOpt,
+          revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt,
           llama_cpp: Optional[str] = LlamaOpt, memory: Optional[str] = MemoryOpt,
           threads: int = typer.Option(0, "--threads", help="CPU threads (0: all cores)."),
           publish_: bool = typer.Option(False, "--publish", help="Publish to the Hub when the build succeeds "
@@ -108,13 +108,14 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
     if executor and limit is None:
         limit, where = executor.max_memory, "the largest Ray node"
     p = make_plan(*_source(source, sample, profile, reporter), out, revision=revision, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, converter=llama_cpp,
+                  converter=llama_cpp,
                   remote_gpus=bool(executor and executor.max_gpus), memory_limit=limit, memory_where=where,
                   reporter=reporter)
     reporter.info(p.render())
     result = run_build(p, reporter=reporter, threads=threads or None, converter=llama_cpp, executor=executor)
     typer.echo(Path(result.report_md).read_text().split("\n## ")[0].rstrip())
     typer.echo(f"\nbuilt {len(result.built)}, evaluated {len(result.evaluated)} in {result.seconds:.1f}s -> {p.out_dir}")
+    result.raise_for_failures()
     if publish_ or p.profile.publish.auto:
         _publish(p.out_dir, owner=owner, dry_run=False, reporter=reporter)
 
@@ -266,18 +267,26 @@ def sample() -> None:
     typer.echo(ensure_sample(log=Reporter().info))
 
 
-@app.command("backends")
-def list_backends() -> None:
-    """List the formats (built in, and from the quantkit.formats entry point) and what each lacks here."""
+@app.command("formats")
+def list_formats() -> None:
+    """List the formats (built in, and from the quantkit.formats entry point) and what each lacks here; a plugin
+    that cannot be loaded is listed with its error."""
     from . import formats
 
+    broken = formats.load_errors()
     for name in formats.names():
+        if name in broken:
+            typer.echo(f"{name:10} broken: {broken[name]}")
+            continue
         reqs = formats.get(name).requirements()
         missing = [r for r in reqs if not r.available]
         if missing:
             typer.echo(f"{name:10} missing: " + "; ".join(f"{r.what} ({r.hint})" if r.hint else r.what for r in missing))
         else:
             typer.echo(f"{name:10} available" + (f" ({', '.join(r.what for r in reqs)})" if reqs else ""))
+
+
+app.command("backends", help="The old name of `quantkit formats`.", hidden=True)(list_formats)
 
 
 def main() -> None:
@@ -296,10 +305,10 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:  # usage errors
-        e.show()
+    except (click.ClickException, typer.TyperException) as e:  # usage errors (typer 0.29 raises its own click's)
+        e.show() if hasattr(e, "show") else print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         sys.exit(1)
     except Exception as e:  # a bug, here or in a plugin: one line for the user, the traceback in a file
         message = (str(e).splitlines() or [""])[0][:300]

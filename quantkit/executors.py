@@ -23,8 +23,8 @@ from .plan import ArtifactPlan
 from .procs import run_python
 from .progress import Reporter
 
-Built = Iterator[tuple[ArtifactPlan, dict[str, Any]]]
-_PROGRESS = re.compile(r"progress (\d+)/(\d+)")  # how helpers report progress (evaluation workers do)
+StepFacts = Iterator[tuple[ArtifactPlan, dict[str, Any]]]
+_PROGRESS = re.compile(r"progress (\d+)/(\d+)")  # how helpers report progress (runners do)
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class HelperRun:
 
 
 class Executor(Protocol):
-    def build(self, steps: list[ArtifactPlan], ctx: BuildContext) -> Built:
+    def build(self, steps: list[ArtifactPlan], context: BuildContext) -> StepFacts:
         """Build every step (their inputs exist); yield each with its facts as it finishes, so the build
         records finished work even when a later step fails."""
 
@@ -48,17 +48,17 @@ class Executor(Protocol):
         """Run each helper; yield each as it finishes."""
 
 
-def timed_build(item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
+def timed_build(item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
     """Backend.build, with its wall time among the facts the report keeps."""
     start = time.monotonic()
-    facts = get(item.backend).build(item, ctx)
+    facts = get(item.backend).build(item, context)
     return {**facts, "seconds": round(time.monotonic() - start, 2)}
 
 
 class LocalExecutor:
-    def build(self, steps: list[ArtifactPlan], ctx: BuildContext) -> Built:
+    def build(self, steps: list[ArtifactPlan], context: BuildContext) -> StepFacts:
         for item in steps:
-            yield item, timed_build(item, ctx)
+            yield item, timed_build(item, context)
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         for run in runs:
@@ -76,15 +76,16 @@ def helper_step(run: HelperRun) -> None:
     run_python(run.args, cwd=run.cwd, what=run.label)
 
 
-def build_step(item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
+def build_step(item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
     """One artifact, in a Ray worker process; the reporter is rebuilt there (a console does not travel)."""
-    source = ctx.source
+    source = context.source
     if not source.path.exists() and source.repo_id:
         # Another node: fetch the same commit into this node's Hugging Face cache.
         from .source import resolve
 
-        source = replace(resolve(source.repo_id, revision=source.revision), name=source.name)
-    return timed_build(item, replace(ctx, source=source, reporter=Reporter(quiet=False)))
+        source = replace(resolve(source.repo_id, revision=source.revision, allow_pickle=source.converted is not None),
+                         name=source.name)
+    return timed_build(item, replace(context, source=source, reporter=Reporter(quiet=False)))
 
 
 class RayExecutor:
@@ -132,10 +133,10 @@ class RayExecutor:
     def _cpus(self, wanted: int) -> int:
         return max(1, min(wanted, self.max_cpus))
 
-    def build(self, steps: list[ArtifactPlan], ctx: BuildContext) -> Built:
-        portable = replace(ctx, reporter=None)
-        tasks = {self._build.options(**self.needs(item, ctx.threads)).remote(item, portable): item for item in steps}
-        yield from self._gather(tasks, ctx.reporter, lambda item: item.filename)
+    def build(self, steps: list[ArtifactPlan], context: BuildContext) -> StepFacts:
+        portable = replace(context, reporter=None)
+        tasks = {self._build.options(**self.needs(item, context.threads)).remote(item, portable): item for item in steps}
+        yield from self._gather(tasks, context.reporter, lambda item: item.filename)
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         if any(run.gpus > self.max_gpus for run in runs):

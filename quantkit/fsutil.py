@@ -32,6 +32,11 @@ def sha256_text(*parts: str) -> str:
     return h.hexdigest()
 
 
+def folder_digest(files) -> str:
+    """A folder's hash: of its files' (relative name, sha256) pairs, in name order."""
+    return sha256_text(*(f"{name}:{sha}" for name, sha in files))
+
+
 class HashCache:
     """sha256 of files, re-read only when size or mtime changed (re-runs hash GBs otherwise). Files under `root`
     (the build folder) are cached by their path relative to it, so the folder can move; others by a hash of
@@ -45,7 +50,7 @@ class HashCache:
         """A file's sha256; for a folder (GPTQ/AWQ variants), a hash of its files' names and hashes."""
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
-            return sha256_text(*(f"{p.relative_to(path).as_posix()}:{self.sha256(p)}" for p in files))
+            return folder_digest((p.relative_to(path).as_posix(), self.sha256(p)) for p in files)
         st = path.stat()
         key = self._key(path)
         hit = self.entries.get(key)

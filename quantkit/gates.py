@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 from .errors import ProfileError
+
+if TYPE_CHECKING:  # results -> plan -> profiles -> gates
+    from .results import Built, Measured
 
 _LIMITS = ("max_kld", "max_kld_p99", "min_top1", "max_ppl_delta_pct")
 
@@ -20,7 +24,7 @@ class Bound:
     """Which artifacts (all, when no selector is given) and what they must measure."""
 
     variants: tuple[str, ...] = ()  # names or shell patterns: Q4_K_M, "Q[23]_*", "4bit-*"
-    formats: tuple[str, ...] = ()  # backends: gguf, gptq, awq, exl2
+    formats: tuple[str, ...] = ()  # format names: gguf, gptq, awq, exl2
     min_bits: float = 0.0  # bits per parameter, as the report's Bits/param column
     max_bits: float = float("inf")
     max_kld: float | None = None
@@ -30,10 +34,10 @@ class Bound:
     tool_calls: bool = False  # the tool-call probe must agree with the source
     json_mode: bool = False  # the JSON-mode probe must agree with the source
 
-    def matches(self, a: dict) -> bool:
-        return ((not self.variants or any(fnmatchcase(a["variant"].upper(), v.upper()) for v in self.variants))
-                and (not self.formats or a["backend"] in self.formats)
-                and self.min_bits <= a["bits_per_weight"] <= self.max_bits)
+    def matches(self, a: Built) -> bool:
+        return ((not self.variants or any(fnmatchcase(a.variant.upper(), v.upper()) for v in self.variants))
+                and (not self.formats or a.backend in self.formats)
+                and self.min_bits <= a.bits_per_weight <= self.max_bits)
 
     def describe(self) -> str:
         sel = [", ".join(self.variants) if self.variants else "", ", ".join(self.formats) if self.formats else "",
@@ -81,27 +85,24 @@ def parse_bounds(data, where: str) -> tuple[Bound, ...]:
     return tuple(out)
 
 
-def judge(artifact: dict, bounds: tuple[Bound, ...]) -> list[str]:
-    """What fails for one artifact (a report's artifact entry): its integrity, then every matching bound. A bound
-    that cannot be checked (nothing measured the number it limits) fails too, saying why: a release gate that
-    passes what it never saw would publish an unmeasured file as a checked one."""
-    from .plan import MODEL_ROLES  # plan -> profiles -> gates: not at import time
-
-    e = artifact.get("evaluation") or {}
-    failures = [f"chat integrity: {m}" for m in artifact.get("integrity") or []]
-    if artifact.get("role", "model") not in MODEL_ROLES:
+def bound_failures(artifact: Measured, bounds: tuple[Bound, ...]) -> list[str]:
+    """What fails for one artifact: its integrity, then every matching bound. A bound that cannot be checked
+    (nothing measured the number it limits) fails too, saying why: a release gate that passes what it never saw
+    would publish an unmeasured file as a checked one."""
+    e = artifact.evaluation
+    failures = [f"chat integrity: {m}" for m in artifact.integrity]
+    if not artifact.is_model:
         return failures
-    probes = e.get("probes") or {}
     for b in (b for b in bounds if b.matches(artifact)):
-        if not e:
+        if e is None:
             failures.append(f"not measured, so its bound cannot be checked (evaluation.enabled is false, or the "
                             f"format has no evaluation runner; {b.describe()})")
             continue
         for key, measured, limit, worse in (
-                ("KLD", e.get("kld_mean"), b.max_kld, lambda m, x: m > x),
-                ("KLD p99", e.get("kld_p99"), b.max_kld_p99, lambda m, x: m > x),
-                ("top-1", e.get("top1_agreement"), b.min_top1, lambda m, x: m < x),
-                ("ΔPPL %", e.get("ppl_delta_pct"), b.max_ppl_delta_pct, lambda m, x: m > x)):
+                ("KLD", e.kld_mean, b.max_kld, lambda m, x: m > x),
+                ("KLD p99", e.kld_p99, b.max_kld_p99, lambda m, x: m > x),
+                ("top-1", e.top1_agreement, b.min_top1, lambda m, x: m < x),
+                ("ΔPPL %", e.ppl_delta_pct, b.max_ppl_delta_pct, lambda m, x: m > x)):
             if limit is None:
                 continue
             if measured is None:
@@ -109,7 +110,7 @@ def judge(artifact: dict, bounds: tuple[Bound, ...]) -> list[str]:
             elif worse(measured, limit):
                 failures.append(f"{key} {measured:.4g} (bound {'≥' if key == 'top-1' else '≤'} {limit:g}; {b.describe()})")
         for probe, needed in (("tool_call", b.tool_calls), ("json_mode", b.json_mode)):
-            r = probes.get(probe)
+            r = e.probes.get(probe)
             if not needed:
                 continue
             if r is None:

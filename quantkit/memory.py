@@ -10,6 +10,8 @@ and the bytes it needs, instead of being killed by the kernel halfway through.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +82,45 @@ def machine_memory() -> int:
         if value is None:
             raise QuantkitError(f"{MEMORY_ENV}={os.environ[MEMORY_ENV]!r} is not a size", "write it like 16G or 512M")
         return value
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    return total_memory(sys.platform, _memory_report(sys.platform)) or _sysconf_memory()
+
+
+def total_memory(platform: str, report: str) -> int:
+    """The machine's memory in bytes from what `platform` (sys.platform) reports of it: /proc/meminfo's text on
+    Linux, the output of `sysctl -n hw.memsize` on macOS; 0 when the report says nothing usable. Pure, so every
+    platform's parsing is tested on any machine."""
+    if platform.startswith("linux"):
+        for line in report.splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == "MemTotal:" and fields[1].isdigit():
+                return int(fields[1]) * 1024  # the kernel's "kB" are KiB
+        return 0
+    if platform == "darwin":
+        value = report.strip()
+        return int(value) if value.isdigit() else 0
     return 0
+
+
+def _memory_report(platform: str) -> str:
+    try:
+        if platform.startswith("linux"):
+            return Path("/proc/meminfo").read_text()
+        if platform == "darwin":
+            # macOS has no /proc; hw.memsize is the installed memory in bytes (MLX's unified memory included).
+            # Its full path: a PATH without /usr/sbin would silently turn the memory refusals off again.
+            return subprocess.run(["/usr/sbin/sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
+                                  timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return ""
+
+
+def _sysconf_memory() -> int:
+    """Physical pages times page size, where the platform's own report failed (POSIX systems without /proc)."""
+    try:
+        return max(0, os.sysconf("SC_PHYS_PAGES")) * max(0, os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def scored_logits(vocab: int, ctx: int) -> int:
@@ -147,7 +181,7 @@ def job_peak(profile, params: int, chosen: list) -> int:
     steps = [f.step_peak(params) for f in chosen]
     if ev.enabled:
         steps.append(reference_peak(params, 2 * params, params // 20, vocab, ev.ctx))
-        steps += [f.evaluation_peak(2 * params, vocab, ev.ctx, None) for f in chosen if f.runner]
+        steps += [f.evaluation_peak(2 * params, vocab, ev.ctx, None) for f in chosen if f.evaluation]
     return max(steps, default=0)
 
 

@@ -1,8 +1,8 @@
-"""Typed build plans and results."""
+"""Typed build plans, and the evaluation's result (an artifact's stages are results.py's)."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +68,7 @@ class BuildPlan:
     memory_where: str = "this machine"
     reference_streamed: bool = False  # the reference runs layer by layer (evaluate/streamed.py): it does not generate
     gpu_memory: int = 0  # planned for a machine with a CUDA GPU of this size (plan --gpu; 0: this machine's means)
+    eval_temp_bytes: int = 0  # of eval_scratch_bytes: what runners write and remove after (MLX's checkpoints)
     reference_time: ReferenceTime | None = None  # the reference's scoring and chat turns, timed (None: no evaluation)
 
     def memory_steps(self) -> list[StepMemory]:
@@ -183,32 +184,3 @@ class EvalResult:
     rms_dp_se: float | None = None
     windows: int = 0  # windows scored (fewer than the text has when evaluation.precision stopped early)
     probes: dict[str, dict] = field(default_factory=dict)  # tool_call / json_mode -> evaluate.probes.ProbeResult
-
-
-@dataclass
-class ArtifactResult:
-    backend: str
-    variant: str
-    filename: str
-    size_bytes: int
-    sha256: str  # filled in by the build from the manifest's hash
-    bits_per_weight: float  # the file's weight bytes × 8 over the model's parameters (embeddings and head included)
-    tensor_types: dict[str, int]  # ggml type name -> tensor count (dtype -> count for folder formats)
-    fallbacks: list[dict[str, str]]  # tensors the quantizer stored in another type than asked
-    evaluation: EvalResult | None = None
-    role: str = "model"  # as in ArtifactPlan: reports and cards list models, and name auxiliary artifacts apart
-    uses: list[str] = field(default_factory=list)  # as in ArtifactPlan
-    details: dict[str, Any] = field(default_factory=dict)  # what else the format reports (an importance matrix: its chunks)
-    predicted_bytes: int = 0
-    peak_rss_bytes: int = 0  # measured peak memory of the process that built it (0: not measured)
-    peak_anon_bytes: int = 0  # of which its peak anonymous memory, sampled (memwatch; 0: not measured)
-    peak_file_bytes: int = 0  # and its peak of memory-mapped file pages, which the kernel can reclaim
-    predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
-    seconds: float = 0.0  # wall time of the build step (0: not built in a timed run)
-    stated_bits: float = 0.0  # the rate the quantizer states for the layers it quantized (0: none, as GGUF mixes types)
-    integrity: list[str] = field(default_factory=list)  # chat template / stop-token mismatches with the source
-    failures: list[str] = field(default_factory=list)  # integrity and quality bounds that failed (gates.judge)
-    tools: dict[str, str] = field(default_factory=dict)  # Format.tools: what made it, name -> version
-
-    def to_dict(self) -> dict:
-        return asdict(self)

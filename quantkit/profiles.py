@@ -1,4 +1,4 @@
-"""Profiles: which backends and variants a build makes, and how artifacts are evaluated."""
+"""Profiles: which formats and variants a build makes, and how artifacts are evaluated."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import yaml
 
 from . import DEFAULT_PROFILE
 from .errors import ProfileError
+from .evaluate.chat import CHAT_CTX
 from .evaluate.probes import CAPITAL_SCHEMA, WEATHER_TOOL, check_schema, check_tools
 from .evaluate.stats import parse_precision
 from .gates import Bound, parse_bounds
+from .options import load_options
 from .paths import REPO_ROOT
 
 
@@ -67,13 +69,43 @@ class PublishOptions:
 class Profile:
     name: str
     description: str = ""
-    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    formats: dict[str, dict[str, Any]] = field(default_factory=dict)  # format name -> its options, as written
     evaluation: EvalOptions = EvalOptions()
     smoke: SmokeOptions = SmokeOptions()
     chat_checks: ChatChecks = ChatChecks()
     bounds: tuple[Bound, ...] = ()
     publish: PublishOptions = PublishOptions()
     source_file: str = ""
+    deprecated: tuple[str, ...] = ()  # what the file says in an old way, for the plan to warn of
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+
+
+# Windows shorter than this score a handful of positions each (the second half of a window is scored); longer than
+# this, one window's logits alone outgrow any machine's memory.
+MIN_CTX, MAX_CTX = 16, 1 << 20
+
+
+def check_numbers(profile: Profile) -> None:
+    """The evaluation's counts, at profile load rather than as a division by zero or a runtime's error mid-build."""
+    where = f"{profile.source_file}: " if profile.source_file else ""
+    ev = profile.evaluation
+    if not MIN_CTX <= ev.ctx <= MAX_CTX:
+        raise ProfileError(f"{where}evaluation.ctx must be between {MIN_CTX} and {MAX_CTX} tokens, got {ev.ctx}",
+                           "set evaluation.ctx to the window length to score, such as 512")
+    if ev.max_tokens < 0:
+        raise ProfileError(f"{where}evaluation.max_tokens must be 0 (the whole text) or a token count, got {ev.max_tokens}",
+                           f"set evaluation.max_tokens to 0 or at least {2 * ev.ctx}")
+    if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:
+        raise ProfileError(f"{where}evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
+                           f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
+    # A reply longer than the llama.cpp runner's chat context (prompt included) cannot be generated there.
+    for key, value in (("smoke.max_tokens", profile.smoke.max_tokens),
+                       ("chat_checks.max_tokens", profile.chat_checks.max_tokens)):
+        if not 1 <= value <= CHAT_CTX:
+            raise ProfileError(f"{where}{key} must be between 1 and {CHAT_CTX} tokens, got {value}",
+                               f"set {key} to the longest reply to wait for, such as 48")
 
 
 def profile_dirs() -> list[Path]:
@@ -107,44 +139,36 @@ def load_profile(name_or_path: str | None) -> Profile:
 def parse_profile(data: dict, source: str = "<dict>") -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: a profile is a mapping", f"see profiles/{DEFAULT_PROFILE}.yaml")
-    keys = ("name", "description", "backends", "evaluation", "smoke", "chat_checks", "bounds", "publish")
-    unknown = set(data) - set(keys)
+    keys = ("name", "description", "formats", "evaluation", "smoke", "chat_checks", "bounds", "publish")
+    unknown = set(data) - set(keys) - {"backends"}
     if unknown:
         raise ProfileError(f"{source}: unknown profile key(s) {sorted(unknown)}", f"allowed: {', '.join(keys)}")
-    backends = data.get("backends") or {}
-    if not isinstance(backends, dict) or not backends:
-        raise ProfileError(f"{source}: 'backends' must map backend names to options", "quantkit backends lists the formats; profiles/ has examples")
-    evaluation = _options(EvalOptions, data.get("evaluation"), f"{source}: evaluation")
+    deprecated = ()
+    if "backends" in data:
+        if "formats" in data:
+            raise ProfileError(f"{source}: both 'formats' and 'backends' are given", "keep 'formats' only")
+        deprecated = (f"{source}: 'backends:' is the old name of 'formats:'; rename it (it is still read)",)
+    formats = data.get("formats", data.get("backends")) or {}
+    if not isinstance(formats, dict) or not formats:
+        raise ProfileError(f"{source}: 'formats' must map format names to options",
+                           "`quantkit formats` lists them; profiles/ has examples")
+    evaluation = load_options(EvalOptions, data.get("evaluation"), f"{source}: evaluation")
     parse_precision(evaluation.precision)
     if evaluation.reference not in REFERENCE_MODES:
         raise ProfileError(f"{source}: evaluation.reference must be one of {', '.join(REFERENCE_MODES)}, "
                            f"got {evaluation.reference!r}", "fix the profile")
-    checks = _options(ChatChecks, data.get("chat_checks"), f"{source}: chat_checks")
+    checks = load_options(ChatChecks, data.get("chat_checks"), f"{source}: chat_checks")
     check_tools(checks.tools, f"{source}: chat_checks.tools")
     check_schema(checks.json_schema, f"{source}: chat_checks.json_schema")
     return Profile(
         name=str(data.get("name") or Path(source).stem),
         description=str(data.get("description") or ""),
-        backends={k: dict(v or {}) for k, v in backends.items()},
+        formats={k: dict(v or {}) for k, v in formats.items()},
+        deprecated=deprecated,
         evaluation=evaluation,
-        smoke=_options(SmokeOptions, data.get("smoke"), f"{source}: smoke"),
+        smoke=load_options(SmokeOptions, data.get("smoke"), f"{source}: smoke"),
         chat_checks=checks,
         bounds=parse_bounds(data.get("bounds"), f"{source}: bounds"),
-        publish=_options(PublishOptions, data.get("publish"), f"{source}: publish"),
+        publish=load_options(PublishOptions, data.get("publish"), f"{source}: publish"),
         source_file=source,
     )
-
-
-def _options(cls, data, where: str):
-    data = data or {}
-    fields = cls.__dataclass_fields__
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ProfileError(f"{where}: unknown key(s) {sorted(unknown)}", f"allowed: {', '.join(fields)}")
-    out = {}
-    for key, value in data.items():
-        want = type(getattr(cls(), key))
-        if want is int and isinstance(value, bool) or not isinstance(value, want):
-            raise ProfileError(f"{where}.{key} must be {want.__name__}, got {value!r}", "fix the profile")
-        out[key] = value
-    return cls(**out)

@@ -15,11 +15,12 @@ from .evaluate.probes import describe
 from .evaluate.stats import parse_precision
 from .fsutil import human_size, write_json_atomic, write_text_atomic
 from .manifest import Manifest
-from .plan import MODEL_ROLES, ArtifactResult, BuildPlan, EvalResult
+from .plan import MODEL_ROLES, BuildPlan, EvalResult
+from .results import REPORT_SCHEMA, Judged
 from .sample import SAMPLE_MARKER
 
 
-def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: EvalResult | None, manifest: Manifest):
+def write_reports(plan: BuildPlan, results: list[Judged], reference: EvalResult | None, manifest: Manifest):
     from . import formats
 
     src = plan.source
@@ -27,13 +28,15 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
     tokens = manifest.steps.get("tokens", {}).get("count")
     first, last = scored_range(ev.ctx)
     data = {
+        "schema": REPORT_SCHEMA,
         "quantkit_version": __version__,
         "model": src.name,
         # Never an absolute local path: reports get published.
         "source": {"repo_id": src.repo_id, "revision": src.revision, "local": src.repo_id is None,
                    "from_cache": src.from_cache, "sample": (src.path / SAMPLE_MARKER).is_file(),
                    "architecture": src.architecture, "dtype": src.dtype, "license": src.license,
-                   "base_model": src.repo_id or src.base_model, "model_type": src.config.get("model_type")},
+                   "base_model": src.repo_id or src.base_model, "model_type": src.config.get("model_type"),
+                   "converted": src.converted},
         "prompt_format": prompt_format(src.chat_template),
         "profile": plan.profile.name,
         # What made the files, by format: each format's own tools (Format.tools), as the artifacts record them.
@@ -52,7 +55,7 @@ def write_reports(plan: BuildPlan, results: list[ArtifactResult], reference: Eva
         "bounds": [b.describe() for b in plan.profile.bounds],
         "smoke": asdict(plan.profile.smoke),
         "publish": asdict(plan.profile.publish),
-        "artifacts": [r.to_dict() | {"fallback_summary": formats.get(r.backend).fallback_summary(r.to_dict())}
+        "artifacts": [r.to_dict() | {"fallback_summary": formats.get(r.backend).card.fallback_summary(r.to_dict())}
                       for r in results],
     }
     data["parity"] = [p.to_dict() for p in parity_checks(data["artifacts"])]
@@ -97,7 +100,7 @@ def inversions(artifacts: list[dict], source: dict) -> list[str]:
             types_b, types_s = Counter(big["tensor_types"]), Counter(small["tensor_types"])
             only_b = ", ".join(f"{t} ×{n}" for t, n in (types_b - types_s).items())
             only_s = ", ".join(f"{t} ×{n}" for t, n in (types_s - types_b).items())
-            why = formats.get(big["backend"]).explain_inversion(big, small, source)
+            why = formats.get(big["backend"]).card.explain_inversion(big, small, source)
             out.append(f"{label(big)} ({big['bits_per_weight']:.2f} bits/param) has KLD {eb['kld_mean']:.4f} ± "
                        f"{eb['kld_se']:.4f}, worse than {label(small)} ({small['bits_per_weight']:.2f} bits/param) at "
                        f"{es['kld_mean']:.4f} ± {es['kld_se']:.4f}. Tensor types only the bigger file has: {only_b or 'none'}; "
@@ -155,7 +158,7 @@ def label(a: dict) -> str:
     """How tables name an artifact, as its format says: "Q4_K_M" (a GGUF type), "GPTQ 4bit-g32"."""
     from . import formats
 
-    return formats.get(a["backend"]).label(a["variant"])
+    return formats.get(a["backend"]).card.label(a["variant"])
 
 
 BITS_LEGEND = ("Bits/param: the file's weights in bits over the model's parameters, embeddings and output head "
@@ -207,7 +210,7 @@ def format_notes(artifacts: list[dict]) -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {}
     for name in dict.fromkeys(a["backend"] for a in artifacts):
-        for title, paragraphs in formats.get(name).notes([a for a in artifacts if a["backend"] == name]).items():
+        for title, paragraphs in formats.get(name).card.notes([a for a in artifacts if a["backend"] == name]).items():
             out.setdefault(title, []).extend(paragraphs)
     return out
 
@@ -259,6 +262,8 @@ def render_markdown(data: dict) -> str:
     origin = f"{src['repo_id']} @ {src['revision']}" if src["repo_id"] else "a local folder"
     if src.get("from_cache"):
         origin += f", from the local Hugging Face cache ({src['from_cache']})"
+    if src.get("converted"):
+        origin += f"; {src['converted']}"
     lines = [
         f"# {data['model']}: quantization report",
         "",

@@ -6,7 +6,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -39,31 +39,33 @@ class Source:
     license: str | None = None
     base_model: str | None = None  # what the checkpoint's own card says it derives from
     chat_template: str | None = None
+    converted: str | None = None  # how quantkit made the weights safetensors (pickled .bin: pickled.NOTE); None: as stored
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> str:
         if self.repo_id:
             cached = f" (from the Hugging Face cache: {self.from_cache})" if self.from_cache else ""
-            return f"{self.repo_id}@{(self.revision or '')[:12]}{cached}"
-        return str(self.path)
+            # A converted download is read from quantkit's cache, not from the Hub's snapshot folder: say where.
+            converted = f" ({self.converted}, read from {self.path})" if self.converted else ""
+            return f"{self.repo_id}@{(self.revision or '')[:12]}{cached}{converted}"
+        return f"{self.path} ({self.converted})" if self.converted else str(self.path)
 
 
-def resolve(spec: str, *, revision: str | None = None, allow_pickle: bool = False,
-            trust_remote_code: bool = False, name: str | None = None,
+def resolve(spec: str, *, revision: str | None = None, allow_pickle: bool = False, name: str | None = None,
             log: Callable[[str], None] | None = None) -> Source:
-    """`spec` is a local folder or a Hub repo id ("ORG/MODEL"). `log` hears of retries and of a cached build."""
+    """`spec` is a local folder or a Hub repo id ("ORG/MODEL"). `log` hears of retries, of a cached build and of a
+    conversion of pickled weights. quantkit never runs a repo's own code (no trust_remote_code)."""
     local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
             raise SourceError(f"{spec} is a file, not a checkpoint folder", "pass the folder that holds config.json")
-        return inspect(local, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, name=name)
+        return inspect(local, allow_pickle=allow_pickle, name=name, log=log)
     if not _REPO_ID.match(spec):
         raise SourceError(f"{spec!r} is neither an existing folder nor a Hub repo id", "use ORG/MODEL or a path to a folder")
     folder, commit, cached = download(spec, revision=revision, allow_pickle=allow_pickle, log=log)
     if cached and log:
         log(f"using {spec}@{commit[:12]} from the Hugging Face cache: {cached}")
-    src = inspect(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                  name=name or spec.split("/")[-1])
+    src = inspect(folder, allow_pickle=allow_pickle, name=name or spec.split("/")[-1], log=log)
     return Source(**{**src.__dict__, "repo_id": spec, "revision": commit, "from_cache": cached})
 
 
@@ -75,20 +77,26 @@ def download(repo_id: str, *, revision: str | None = None, allow_pickle: bool = 
     With HF_HUB_OFFLINE, or when the Hub cannot be reached, a cached snapshot is used (never a mix of two)."""
     from huggingface_hub import HfApi, snapshot_download
 
+    from .pickled import DOWNLOAD_PATTERNS
+
     hub = network.endpoint()
-    patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    patterns = ALLOW_PATTERNS + (DOWNLOAD_PATTERNS if allow_pickle else [])
     if network.offline_mode():
         why = "HF_HUB_OFFLINE is set"
         return (*_cached(repo_id, revision, patterns, why), why)
     try:
         # Pin the commit first, so the files and the report's revision are the same snapshot.
-        commit = network.retrying(lambda: HfApi().model_info(repo_id, revision=revision, timeout=network.timeout_s()).sha,
-                                  what=f"asking {hub} for {repo_id}", log=log)
+        info = network.retrying(lambda: HfApi().model_info(repo_id, revision=revision, timeout=network.timeout_s()),
+                                what=f"asking {hub} for {repo_id}", log=log)
+        commit = info.sha
     except network.GaveUp as e:
         why = network.outage(e)
         return (*_cached(repo_id, revision, patterns, why), why)
     except Exception as e:
         _refuse(e, repo_id, revision)
+
+    if allow_pickle and any(s.rfilename.endswith(".safetensors") for s in info.siblings or []):
+        patterns = ALLOW_PATTERNS  # safetensors are there: the pickled copies would be GBs fetched for nothing
 
     def fetch() -> str:
         # Files already in the cache are not fetched again; a large file cut off mid-way resumes from its part.
@@ -181,8 +189,10 @@ def _cached_revisions(repo_id: str) -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
 
-def inspect(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-            name: str | None = None) -> Source:
+def inspect(folder: Path, *, allow_pickle: bool = False, name: str | None = None,
+            log: Callable[[str], None] | None = None) -> Source:
+    """The checked Source of a local checkpoint folder. With `allow_pickle`, a folder of pickled weights only is
+    read through a safetensors copy in quantkit's cache (pickled.py); the folder itself is never written to."""
     folder = folder.resolve()
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -197,15 +207,14 @@ def inspect(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool
         if pickles and not allow_pickle:
             raise SourceError(
                 f"{folder} has only pickle weights ({pickles[0].name}); loading them can run arbitrary code",
-                "convert them to safetensors, or pass --allow-pickle if you trust this checkpoint",
+                "convert them to safetensors, or pass --allow-pickle if you trust this checkpoint (quantkit then "
+                "converts a copy, with torch.load(weights_only=True))",
             )
         if not pickles:
             raise SourceError(f"{folder} has no weights (*.safetensors)", "download the weights too")
-    if config.get("auto_map") and not trust_remote_code:
-        raise SourceError(
-            f"{folder.name} needs custom code from its repo (auto_map in config.json)",
-            "read that code, then pass --trust-remote-code to allow it",
-        )
+    if config.get("auto_map"):
+        raise SourceError(f"{folder.name} names custom code from its repo (auto_map in config.json), and quantkit "
+                          "does not run a model's own code", _remote_code_fix(str(config.get("model_type") or "")))
     archs = config.get("architectures") or []
     if not archs:
         raise SourceError(f"{cfg_path} names no architecture", "add \"architectures\" to config.json")
@@ -214,6 +223,11 @@ def inspect(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool
     if not any((folder / n).is_file() for n in TOKENIZER_FILES):
         raise SourceError(f"{folder.name} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])})",
                           "download the tokenizer files of the model too")
+    if not safetensors:  # pickled weights, allowed: everything else is checked before GBs are converted
+        from .pickled import NOTE, converted_copy
+
+        src = inspect(converted_copy(folder, log), name=name or _model_name(folder))
+        return replace(src, converted=NOTE)
     return Source(
         path=folder,
         name=name or _model_name(folder),
@@ -224,6 +238,19 @@ def inspect(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool
         chat_template=_chat_template(folder),
         config=config,
     )
+
+
+def _remote_code_fix(model_type: str) -> str:
+    """What to do about an auto_map model: transformers may know its model_type itself (repos keep auto_map after
+    their architecture was added to transformers)."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        CONFIG_MAPPING_NAMES = {}
+    if model_type in CONFIG_MAPPING_NAMES:
+        return (f"transformers supports model_type {model_type!r} natively: build a copy of the folder whose "
+                "config.json has no auto_map, or a checkpoint published without custom code")
+    return "use a checkpoint whose architecture transformers supports natively (no auto_map in config.json)"
 
 
 def _model_name(folder: Path) -> str:

@@ -96,7 +96,7 @@ def run(cmd: list[str], limit: int | None, model: Path | None = None) -> tuple[f
 
 def quantkit_run(model: Path, spec: dict, n_seq: int, work: Path, limit: int | None) -> tuple[float, dict, object]:
     (work / f"spec{n_seq}.json").write_text(json.dumps({**spec, "windows_per_decode": n_seq, "ref_write": str(work / f"lp{n_seq}.npy")}))
-    seconds, done = run([sys.executable, "-m", "quantkit.formats.gguf.evaluate_worker", "evaluate", str(model),
+    seconds, done = run([sys.executable, "-m", "quantkit.formats.gguf.runner", "evaluate", str(model),
                          str(work / f"spec{n_seq}.json"), str(work / f"out{n_seq}.json")], limit, model)
     return seconds, json.loads((work / f"out{n_seq}.json").read_text()), done
 
@@ -121,7 +121,7 @@ def main() -> None:
         model = args.gguf or make_gguf(work, args.type, args.threads)
         text = BUILTIN["botchan"]
         tokens, bos = work / "tokens.npy", work / "bos.json"
-        subprocess.run([sys.executable, "-m", "quantkit.evaluate.hf_worker", "tokenize", str(ensure_sample()),
+        subprocess.run([sys.executable, "-m", "quantkit.evaluate.hf_runner", "tokenize", str(ensure_sample()),
                         str(text), str(tokens), str(bos)], check=True)
         import numpy as np
 

@@ -35,7 +35,7 @@ QUANTS = ("Q4_K_M", "IQ4_XS")
 def profile(source: str, tokens: int, chunks: int) -> str:
     frm = ", from: q8_0" if source == "q8_0" else ""
     return "\n".join([
-        f"name: imatrix-from-{source}", "backends:", "  gguf:",
+        f"name: imatrix-from-{source}", "formats:", "  gguf:",
         f"    imatrix: {{text: builtin:botchan, chunks: {chunks}, ctx: 512{frm}}}",
         # Q8_0 without the imatrix in both builds, so that the second build takes it as the first made it.
         "    types: [Q4_K_M, IQ4_XS, {type: Q8_0, imatrix: false}]",

@@ -52,7 +52,7 @@ def reference(model: Path, work: Path, mode: str, tokens: Path, bos, ctx: int, w
             "windows": windows, "ref_write": str(work / f"{mode}.npy"), "streamed": mode == "streamed"}
     (work / f"{mode}.spec.json").write_text(json.dumps(spec))
     start = time.perf_counter()
-    done = run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(model), str(work / f"{mode}.spec.json"),
+    done = run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(model), str(work / f"{mode}.spec.json"),
                        str(work / f"{mode}.json")])
     result = json.loads((work / f"{mode}.json").read_text())
     rows = ReferenceRows(str(work / f"{mode}.npy"), "r")
@@ -78,7 +78,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
             work = Path(tmp)
             (work / "text.txt").write_text(load_text("builtin:botchan"), encoding="utf-8")
-            run_python(["-m", "quantkit.evaluate.hf_worker", "tokenize", str(model), str(work / "text.txt"),
+            run_python(["-m", "quantkit.evaluate.hf_runner", "tokenize", str(model), str(work / "text.txt"),
                         str(work / "all.npy"), str(work / "bos.json")])
             np.save(work / "tokens.npy", np.load(work / "all.npy")[:args.tokens])
             bos = json.loads((work / "bos.json").read_text())["bos"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The fp16 reference's scoring and its chat turns, measured apart, now and as before, against the plan's prediction.
 
-The reference worker (evaluate/hf_worker.py) runs on a synthetic checkpoint of a real shape with the default chat
+The reference worker (evaluate/hf_runner.py) runs on a synthetic checkpoint of a real shape with the default chat
 turns (smoke test 48 tokens, tool-call and JSON-mode probes 96 each, prompts rendered from the source's template)
 and evaluation `ctx 512`, `--tokens` tokens:
 - now: every window scored in float32, each prompt read in float32, the replies decoded together in the stored
@@ -44,7 +44,7 @@ from quantkit.profiles import parse_profile  # noqa: E402
 from quantkit.sample import ensure_sample  # noqa: E402
 from quantkit.source import tensor_stats  # noqa: E402
 
-WORKER = "quantkit.evaluate.hf_worker"
+WORKER = "quantkit.evaluate.hf_runner"
 
 
 def run_reference(folder: Path, work: Path, name: str, spec: dict) -> dict:
@@ -69,7 +69,7 @@ def main() -> None:
 
     model = ensure_sample() if args.model == "sample" else make(args.model)
     stats = tensor_stats(model)
-    profile = parse_profile({"name": "bench-reference", "backends": {"gguf": {}},
+    profile = parse_profile({"name": "bench-reference", "formats": {"gguf": {}},
                              "evaluation": {"ctx": 512, "max_tokens": args.tokens}})
     facts = folder_facts(model)
     smoke = {k: v for k, v in asdict(profile.smoke).items() if k != "allow_failures"}

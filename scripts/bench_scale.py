@@ -42,7 +42,7 @@ from quantkit.source import tensor_stats  # noqa: E402
 def profile_text(tokens: int, moe: bool, *, gptq: bool = True, imatrix_from: str = "intermediate",
                  chunks: int = 16, chat: bool = True) -> str:
     types = "[Q4_K_M, IQ4_XS, Q8_0]" if moe else "[Q4_K_M, Q8_0]"
-    lines = ["name: scale-benchmark", "backends:", "  gguf:", f"    types: {types}"]
+    lines = ["name: scale-benchmark", "formats:", "  gguf:", f"    types: {types}"]
     if moe:
         lines += [f"    imatrix: {{text: builtin:botchan, chunks: {chunks}, ctx: 512, from: {imatrix_from}}}"]
         if gptq:

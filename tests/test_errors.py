@@ -61,19 +61,20 @@ def test_pickle_only_checkpoint_is_refused(sample_model, tmp_path):
     assert "pickle" in err and "--allow-pickle" in fix
 
 
-def test_custom_code_is_refused_without_trust_remote_code(sample_model, tmp_path):
+def test_custom_code_is_refused(sample_model, tmp_path):
     src = _copy_sample(sample_model, tmp_path / "m")
     cfg = json.loads((src / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (src / "config.json").write_text(json.dumps(cfg))
     proc = run_cli("plan", src)
     assert proc.returncode == 3
-    assert "--trust-remote-code" in _error_lines(proc)[1]
+    err, fix = _error_lines(proc)
+    assert "quantkit does not run a model's own code" in err and "natively" in fix  # tests/test_flags.py: the rest
 
 
 def test_unknown_quant_type_in_a_profile(sample_model, tmp_path):
     profile = tmp_path / "bad.yaml"
-    profile.write_text("backends:\n  gguf:\n    types: [Q4_K_M, Q4_K_X]\n")
+    profile.write_text("formats:\n  gguf:\n    types: [Q4_K_M, Q4_K_X]\n")
     proc = run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out")
     assert proc.returncode == 4
     err, fix = _error_lines(proc)
@@ -179,14 +180,14 @@ def test_broken_checkpoints(sample_model, tmp_path, how, message):
 
 
 @pytest.mark.parametrize("profile, code, message", [
-    ("backends: {gptq: {variants: [{bits: 4, group_size: 128}]}}", 4, "group size 128 does not divide the layer widths [576]"),
-    ("backends: {exl2: {bits: [4.0, 9.5]}}", 4, "exl2: 9.5 bits per weight is out of range"),
-    ("backends: {exl2: {bits: [4.0, {bits: 8.0, head: 8}]}}", 4, "exl2: unknown key(s) ['head'] in {'bits': 8.0, 'head': 8}"),
-    ("backends: {exl2: {bits: [{bits: 8.0, head_bits: 7}]}}", 4, "exl2: head_bits 7 is not supported"),
-    ("backends: {gguf: {types: [Q8_0]}}\nevaluation: {ctx: 512, max_tokens: 600}", 4,
+    ("formats: {gptq: {variants: [{bits: 4, group_size: 128}]}}", 4, "group size 128 does not divide the layer widths [576]"),
+    ("formats: {exl2: {bits: [4.0, 9.5]}}", 4, "exl2: 9.5 bits per weight is out of range"),
+    ("formats: {exl2: {bits: [4.0, {bits: 8.0, head: 8}]}}", 4, "exl2.bits[1]: unknown key(s) ['head']"),
+    ("formats: {exl2: {bits: [{bits: 8.0, head_bits: 7}]}}", 4, "exl2: head_bits 7 is not supported"),
+    ("formats: {gguf: {types: [Q8_0]}}\nevaluation: {ctx: 512, max_tokens: 600}", 4,
      "evaluation.max_tokens 600 is less than two windows of ctx 512"),
-    ("backends: {gguf: {types: [Q8_0]}\n", 4, "is not valid YAML"),
-    ("backends: {gguf: {types: [Q8_0]}}\nevaluaton: {ctx: 512}", 4, "unknown profile key(s) ['evaluaton']"),
+    ("formats: {gguf: {types: [Q8_0]}\n", 4, "is not valid YAML"),
+    ("formats: {gguf: {types: [Q8_0]}}\nevaluaton: {ctx: 512}", 4, "unknown profile key(s) ['evaluaton']"),
 ])
 def test_bad_profiles(sample_model, tmp_path, profile, code, message):
     if "gptq" in profile:
@@ -212,7 +213,7 @@ def test_evaluation_text_too_short_fails_before_building(sample_model, tmp_path)
     text = tmp_path / "short.txt"
     text.write_text("A short text of a few words. " * 20)
     profile = tmp_path / "short.yaml"
-    profile.write_text(f"backends: {{gguf: {{types: [Q8_0]}}}}\nevaluation: {{text: {text}, ctx: 512, max_tokens: 0}}\n")
+    profile.write_text(f"formats: {{gguf: {{types: [Q8_0]}}}}\nevaluation: {{text: {text}, ctx: 512, max_tokens: 0}}\n")
     proc = run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out")
     assert proc.returncode == 4
     err, fix = _error_lines(proc)
@@ -233,3 +234,59 @@ def test_missing_chat_template_is_reported_by_the_smoke_test(sample_model, tmp_p
     reasons = {a["variant"]: a["evaluation"]["smoke_reason"] for a in report["artifacts"]}
     assert reasons == {"F16": "the GGUF has no tokenizer.chat_template", "Q8_0": "the GGUF has no tokenizer.chat_template"}
     assert report["prompt_format"] is None and "smoke test failed" in proc.stderr
+
+
+# Numbers of the evaluation that cannot work are refused when the profile is read, naming the key, instead of a
+# ZeroDivisionError's crash log or a runtime's failure halfway through a build.
+@pytest.mark.parametrize("section, message", [
+    ("evaluation: {ctx: 0}", "evaluation.ctx must be between 16 and 1048576 tokens, got 0"),
+    ("evaluation: {ctx: -512}", "evaluation.ctx must be between 16 and 1048576 tokens, got -512"),
+    ("evaluation: {ctx: 4}", "evaluation.ctx must be between 16 and 1048576 tokens, got 4"),
+    ("evaluation: {ctx: 100000000000}", "evaluation.ctx must be between 16 and 1048576 tokens, got 100000000000"),
+    ("evaluation: {max_tokens: -1}", "evaluation.max_tokens must be 0 (the whole text) or a token count, got -1"),
+    ("evaluation: {ctx: 256, max_tokens: 300}", "evaluation.max_tokens 300 is less than two windows of ctx 256"),
+    ("smoke: {max_tokens: 0}", "smoke.max_tokens must be between 1 and 2048 tokens, got 0"),
+    ("chat_checks: {max_tokens: 100000}", "chat_checks.max_tokens must be between 1 and 2048 tokens, got 100000"),
+])
+def test_impossible_evaluation_numbers(tmp_path, section, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"formats: {{gguf: {{types: [Q8_0]}}}}\n{section}\n")
+    proc = run_cli("plan", "--sample", "--profile", path)
+    assert proc.returncode == 4, proc.stderr
+    err, fix = _error_lines(proc)
+    assert err == f"error: {path}: {message}"
+    assert "crash" not in fix
+
+
+def test_a_model_without_eos_is_scored_and_the_smoke_test_says_why(sample_model, tmp_path):
+    """No EOS anywhere (config, generation config, tokenizer): the reference still scores, its replies run to their
+    cap, and the smoke test's reason names the missing token (it was a ValueError from min() of no ids)."""
+    import numpy as np
+
+    from quantkit.evaluate.text import load_text
+    from quantkit.procs import run_python
+
+    src = _copy_sample(sample_model, tmp_path / "m")
+    for name, keys in (("config.json", ("eos_token_id", "pad_token_id")),
+                       ("generation_config.json", ("eos_token_id", "pad_token_id")),
+                       ("tokenizer_config.json", ("eos_token", "pad_token"))):
+        data = json.loads((src / name).read_text())
+        assert any(data.pop(k, None) is not None for k in keys), name
+        (src / name).write_text(json.dumps(data))
+    text = tmp_path / "text.txt"
+    text.write_text(load_text("builtin:botchan")[:20_000], encoding="utf-8")
+    run_python(["-m", "quantkit.evaluate.hf_runner", "tokenize", str(src), str(text), str(tmp_path / "all.npy"),
+                str(tmp_path / "bos.json")])
+    np.save(tmp_path / "tokens.npy", np.load(tmp_path / "all.npy")[:512])
+    spec = {"tokens": str(tmp_path / "tokens.npy"), "bos": json.loads((tmp_path / "bos.json").read_text())["bos"],
+            "ctx": 256, "threads": 2, "reference": True,
+            "smoke": {"system": "You are a helpful assistant.", "question": "What is the capital of France?",
+                      "expect": "Paris", "max_tokens": 12}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(src), str(tmp_path / "spec.json"),
+                str(tmp_path / "out.json")])
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert 1 < result["perplexity"] < 1000
+    smoke = result["smoke"]
+    assert smoke["passed"] is False and smoke["end_token"] is None and "Paris" in smoke["reply"]
+    assert smoke["reason"].startswith("the checkpoint names no EOS token")

@@ -16,7 +16,7 @@ no_cuda_only = pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU; the
 
 def _profile(tmp_path, when):
     path = tmp_path / f"exl2-{when}.yaml"
-    path.write_text("backends:\n  gguf: {types: [Q8_0]}\n"
+    path.write_text("formats:\n  gguf: {types: [Q8_0]}\n"
                     f"  exl2: {{bits: [4.0], if_unavailable: {when}}}\n"
                     "evaluation: {ctx: 256, max_tokens: 512}\nsmoke: {allow_failures: true}\n"
                     "chat_checks: {enabled: false}\n")  # as tests/profiles/tiny.yaml: the seed's evaluations stand
@@ -51,7 +51,7 @@ def test_exl2_is_skipped_when_the_profile_says_so(sample_model, tiny_seed, tmp_p
 
 
 def test_exl2_backend_lists_what_it_needs():
-    line = next(l for l in run_cli("backends", check=True).stdout.splitlines() if l.startswith("exl2"))
+    line = next(l for l in run_cli("formats", check=True).stdout.splitlines() if l.startswith("exl2"))
     assert ("available" if CUDA else "missing: ") in line
     if not CUDA:
         assert "a CUDA GPU" in line
@@ -101,7 +101,7 @@ def test_calibration_parquet_is_what_exllamav2_reads(tmp_path):
     from quantkit.evaluate.text import CALIBRATION
 
     out = tmp_path / "cal.parquet"
-    subprocess.run([sys.executable, "-m", "quantkit.formats.exl2.worker", "parquet", str(CALIBRATION["botchan"]),
+    subprocess.run([sys.executable, "-m", "quantkit.formats.exl2.tool", "parquet", str(CALIBRATION["botchan"]),
                     str(out)], check=True, cwd=REPO)
     df = pandas.read_parquet(out, engine="fastparquet")  # exactly how exllamav2's tokenize.py reads it
     text = CALIBRATION["botchan"].read_text(encoding="utf-8")

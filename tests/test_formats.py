@@ -15,7 +15,8 @@ from huggingface_hub import HfApi, ModelCard
 
 from conftest import PROFILES, REPO, TOKEN, run_cli
 from quantkit.evaluate.text import CALIBRATION
-from quantkit.gates import judge
+from quantkit.gates import bound_failures
+from quantkit.results import Judged
 from quantkit.profiles import load_profile
 from quantkit.report import label
 
@@ -114,12 +115,12 @@ def test_a_scrambled_matrix_fails_its_bound(formats_build, tmp_path):
     spec = {"tokens": str(state / "eval-tokens.npy"), "bos": None, "ctx": 256, "threads": 2, "chat": False,
             "ref_read": str(state / "reference-logprobs.npy")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "quantkit.formats.gptq.evaluate_worker", "evaluate", str(broken),
+    subprocess.run([sys.executable, "-m", "quantkit.formats.gptq.runner", "evaluate", str(broken),
                     str(tmp_path / "spec.json"), str(tmp_path / "out.json")], check=True, capture_output=True, cwd=REPO)
     scored = json.loads((tmp_path / "out.json").read_text())
     max_kld, min_top1 = BOUNDS["gptq"]
     assert scored["kld_mean"] > 4 * max_kld and scored["top1_agreement"] < min_top1 / 2, scored
-    failures = judge({**gptq, "evaluation": scored}, load_profile(str(PROFILES / "formats.yaml")).bounds)
+    failures = bound_failures(Judged.from_dict({**gptq, "evaluation": scored}), load_profile(str(PROFILES / "formats.yaml")).bounds)
     assert [f.split(" ")[0] for f in failures] == ["KLD", "top-1"], failures
 
 

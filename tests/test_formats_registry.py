@@ -13,7 +13,7 @@ import pytest
 
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
-from conftest import TESTS, TOKEN, run_cli, seed
+from conftest import PROFILES, TESTS, TOKEN, run_cli, seed
 from quantkit import formats
 from quantkit.profiles import available_profiles
 
@@ -30,7 +30,7 @@ def plugin_path(module_dir):
 
 
 def test_backends_lists_gguf_with_what_it_uses():
-    out = run_cli("backends", check=True).stdout
+    out = run_cli("formats", check=True).stdout
     assert "gguf" in out and "available (package llama-cpp-python 0.3.36, package gguf" in out
 
 
@@ -116,7 +116,7 @@ def test_the_core_names_no_format():
 
 
 def test_entry_point_backends_are_listed_with_their_missing_needs(plugin_path):
-    out = run_cli("backends", env=plugin_path, check=True).stdout.splitlines()
+    out = run_cli("formats", env=plugin_path, check=True).stdout.splitlines()
     assert any(l.startswith("tiny ") and "available" in l for l in out)
     assert any(l.startswith("needy ") and "missing: package frobnicate-kernels (pip install frobnicate-kernels)" in l
                for l in out)
@@ -124,14 +124,14 @@ def test_entry_point_backends_are_listed_with_their_missing_needs(plugin_path):
 
 def test_third_party_backend_plans_beside_gguf(plugin_path, sample_model, tmp_path):
     profile = tmp_path / "p.yaml"
-    profile.write_text("backends:\n  gguf:\n    types: [Q8_0]\n  tiny: {}\n")
+    profile.write_text("formats:\n  gguf:\n    types: [Q8_0]\n  tiny: {}\n")
     out = run_cli("plan", sample_model, "--profile", profile, env=plugin_path, check=True).stdout
     assert "SmolLM2-135M-Instruct-Q8_0.gguf" in out and "SmolLM2-135M-Instruct-tiny " in out
 
 
 def test_a_backend_with_missing_needs_is_refused_before_any_work(plugin_path, sample_model, tmp_path):
     profile = tmp_path / "p.yaml"
-    profile.write_text("backends:\n  gguf:\n    types: [Q8_0]\n  needy: {}\n")
+    profile.write_text("formats:\n  gguf:\n    types: [Q8_0]\n  needy: {}\n")
     proc = run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out", env=plugin_path)
     assert proc.returncode == 4
     assert "error: backend needy needs package frobnicate-kernels" in proc.stderr
@@ -139,16 +139,82 @@ def test_a_backend_with_missing_needs_is_refused_before_any_work(plugin_path, sa
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_backend(sample_model, tmp_path):
+def test_unknown_format(sample_model, tmp_path):
     profile = tmp_path / "p.yaml"
-    profile.write_text("backends:\n  gptqq: {}\n")
+    profile.write_text("formats:\n  gptqq: {}\n")
     proc = run_cli("plan", sample_model, "--profile", profile)
-    assert proc.returncode == 4 and "unknown backend 'gptqq'" in proc.stderr
+    assert proc.returncode == 4 and "unknown format 'gptqq'" in proc.stderr
+
+
+# A misspelt key in each format's options, where it is easy to miss: one level down, beside keys that are right.
+TYPOS = {
+    "gguf": ("{types: [Q8_0, {type: Q4_K_M, name: Q4_K_L, embedings: Q8_0}]}", "gguf.types[1]: unknown key(s) ['embedings']"),
+    "gptq": ("{variants: [{bits: 4, group_szie: 32}]}", "gptq.variants[0]: unknown key(s) ['group_szie']"),
+    "awq": ("{calibration: {text: builtin:botchan, sample: 8}}", "awq.calibration: unknown key(s) ['sample']"),
+    "exl2": ("{bits: [4.0], measurment: {rows: 4}}", "exl2: unknown key(s) ['measurment']"),
+    "mlx": ("{variants: [{bits: 4, group: 32}]}", "mlx.variants[0]: unknown key(s) ['group']"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TYPOS))
+def test_an_unknown_option_is_refused_at_plan_time_and_named(sample_model, tmp_path, name):
+    """Before the format is checked against this machine (exl2 has no GPU here, and `if_unavailable: skip` would
+    otherwise hide the typo) and before anything is written."""
+    body, message = TYPOS[name]
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"formats:\n  {name}: {body[:-1]}, if_unavailable: skip}}\n")
+    proc = run_cli("plan", sample_model, "--profile", profile)
+    assert proc.returncode == 4, proc.stderr
+    assert f"error: {message}" in proc.stderr and "fix: allowed:" in proc.stderr
+
+
+def test_every_format_reads_typed_options():
+    """Each format's options are a frozen dataclass, read by the one strict loader (quantkit/options.py)."""
+    import dataclasses
+
+    for name in formats.names():
+        options = formats.get(name).Options
+        assert dataclasses.is_dataclass(options) and options.__dataclass_params__.frozen, name
+        formats.get(name).read_options({})  # every key has a default
+
+
+def test_a_second_format_of_the_same_name_is_refused():
+    from quantkit.formats import Format
+
+    with pytest.raises(TypeError, match="two formats are named 'gguf'"):
+        class Impostor(Format, name="gguf"):  # noqa: F841
+            pass
+
+
+def test_a_broken_plugin_is_listed_and_breaks_nothing_else(plugin_path, sample_build, tmp_path):
+    """A plugin that fails to import, or whose entry point names another format, is listed with its error by
+    `quantkit formats`; the sample build, which does not ask for it, runs as before."""
+    lines = {l.split()[0]: l for l in run_cli("formats", env=plugin_path, check=True).stdout.splitlines()}
+    assert "broken: format 'broken' cannot be loaded from plugin quantkit_tinyformat.broken:BrokenFormat" in lines["broken"]
+    assert "ModuleNotFoundError: No module named 'frobnicate_kernels'" in lines["broken"]
+    assert "names a format called 'tiny'" in lines["misnamed"]
+    assert lines["tiny"].split()[1] == "available" and lines["gguf"].split()[1] == "available"
+    folder = seed(sample_build["dir"], tmp_path / "builds")  # the sample, built with the fast profile: resumed
+    (folder / "report.json").unlink()
+    proc = run_cli("build", "--sample", "--profile", PROFILES / "fast.yaml", "--out", tmp_path / "builds",
+                   env=plugin_path, check=True)
+    assert "built 0, evaluated 0" in proc.stdout and json.loads((folder / "report.json").read_text())["artifacts"]
+    profile = tmp_path / "p.yaml"
+    profile.write_text("formats:\n  broken: {}\n")
+    proc = run_cli("plan", "--sample", "--profile", profile, env=plugin_path)
+    assert proc.returncode == 4 and "format 'broken' cannot be loaded" in proc.stderr
+
+
+def test_the_old_profile_key_is_read_with_a_warning(sample_model, tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("backends:\n  gguf: {types: [Q8_0]}\n")
+    proc = run_cli("plan", sample_model, "--profile", profile, check=True)
+    assert "'backends:' is the old name of 'formats:'" in proc.stderr and "Q8_0.gguf" in proc.stdout
 
 
 def test_third_party_format_is_built_evaluated_and_published(plugin_path, sample_model, tiny_seed, hub, tmp_path):
     profile = tmp_path / "p.yaml"
-    profile.write_text("backends:\n  gguf:\n    types: [Q8_0]\n  tiny: {}\n"
+    profile.write_text("formats:\n  gguf:\n    types: [Q8_0]\n  tiny: {}\n"
                        "evaluation:\n  ctx: 256\n  max_tokens: 512\nchat_checks:\n  enabled: false\n"
                        "publish:\n  owner: alice\n")
     env = {**plugin_path, **hub.env}

@@ -12,8 +12,11 @@ import pytest
 import yaml
 
 from conftest import PROFILES, run_cli, seed
-from quantkit.gates import judge, parse_bounds
-from quantkit.evaluate.integrity import check, folder_facts
+from quantkit.build import make_plan, run_build
+from quantkit.errors import QualityGateFailed
+from quantkit.gates import bound_failures, parse_bounds
+from quantkit.results import Judged
+from quantkit.evaluate.integrity import folder_facts, mismatches
 from quantkit.formats.gguf.chat_facts import gguf_facts
 from quantkit.formats.gguf.llamacpp import find_tree
 from quantkit.profiles import load_profile
@@ -32,17 +35,17 @@ def _gguf_script(name: str, *args) -> None:
 def test_a_changed_template_and_a_changed_eos_are_caught_and_named(sample_build, sample_model, tmp_path):
     source = folder_facts(sample_model)
     q8 = sample_build["dir"] / "SmolLM2-135M-Instruct-Q8_0.gguf"
-    assert check(source, gguf_facts(q8)) == []  # the build's own file agrees with its source
+    assert mismatches(source, gguf_facts(q8)) == []  # the build's own file agrees with its source
 
     template = tmp_path / "template.gguf"
     _gguf_script("gguf_new_metadata.py", "--force", "--chat-template", BROKEN_TEMPLATE, q8, template)
-    [m] = check(source, gguf_facts(template))
+    [m] = mismatches(source, gguf_facts(template))
     assert m.field == "chat template" and "4 of 4 conversations" in m.render()
 
     eos = tmp_path / "eos.gguf"
     shutil.copy(sample_build["dir"] / "SmolLM2-135M-Instruct-Q4_K_M.gguf", eos)
     _gguf_script("gguf_set_metadata.py", "--force", eos, "tokenizer.ggml.eos_token_id", "0")
-    [m] = check(source, gguf_facts(eos))
+    [m] = mismatches(source, gguf_facts(eos))
     assert m.render() == "EOS token: 0 (<|endoftext|>), the source has 2 (<|im_end|>)"
 
     # A folder format (GPTQ, AWQ, EXL2) is read from its tokenizer files, as transformers reads them.
@@ -52,7 +55,7 @@ def test_a_changed_template_and_a_changed_eos_are_caught_and_named(sample_build,
     (folder / "generation_config.json").write_text(json.dumps(gen | {"eos_token_id": 0}))
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"eos_token": "<|endoftext|>"}))
-    fields = {m.field: m.render() for m in check(source, folder_facts(folder))}
+    fields = {m.field: m.render() for m in mismatches(source, folder_facts(folder))}
     assert set(fields) == {"EOS token", "end of turn"}, fields
     assert fields["end of turn"] == ("end of turn: <|im_end|> does not end generation, the source has <|im_end|> as an "
                                      "end-of-generation token")
@@ -83,7 +86,7 @@ def test_the_sample_profiles_ship_bounds_the_sample_passes(sample_build):
     fast, sample = load_profile(str(PROFILES / "fast.yaml")), load_profile("sample")
     assert fast.bounds == sample.bounds == load_profile("gguf-standard").bounds
     for a in sample_build["report"]["artifacts"]:  # every file of the ladder is held to a bound with a KLD limit
-        assert any(b.matches(a) and b.max_kld is not None for b in sample.bounds), a["variant"]
+        assert any(b.matches(Judged.from_dict(a)) and b.max_kld is not None for b in sample.bounds), a["variant"]
     assert all(not a["failures"] for a in sample_build["report"]["artifacts"])
     assert len(sample_build["report"]["bounds"]) == len(sample.bounds)
 
@@ -98,6 +101,11 @@ def test_a_strict_bound_fails_the_build_and_publish_refuses_it(sample_model, fil
     assert proc.returncode == 7, proc.stderr[-2000:]
     assert "1 artifact(s) failed their checks: Q8_0" in proc.stderr and "--allow-failed" in proc.stderr
     folder = tmp_path / "out" / sample_model.name
+    # From Python, the build returns its result (resumed: nothing is built or scored again), failures and all.
+    result = run_build(make_plan(sample_model, str(tmp_path / "strict.yaml"), tmp_path / "out"), threads=2)
+    assert [r.variant for r in result.failed] == ["Q8_0"] and result.failed[0].failures[0].startswith("KLD ")
+    assert result.built == [] and result.evaluated == []
+    assert isinstance(result.error(), QualityGateFailed) and result.error().exit_code == 7
     report = json.loads((folder / "report.json").read_text())
     by = {a["variant"]: a for a in report["artifacts"]}
     assert by["F16"]["failures"] == []
@@ -135,10 +143,10 @@ def test_a_bound_that_cannot_be_checked_fails_the_file_and_says_why(sample_model
     # A tool-call bound: held by a file whose probe ran (the ladder's Q8_0 calls the tool as the fp16 source does),
     # failed by the same file scored with the chat checks off (tests/profiles/tiny.yaml), saying why.
     [bound] = parse_bounds([{"variants": ["Q8_0"], "tool_calls": True, "min_top1": 0.5}], "bounds")
-    probed, unprobed = (next(a for a in json.loads((d / "report.json").read_text())["artifacts"] if a["variant"] == "Q8_0")
-                        for d in (sample_build["dir"], tiny_seed))
-    assert judge(probed, (bound,)) == []
-    [failure] = judge(unprobed, (bound,))
+    probed, unprobed = (Judged.from_dict(next(a for a in json.loads((d / "report.json").read_text())["artifacts"]
+                                              if a["variant"] == "Q8_0")) for d in (sample_build["dir"], tiny_seed))
+    assert bound_failures(probed, (bound,)) == []
+    [failure] = bound_failures(unprobed, (bound,))
     assert failure.startswith("tool call: no probe ran, so its bound cannot be checked (chat_checks are off"), failure
 
 

@@ -108,7 +108,7 @@ def test_planned_sizes_match_the_built_files(depth_build, sample_model):
 
 def test_iquant_without_imatrix_is_refused_at_plan_time(sample_model, tmp_path):
     profile = tmp_path / "iq2.yaml"
-    profile.write_text("backends:\n  gguf:\n    types: [IQ2_XXS]\n")
+    profile.write_text("formats:\n  gguf:\n    types: [IQ2_XXS]\n")
     proc = run_cli("plan", sample_model, "--profile", profile)
     assert proc.returncode == 4
     err = [l for l in proc.stderr.splitlines() if l.startswith(("error:", "  fix:"))]
@@ -129,7 +129,7 @@ def test_iquant_without_imatrix_is_refused_at_plan_time(sample_model, tmp_path):
 def test_bad_gguf_options(sample_model, tmp_path, backend_yaml, message):
     profile = tmp_path / "bad.yaml"
     body = backend_yaml if backend_yaml.startswith("{") else "{" + backend_yaml + "}"
-    profile.write_text(f"backends:\n  gguf: {body}\n")
+    profile.write_text(f"formats:\n  gguf: {body}\n")
     proc = run_cli("plan", sample_model, "--profile", profile)
     assert proc.returncode == 4 and message in proc.stderr, proc.stderr
 
@@ -151,7 +151,7 @@ def test_bf16_source_gets_a_bf16_intermediate(sample_model, tmp_path):
             else:
                 (src / p.name).write_bytes(p.read_bytes())
     profile = tmp_path / "auto.yaml"
-    profile.write_text("backends:\n  gguf: {intermediate: auto, types: [Q8_0]}\n")
+    profile.write_text("formats:\n  gguf: {intermediate: auto, types: [Q8_0]}\n")
     plan = make_plan(str(src), str(profile), tmp_path / "out")
     inter = plan.artifacts[0]
     assert (inter.variant, inter.filename, inter.role) == ("BF16", "bf16-BF16.gguf", "intermediate")

@@ -24,7 +24,7 @@ def sample_tokens(sample_model, module_dir):
     from quantkit.evaluate.text import load_text
 
     text.write_text(load_text("builtin:botchan"), encoding="utf-8")
-    run_python(["-m", "quantkit.evaluate.hf_worker", "tokenize", str(sample_model), str(text), str(tmp / "all.npy"),
+    run_python(["-m", "quantkit.evaluate.hf_runner", "tokenize", str(sample_model), str(text), str(tmp / "all.npy"),
                 str(tmp / "bos.json")])
     np.save(tmp / "tokens.npy", np.load(tmp / "all.npy")[: WINDOWS * 512])
     return tmp, json.loads((tmp / "bos.json").read_text())["bos"]
@@ -36,7 +36,7 @@ def _reference(sample_model, tmp, bos, name, **extra) -> dict:
     spec = {"tokens": str(tmp / "tokens.npy"), "bos": bos, "ctx": 512, "threads": 2, "reference": True,
             "smoke": asdict(SmokeOptions(max_tokens=16)), **extra}
     (tmp / f"{name}.spec.json").write_text(json.dumps(spec))
-    run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(sample_model), str(tmp / f"{name}.spec.json"),
+    run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(sample_model), str(tmp / f"{name}.spec.json"),
                 str(tmp / f"{name}.json")])
     return json.loads((tmp / f"{name}.json").read_text())
 
@@ -129,3 +129,35 @@ def test_worker_jobs_are_sized_by_the_plans_formulas(sample_model, tmp_path):
     assert heaviest <= estimate < 1.5 * heaviest, (estimate, heaviest)
     # A Mistral-7B fits a 24 GB machine; a Mixtral-8x7B does not.
     assert job_needs(profile, 7_241_732_096)[1] < 24e9 < job_needs(profile, 46_702_792_704)[1]
+
+
+MEMINFO = "MemTotal:       24683772 kB\nMemFree:         1204420 kB\nMemAvailable:   20110356 kB\n"
+
+
+@pytest.mark.parametrize("platform, report, expected", [
+    ("linux", MEMINFO, 24683772 * 1024),
+    ("linux", "MemFree: 1204420 kB\n", 0),  # no MemTotal line: unknown, not a wrong number
+    ("linux", "", 0),
+    ("darwin", "68719476736\n", 64 << 30),  # `sysctl -n hw.memsize` of a 64 GB Mac
+    ("darwin", "", 0),
+    ("darwin", "sysctl: unknown oid 'hw.memsize'\n", 0),
+    ("darwin", MEMINFO, 0),  # each platform reads its own report only
+    ("win32", "68719476736", 0),
+])
+def test_each_platforms_memory_report_is_read(platform, report, expected):
+    """Parsed the same on every machine, macOS's included (where machine_memory() used to be 0, so no memory
+    refusal could fire)."""
+    from quantkit.memory import total_memory
+
+    assert total_memory(platform, report) == expected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")
+def test_this_machines_memory_is_its_memtotal(monkeypatch):
+    from pathlib import Path
+
+    from quantkit.memory import MEMORY_ENV, machine_memory
+
+    monkeypatch.delenv(MEMORY_ENV, raising=False)
+    kib = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
+    assert abs(machine_memory() - kib * 1024) <= 0.01 * kib * 1024

@@ -36,8 +36,8 @@ def test_windows_follow_llama_perplexity_layout():
 
 def test_profile_errors_name_the_key():
     with pytest.raises(ProfileError, match="unknown key"):
-        parse_profile({"backends": {"gguf": {}}, "smoke": {"expected": "Paris"}})
+        parse_profile({"formats": {"gguf": {}}, "smoke": {"expected": "Paris"}})
     with pytest.raises(ProfileError, match="ctx must be int"):
-        parse_profile({"backends": {"gguf": {}}, "evaluation": {"ctx": "512"}})
-    with pytest.raises(ProfileError, match="backends"):
+        parse_profile({"formats": {"gguf": {}}, "evaluation": {"ctx": "512"}})
+    with pytest.raises(ProfileError, match="formats"):
         parse_profile({"name": "x"})

@@ -3,11 +3,13 @@ with mlx_lm.load, measured with MLX against the same reference as the GGUF file 
 published as mlx-community publishes them: a repo per variant."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from huggingface_hub import HfApi, ModelCard
 
-from conftest import PROFILES, TOKEN, run_cli, seed
+from conftest import PROFILES, REPO, TOKEN, run_cli, seed
 
 pytest.importorskip("mlx_lm", reason="the mlx extra is not installed (QUANTKIT_EXTRAS without mlx)")
 
@@ -73,13 +75,13 @@ def test_mlx_is_published_a_repo_per_variant(mlx_build, hub, tmp_path):
 
 
 @pytest.mark.parametrize("variant, code, message", [
-    ("{bits: 7}", 4, "mlx: 7-bit is not a width MLX quantizes to"),
-    ("{bits: 4, group_size: 48}", 4, "mlx: group size 48 is not one MLX supports"),
+    ("{bits: 7}", 4, "mlx.variants[0]: 7-bit is not a width MLX quantizes to"),
+    ("{bits: 4, group_size: 48}", 4, "mlx.variants[0]: group size 48 is not one MLX supports"),
     ("{recipe: mixed_1_9}", 4, "mlx: mlx-lm has no recipe 'mixed_1_9'"),
 ])
 def test_bad_mlx_options_are_refused_at_plan_time(sample_model, tmp_path, variant, code, message):
     profile = tmp_path / "p.yaml"
-    profile.write_text(f"backends:\n  mlx:\n    variants: [{variant}]\n")
+    profile.write_text(f"formats:\n  mlx:\n    variants: [{variant}]\n")
     proc = run_cli("plan", sample_model, "--profile", profile)
     assert proc.returncode == code and f"error: {message}" in proc.stderr and "fix: " in proc.stderr
 
@@ -93,13 +95,26 @@ def test_an_architecture_mlx_lm_cannot_convert_is_refused(sample_model, tmp_path
     cfg = json.loads((sample_model / "config.json").read_text()) | {"model_type": "frobnicator"}
     (src / "config.json").write_text(json.dumps(cfg))
     profile = tmp_path / "p.yaml"
-    profile.write_text("backends:\n  mlx:\n    variants: [{bits: 4}]\n")
+    profile.write_text("formats:\n  mlx:\n    variants: [{bits: 4}]\n")
     proc = run_cli("plan", src, "--profile", profile)
     assert proc.returncode == 3 and "mlx-lm cannot convert m: Model type frobnicator not supported" in proc.stderr
 
 
+def test_planning_never_imports_mlx(sample_model, tmp_path):
+    """mlx-lm runs only in MLX's child processes (tool.py, runner.py): the plan asks a child for the sizes,
+    the recipes and whether the architecture converts."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text("formats:\n  mlx:\n    variants: [{bits: 4}, {recipe: mixed_3_6}]\n")
+    code = ("import sys; from quantkit.build import make_plan; "
+            f"p = make_plan({str(sample_model)!r}, {str(profile)!r}, {str(tmp_path)!r}); "
+            "assert [a.variant for a in p.artifacts] == ['4bit', 'mixed_3_6'], p.artifacts; "
+            "from quantkit import formats; [formats.get(n).requirements() for n in formats.names()]; "
+            "assert not {'mlx', 'mlx_lm'} & set(sys.modules), 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
 def test_backends_lists_mlx():
-    out = run_cli("backends", check=True).stdout
+    out = run_cli("formats", check=True).stdout
     assert any(l.startswith("mlx ") and "available (package mlx 0.32.4, package mlx-lm 0.32.2)" in l
                for l in out.splitlines())
 
@@ -122,7 +137,7 @@ def test_a_folder_mlx_lm_would_misread_stops_the_build(mlx_build, tmp_path):
     shutil.copy(mlx_build["dir"] / ".quantkit" / "eval-tokens.npy", tmp_path / "tokens.npy")
     (tmp_path / "spec.json").write_text(json.dumps({"tokens": str(tmp_path / "tokens.npy"), "bos": None, "ctx": 512,
                                                     "threads": 2}))
-    proc = subprocess.run([sys.executable, "-m", "quantkit.formats.mlx.evaluate_worker", "evaluate", str(bad),
+    proc = subprocess.run([sys.executable, "-m", "quantkit.formats.mlx.runner", "evaluate", str(bad),
                            str(tmp_path / "spec.json"), str(tmp_path / "out.json")], capture_output=True, text=True)
     assert proc.returncode == 1 and not (tmp_path / "out.json").exists()
     assert "error: mlx-lm does not reproduce its own folder's weights as transformers runs them" in proc.stderr

@@ -139,19 +139,19 @@ def _hf_evaluate(folder: Path, tmp: Path, name: str, **spec) -> dict:
     from quantkit.procs import run_python
 
     (tmp / f"{name}.spec.json").write_text(json.dumps({"ctx": 256, "threads": 2, "reference": True, **spec}))
-    run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(folder), str(tmp / f"{name}.spec.json"),
+    run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(folder), str(tmp / f"{name}.spec.json"),
                 str(tmp / f"{name}.json")])
     return json.loads((tmp / f"{name}.json").read_text())
 
 
-# Float32 log-probabilities of the reference's model as hf_worker loads it (the scored rows of the report are
+# Float32 log-probabilities of the reference's model as hf_runner loads it (the scored rows of the report are
 # stored as float16, whose rounding, KLD ~4e-5, would hide a difference of 1e-6), and how much anonymous memory
 # the load added (a fused copy is anonymous; weights left in the memory-mapped files are not). At this size the
 # whole run's peak is the output head's activations, so the copy shows in the load, not in the peak.
 _LOGPROBS = """
 import sys, numpy as np, torch, defuser.defuser, transformers.models.mixtral.modeling_mixtral
 from transformers import AutoModelForCausalLM
-from quantkit.evaluate.hf_worker import load_model
+from quantkit.evaluate.hf_runner import load_model
 def anonymous():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
 before = anonymous()
@@ -175,7 +175,7 @@ def test_the_reference_keeps_experts_as_stored_and_agrees_with_the_fused_load(mo
 
     model = moe_build["model"]
     (tmp_path / "text.txt").write_text(load_text("builtin:botchan"), encoding="utf-8")
-    run_python(["-m", "quantkit.evaluate.hf_worker", "tokenize", str(model), str(tmp_path / "text.txt"),
+    run_python(["-m", "quantkit.evaluate.hf_runner", "tokenize", str(model), str(tmp_path / "text.txt"),
                 str(tmp_path / "tokens.npy"), str(tmp_path / "bos.json")])
     logprobs, loaded = {}, {}
     for how in (FUSED, "stored"):
@@ -225,7 +225,7 @@ def test_a_checkpoint_with_weights_the_model_does_not_read_is_refused(moe_build,
     from quantkit.errors import ToolError
 
     with pytest.raises(ToolError) as failed:
-        run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(broken), str(tmp_path / "spec.json"),
+        run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(broken), str(tmp_path / "spec.json"),
                     str(tmp_path / "out.json")], what="the reference")
     message = str(failed.value)
     assert "transformers leaves 8 weight(s) of broken unread, so scoring it would measure random weights" in message, message

@@ -24,7 +24,7 @@ def test_the_wheel_carries_the_profiles_and_an_installed_quantkit_finds_them(tmp
     assert {f"quantkit/builtin_profiles/{p}" for p in profiles} <= names
     assert {"quantkit/data/botchan-eval.txt", "quantkit/data/botchan-calibration.txt"} <= names
     assert "quantkit/py.typed" not in names  # not declared: quantkit does not claim to be checked by a type checker
-    assert {"quantkit/formats/gguf/__init__.py", "quantkit/formats/mlx/worker.py"} <= names  # every format folder
+    assert {"quantkit/formats/gguf/__init__.py", "quantkit/formats/mlx/tool.py"} <= names  # every format folder
     assert not any(n.startswith(("tests/", "scripts/", "profiles/")) for n in names)
 
     # Installed on its own, run from a folder with no profiles/: the built-in profiles come from the wheel.

@@ -35,7 +35,7 @@ def test_python_api_plan(sample_model, tmp_path):
 
 def test_backends_command_lists_gguf():
     assert "gguf" in formats.names()
-    listed = [line.split()[0] for line in run_cli("backends", check=True).stdout.splitlines()]
+    listed = [line.split()[0] for line in run_cli("formats", check=True).stdout.splitlines()]
     assert listed == formats.names()
 
 

@@ -1,5 +1,5 @@
 """The reference's chat turns: prompts read in float32, replies decoded as one batch in the stored 16-bit dtype
-(evaluate/hf_worker.py generate_batch), with the sample's verdicts those of the float32 decode; and the plan's
+(evaluate/hf_runner.py generate_batch), with the sample's verdicts those of the float32 decode; and the plan's
 prediction of their time against the scoring's (evaluate/reference_time.py)."""
 
 import json
@@ -9,12 +9,12 @@ import numpy as np
 
 from conftest import run_cli
 from quantkit.evaluate.integrity import folder_facts
-from quantkit.evaluate.probes import judge, prompts
+from quantkit.evaluate.probes import compare_replies, prompts
 from quantkit.evaluate.text import load_text
 from quantkit.procs import run_python
 from quantkit.profiles import ChatChecks, SmokeOptions
 
-WORKER = "quantkit.evaluate.hf_worker"
+WORKER = "quantkit.evaluate.hf_runner"
 
 
 def test_16bit_batched_replies_keep_the_sample_verdicts(sample_model, tmp_path):
@@ -38,7 +38,7 @@ def test_16bit_batched_replies_keep_the_sample_verdicts(sample_model, tmp_path):
     # The verdicts a build reports: the smoke test's, and each probe's parsed / valid / value.
     assert new["smoke"] == old["smoke"]
     assert new["smoke"]["passed"] and "Paris" in new["smoke"]["reply"] and new["smoke"]["end_token"] == "<|im_end|>"
-    verdicts = {name: judge(run["probes"], checks, None) for name, run in runs.items()}
+    verdicts = {name: compare_replies(run["probes"], checks, None) for name, run in runs.items()}
     assert verdicts["batched"] == verdicts["float32"]
     # What the sample's source does (docs/evaluation.md): no tool call; a JSON object that misses the required keys.
     assert not verdicts["batched"]["tool_call"]["parsed"]
@@ -55,7 +55,7 @@ def test_16bit_batched_replies_keep_the_sample_verdicts(sample_model, tmp_path):
 def test_plan_times_the_reference_and_says_when_its_chat_turns_dominate(sample_model, tmp_path):
     # 512 scored tokens and the default chat turns (240 tokens at most): the turns take longer than the scoring.
     chatty = tmp_path / "chatty.yaml"
-    chatty.write_text("name: chatty\nbackends: {gguf: {types: [Q8_0]}}\nevaluation: {ctx: 256, max_tokens: 512}\n")
+    chatty.write_text("name: chatty\nformats: {gguf: {types: [Q8_0]}}\nevaluation: {ctx: 256, max_tokens: 512}\n")
     proc = run_cli("plan", sample_model, "--profile", chatty, "--out", tmp_path, check=True)
     lines = proc.stdout.splitlines()
     i = next(i for i, line in enumerate(lines) if "reference time:" in line)

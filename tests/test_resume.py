@@ -96,7 +96,7 @@ def test_an_edited_calibration_text_remakes_the_importance_matrix_and_only_what_
     text = tmp_path / "calibration.txt"
     text.write_text(CALIBRATION["botchan"].read_text(encoding="utf-8"), encoding="utf-8")
     profile = tmp_path / "imatrix.yaml"
-    profile.write_text(f"backends:\n  gguf:\n    imatrix: {{text: {text}, chunks: 2, ctx: 256}}\n"
+    profile.write_text(f"formats:\n  gguf:\n    imatrix: {{text: {text}, chunks: 2, ctx: 256}}\n"
                        "    types: [Q4_K_M, {type: Q8_0, imatrix: false}]\nevaluation:\n  enabled: false\n")
     folder = seed(files_seed, tmp_path)
     name = sample_model.name

@@ -51,7 +51,7 @@ def _parse(output: str) -> dict:
 def _quantkit_worker(model, spec: dict, tmp_path, name: str) -> dict:
     """quantkit's GGUF evaluation worker, run as the build runs it."""
     (tmp_path / f"{name}.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "quantkit.formats.gguf.evaluate_worker", "evaluate", str(model),
+    subprocess.run([sys.executable, "-m", "quantkit.formats.gguf.runner", "evaluate", str(model),
                     str(tmp_path / f"{name}.json"), str(tmp_path / f"{name}.out.json")], check=True, capture_output=True)
     return json.loads((tmp_path / f"{name}.out.json").read_text())
 

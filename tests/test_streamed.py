@@ -20,7 +20,7 @@ def _reference(folder, tmp, name: str, tokens, bos, **extra) -> tuple[dict, np.n
     spec = {"tokens": str(tokens), "bos": bos, "ctx": 256, "threads": 2, "reference": True, "chat": False,
             "windows": 8, "ref_write": str(tmp / f"{name}.npy"), **extra}
     (tmp / f"{name}.spec.json").write_text(json.dumps(spec))
-    run_python(["-m", "quantkit.evaluate.hf_worker", "evaluate", str(folder), str(tmp / f"{name}.spec.json"),
+    run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(folder), str(tmp / f"{name}.spec.json"),
                 str(tmp / f"{name}.json")])
     rows = ReferenceRows(str(tmp / f"{name}.npy"), "r")  # the header names every window of the text; 8 are written
     try:
@@ -36,7 +36,7 @@ def test_streamed_reference_gives_the_in_memory_numbers(model, sample_model, tmp
 
     folder = sample_model if model == "sample" else make("moe-tiny", dead_experts=2)
     (tmp_path / "text.txt").write_text(load_text("builtin:botchan"), encoding="utf-8")
-    run_python(["-m", "quantkit.evaluate.hf_worker", "tokenize", str(folder), str(tmp_path / "text.txt"),
+    run_python(["-m", "quantkit.evaluate.hf_runner", "tokenize", str(folder), str(tmp_path / "text.txt"),
                 str(tmp_path / "tokens.npy"), str(tmp_path / "bos.json")])
     bos = json.loads((tmp_path / "bos.json").read_text())["bos"]
     memory, p = _reference(folder, tmp_path, "memory", tmp_path / "tokens.npy", bos)

@@ -58,7 +58,7 @@ def chat_turns(generate, render, spec: dict, missing: str = "the artifact has no
     greedily and returns (reply, end-of-turn token or None); `render(messages)` is the artifact's own template
     (None: it has none, and `missing` says so). The probes' prompts come rendered, from the source's template (evaluate/probes.py).
     `generate_many([(prompt, max_tokens, special), ...])`, if given, answers all the turns in one go (the reference
-    decodes them as one batch: evaluate/hf_worker.py) and replaces `generate`.
+    decodes them as one batch: evaluate/hf_runner.py) and replaces `generate`.
     `chat: false` in the spec: none of it (a later round of scoring, whose chat turns are already known); `smoke:
     null`: the probes only (a runner whose smoke test runs in another runtime)."""
     if spec.get("chat") is False:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ProfileError
+from ..errors import ProfileError, ToolError
 from ..executors import Executor, HelperRun, LocalExecutor
 from ..formats.base import HF_RUNNER
 from ..fsutil import atomic_path, sha256_text
@@ -26,7 +27,8 @@ from ..profiles import Profile
 from ..progress import Reporter
 from .integrity import ChatFacts, folder_facts
 from .metrics import windows
-from .probes import judge, prompts
+from .probes import compare_replies, prompts
+from .protocol import EvalOutput, EvalSpec
 from .stats import parse_precision
 from .text import load_text
 
@@ -45,6 +47,13 @@ def merge_runs(earlier: dict, later: dict) -> dict:
 def runs_state(state_dir: Path, key: str) -> Path:
     """An unfinished evaluation's per-position values, between rounds (and across an interrupted build)."""
     return state_dir / f"eval-{key[:16]}.state.npz"
+
+
+def runs_scratch(state_dir: Path, key: str) -> Path:
+    """An unfinished evaluation's scratch folder (EvalSpec.scratch): what its runner prepared from the artifact,
+    kept from its first round to its last (and across an interrupted build). Named by the evaluation's key, so by
+    the artifact's content."""
+    return state_dir / f"eval-{key[:16]}.scratch"
 
 
 class Evaluator:
@@ -98,26 +107,20 @@ class Evaluator:
                                "use a longer text, a smaller evaluation.ctx, or a larger evaluation.max_tokens")
         return out, rec.get("bos")
 
-    def _keys(self) -> tuple[Path, str, str, dict]:
+    def _keys(self) -> tuple[Path, str, str, EvalSpec]:
         tokens, bos = self.tokens()
         # What the runner asks and checks; whether a failure fails the build (allow_failures) is the build's call.
         smoke = {k: v for k, v in asdict(self.profile.smoke).items() if k != "allow_failures"}
         ref_key = sha256_text(REFERENCE, self.source_key, self.m.sha256(tokens), str(self.ctx))
-        # "generate": how the reference decodes its replies (evaluate/hf_worker.py): keyed, as every artifact's probes
-        # are judged against them.
-        spec = {"tokens": str(tokens), "bos": bos, "ctx": self.ctx, "threads": self.threads, "smoke": smoke,
-                "generate": "stored"}
         checks = self.profile.chat_checks
-        if checks.enabled and self.source_chat.template:
-            spec |= {"probes": prompts(self.source_chat, checks), "probe_tokens": checks.max_tokens}
-        if self.precision:
-            spec["precision"] = asdict(self.precision)
-        if self.streamed:  # in the keys too: the streamed reference has no chat replies to compare with
-            spec["streamed"] = True
-        # The key holds what the scores depend on: the tokens by content (in ref_key), never their path, so a build
-        # folder moved or mounted elsewhere keeps its evaluations; the thread count changes no score.
-        keyed = {k: v for k, v in spec.items() if k not in ("tokens", "threads")}
-        return tokens, ref_key, sha256_text(ref_key, json.dumps(keyed, sort_keys=True)), spec
+        probes = prompts(self.source_chat, checks) if checks.enabled and self.source_chat.template else None
+        # `generate`: how the reference decodes its replies (hf_runner), keyed, as every artifact's probes are judged
+        # against them; `streamed` is keyed too: the streamed reference has no chat replies to compare with.
+        spec = EvalSpec(tokens=str(tokens), bos=bos, ctx=self.ctx, threads=self.threads, smoke=smoke, generate="stored",
+                        probes=probes, probe_tokens=checks.max_tokens if probes is not None else None,
+                        precision=self.precision, streamed=self.streamed)
+        # The tokens are keyed by content (in ref_key), never by their path: protocol.UNKEYED.
+        return tokens, ref_key, sha256_text(ref_key, spec.key_json()), spec
 
     @property
     def total_windows(self) -> int:
@@ -136,11 +139,10 @@ class Evaluator:
             return self.last_reference
         if not have:
             state.unlink(missing_ok=True)
-        spec = {**spec, "reference": True, "ref_write": str(ref_path), "windows": want, "state": str(state)}
         # No chat turns for more windows of a finished reference (its replies are known), nor for a streamed one
         # (a generated token would read every layer again: evaluate/streamed.py).
-        if (rec and have) or self.streamed:
-            spec["chat"] = False
+        spec = replace(spec, reference=True, ref_write=str(ref_path), windows=want, state=str(state),
+                       chat=not ((rec and have) or self.streamed))
         [run] = self.executor.run_helpers([self._helper(HF_RUNNER, self.source, spec, "the fp16 source (reference)",
                                                         memory_key=REFERENCE)], self.reporter)
         raw = self._result(run)
@@ -167,6 +169,7 @@ class Evaluator:
                 results[artifact] = from_record(EvalResult, rec["result"])
             else:
                 todo[artifact] = (runner, gpus, key)
+        self._drop_scratch(keep={key for _, _, key in todo.values()})
         total = self.total_windows
         n = min(FIRST_ROUND, total) if self.precision else total
         first: dict[Path, dict] = {}  # each artifact's first run: its chat replies and memory
@@ -174,10 +177,9 @@ class Evaluator:
             ref = self.reference(n)
             runs = {}
             for artifact, (runner, gpus, key) in todo.items():
-                state = runs_state(self.state, key)
-                run_spec = {**spec, "ref_read": str(self.state / "reference-logprobs.npy"), "windows": n, "state": str(state)}
-                if artifact in first:
-                    run_spec["chat"] = False
+                run_spec = replace(spec, ref_read=str(self.state / "reference-logprobs.npy"), windows=n,
+                                   state=str(runs_state(self.state, key)), scratch=str(runs_scratch(self.state, key)),
+                                   chat=artifact not in first)
                 runs[self._helper(runner, artifact, run_spec, artifact.name, gpus)] = artifact
             need = n
             for run in self.executor.run_helpers(list(runs), self.reporter):
@@ -188,12 +190,21 @@ class Evaluator:
                 first[artifact] = raw
                 if raw.get("precise") or raw["windows"] >= total or not self.precision:
                     runner, gpus, key = todo.pop(artifact)
-                    Path(runs_state(self.state, key)).unlink(missing_ok=True)
+                    runs_state(self.state, key).unlink(missing_ok=True)
+                    shutil.rmtree(runs_scratch(self.state, key), ignore_errors=True)
                     results[artifact] = self._record(f"eval:{artifact.name}", key, raw, ref, artifact.name)
                 else:
                     need = max(need, self.precision.windows_needed(raw["kld_mean"], raw["kld_se"], raw["windows"]))
             n = min(total, max(need, n + 1))
         return [results[a] for a, _, _ in artifacts]
+
+    def _drop_scratch(self, keep: set[str]) -> None:
+        """Remove the scratch folders no evaluation of this run will use: an interrupted build's, of an artifact
+        since changed or no longer built."""
+        wanted = {runs_scratch(self.state, key).name for key in keep}
+        for path in self.state.glob("eval-*.scratch"):
+            if path.name not in wanted:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _done(self, step: str, key: str) -> dict | None:
         """The manifest's record of a finished evaluation, if its result can still be read (one an older quantkit
@@ -202,17 +213,22 @@ class Evaluator:
         ok = rec is not None and isinstance(rec.get("result"), dict) and from_record(EvalResult, rec["result"]) is not None
         return rec if ok else None
 
-    def _helper(self, runner: str, target: Path, spec: dict, label: str, gpus: int = 0,
+    def _helper(self, runner: str, target: Path, spec: EvalSpec, label: str, gpus: int = 0,
                 memory_key: str | None = None) -> HelperRun:
         name = re.sub(r"[^\w.-]", "_", target.name)
         spec_file, result_file = self.state / f"eval-{name}.spec.json", self.state / f"eval-{name}.result.json"
-        spec_file.write_text(json.dumps(spec))
+        spec_file.write_text(json.dumps(spec.to_json()))
         return HelperRun(f"evaluate {label}", ("-m", runner, "evaluate", str(target), str(spec_file), str(result_file)),
                          self.state, cpus=self.threads, gpus=gpus, memory=self.memory.get(memory_key or target.name, 0))
 
     def _result(self, run: HelperRun) -> dict:
+        """The runner's EvalOutput, as the JSON the manifest keeps."""
         spec_file, result_file = Path(run.args[-2]), Path(run.args[-1])
-        raw = json.loads(result_file.read_text())
+        try:
+            raw = EvalOutput.from_json(json.loads(result_file.read_text())).to_json()
+        except ValueError as e:
+            raise ToolError(f"{run.label}: its runner ({run.args[1]}) wrote no evaluation: {e}",
+                            "the runner must write an EvalOutput (quantkit/evaluate/protocol.py)") from e
         result_file.unlink()
         spec_file.unlink()
         self.ran.append(run.label.removeprefix("evaluate "))
@@ -224,7 +240,7 @@ class Evaluator:
         stats = {k: raw.get(k) for k in STAT_KEYS}
         if is_ref:
             stats |= {"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0}
-        probes = judge(raw.get("probes") or {}, self.profile.chat_checks, None if is_ref else ref.probes)
+        probes = compare_replies(raw.get("probes") or {}, self.profile.chat_checks, None if is_ref else ref.probes)
         result = EvalResult(
             perplexity=raw["perplexity"],
             # Against the reference on the same tokens (PPL(Q)/PPL(base), as llama-perplexity): with a precision

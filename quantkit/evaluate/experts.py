@@ -35,7 +35,7 @@ def defusable(model_type: str) -> bool:
 
 
 def keeps_experts_mapped(config: dict) -> bool:
-    """Will the evaluation workers load this checkpoint's experts without a fused copy?"""
+    """Will the runners load this checkpoint's experts without a fused copy?"""
     return is_moe(config) and defusable(str(config.get("model_type") or ""))
 
 

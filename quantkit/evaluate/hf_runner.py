@@ -2,10 +2,10 @@
 reference of every format, and quantized folders that transformers loads; a format whose folders need more
 than that wraps `evaluate` with a loader of its own).
 
-  tokenize:  python -m quantkit.evaluate.hf_worker tokenize FOLDER TEXT_FILE OUT.npy BOS.json
-  evaluate:  python -m quantkit.evaluate.hf_worker evaluate FOLDER SPEC.json OUT.json
+  tokenize:  python -m quantkit.evaluate.hf_runner tokenize FOLDER TEXT_FILE OUT.npy BOS.json
+  evaluate:  python -m quantkit.evaluate.hf_runner evaluate FOLDER SPEC.json OUT.json
 
-SPEC is the same for every runner (evaluate/metrics.py). `reference: true` keeps the weights as stored (fp16 or bf16, 2 bytes
+SPEC is the same for every runner (evaluate/protocol.py: EvalSpec). `reference: true` keeps the weights as stored (fp16 or bf16, 2 bytes
 a parameter) and computes in float32: each module's weights are widened just before it runs and dropped
 after, so the results are those of a float32 copy of the model (docs/evaluation.md) at half its memory.
 Its chat replies read each prompt in float32 the same way, then decode the replies together as one batch in the
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import chat_turns
 from .experts import defuse
-from .metrics import score, scored_range, worker_main
+from .metrics import scored_range
+from .protocol import EvalOutput, EvalSpec, run, runner_main
 
 
 def tokenize(folder: str, text_file: str, out: str, bos_out: str) -> None:
@@ -125,41 +125,70 @@ def refuse_unread(folder: str, unread: list[str]) -> None:
                          f"it would measure random weights: {', '.join(unread[:3])}")
 
 
-def evaluate(folder: str, spec: dict, load=load_model) -> dict:
-    """Score `folder` as metrics.score does; `load(folder, spec)` gives (model, device, note)."""
+def evaluate(folder: str, spec: EvalSpec, load=load_model) -> EvalOutput:
+    """Score `folder` through the shared loop (protocol.run); `load(folder, spec)` gives (model, device, note)."""
     import torch
-    from transformers import AutoTokenizer
 
-    torch.set_num_threads(spec["threads"])
-    if spec.get("reference") and spec.get("streamed"):
+    spec = EvalSpec.of(spec)
+    if spec.reference and spec.streamed:
         from .streamed import evaluate_streamed
 
         return evaluate_streamed(folder, spec, "cuda" if torch.cuda.is_available() else "cpu")
-    model, device, note = load(folder, spec)
-    tok = AutoTokenizer.from_pretrained(folder)
-    first, last = scored_range(spec["ctx"])
-    keep = torch.arange(first, last, device=device)
+    return run(TransformersRuntime(folder, spec, load), spec)
 
-    def forward(window: np.ndarray) -> np.ndarray:
+
+class TransformersRuntime:
+    """protocol.Runtime: a folder as transformers runs it, loaded by `load(folder, spec)` -> (model, device, note)."""
+
+    no_template = "the checkpoint has no chat template"
+
+    def __init__(self, folder: str, spec: EvalSpec, load=load_model) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        torch.set_num_threads(spec.threads)
+        self.model, self.device, self.note = load(folder, spec)
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.vocab_size = self.model.config.vocab_size
+        first, last = scored_range(spec.ctx)
+        self.keep = torch.arange(first, last, device=self.device)
+        self._generate, self.render, self._generate_many, self.chat_stats = chat_functions(self.model, self.tok, spec)
+        self.chat_seconds = 0.0
+
+    def forward(self, window: np.ndarray) -> np.ndarray:
+        import torch
+
         with torch.inference_mode():
-            ids = torch.from_numpy(window.astype(np.int64))[None].to(device)
+            ids = torch.from_numpy(window.astype(np.int64))[None].to(self.device)
             # Only the scored rows go through the output head (vocabulary-sized), as llama-perplexity does.
-            logits = model(ids, logits_to_keep=keep).logits[0]
+            logits = self.model(ids, logits_to_keep=self.keep).logits[0]
         return logits.float().cpu().numpy()
 
-    start = time.monotonic()
-    result = score(forward, spec, model.config.vocab_size)
-    result["score_seconds"] = round(time.monotonic() - start, 2)
-    generate, render, generate_many, chat_stats = chat_functions(model, tok, spec)
-    start = time.monotonic()
-    result |= chat_turns(generate, render, spec, "the checkpoint has no chat template", generate_many)
-    if chat_stats["generated_tokens"]:
-        result["chat_stats"] = chat_stats | {"seconds": round(time.monotonic() - start, 2)}
-    if device == "cuda":
-        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
-    if note:
-        result["note"] = note
-    return result
+    def generate(self, turns: list[tuple[str, int, bool]]) -> list[tuple[str, str | None]]:
+        start = time.monotonic()
+        try:
+            if self._generate_many is not None:
+                return self._generate_many(turns)
+            return [self._generate(*turn) for turn in turns]
+        finally:
+            self.chat_seconds += time.monotonic() - start
+
+    def facts(self, out: dict) -> dict:
+        import torch
+
+        facts = {}
+        smoke = out.get("smoke")
+        if smoke and smoke.get("end_token") is None and self.render and not stop_ids(self.model, self.tok):
+            facts["smoke"] = smoke | {
+                "reason": ("the checkpoint names no EOS token (eos_token_id in generation_config.json or config.json, "
+                           "eos_token in tokenizer_config.json), so no turn can end")}
+        if self.chat_stats["generated_tokens"]:
+            facts["chat_stats"] = self.chat_stats | {"seconds": round(self.chat_seconds, 2)}
+        if self.device == "cuda":
+            facts["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+        if self.note:
+            facts["note"] = self.note
+        return facts
 
 
 def chat_functions(model, tok, spec: dict | None = None):
@@ -170,10 +199,11 @@ def chat_functions(model, tok, spec: dict | None = None):
     counts the prompt and generated tokens and the seconds each phase took, as the turns run."""
     import torch
 
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
-    eos.discard(None)
-    eos_ids, pad = sorted(eos), tok.pad_token_id or min(eos)
+    eos = stop_ids(model, tok)
+    # Without any EOS every reply runs to its cap (evaluate says why the smoke test then fails). The pad id only
+    # fills masked positions, so any token serves; `is not None`, because a pad id of 0 is a real one.
+    eos_ids = sorted(eos) or None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
     stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     def reply(new: list[int], special: bool) -> tuple[str, str | None]:
@@ -202,6 +232,14 @@ def chat_functions(model, tok, spec: dict | None = None):
     return generate, template_render(tok), generate_many, stats
 
 
+def stop_ids(model, tok) -> set[int]:
+    """The ids that end a reply: generation_config's EOS list and the tokenizer's EOS (either may be missing)."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    eos.discard(None)
+    return eos
+
+
 def generate_batch(model, widening: Widening, prompts: list[list[int]], max_tokens: list[int], eos: set[int],
                    pad: int, stats: dict) -> list[list[int]]:
     """Greedy replies (token ids, ending with the end-of-turn token when there is one) to several prompts. Each
@@ -217,7 +255,7 @@ def generate_batch(model, widening: Widening, prompts: list[list[int]], max_toke
     device = model.device
     # transformers 5.2x names the cache `cache` (past_key_values, its old name, still works with a warning).
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    greedy = {"do_sample": False, "eos_token_id": sorted(eos), "pad_token_id": pad}
+    greedy = {"do_sample": False, "eos_token_id": sorted(eos) or None, "pad_token_id": pad}
     first, caches = [], []
     start = time.monotonic()
     widening.enabled = True
@@ -296,4 +334,4 @@ def template_render(tok):
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:], {"evaluate": evaluate, "tokenize": tokenize}))
+    sys.exit(runner_main(sys.argv[1:], {"evaluate": evaluate, "tokenize": tokenize}))

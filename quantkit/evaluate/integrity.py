@@ -119,7 +119,7 @@ def _folder_template(folder: Path, cfg: dict) -> str | None:
     return value
 
 
-def check(source: ChatFacts, artifact: ChatFacts) -> list[Mismatch]:
+def mismatches(source: ChatFacts, artifact: ChatFacts) -> list[Mismatch]:
     """Every field where the artifact would behave differently from the source in a chat."""
     out = []
     if not artifact.template:

@@ -1,18 +1,14 @@
-"""Scoring math shared by every evaluation runner, on numpy arrays of logits."""
+"""Scoring math shared by every evaluation runner, on numpy arrays of logits. The loop that runs it over the
+text (and the runner protocol around it) is in protocol.py."""
 
 from __future__ import annotations
 
-import json
-import resource
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..memwatch import MemoryWatch
-from .stats import MIN_BASE_LOGPROB, Precision, statistics
+from .stats import MIN_BASE_LOGPROB, statistics
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -34,6 +30,42 @@ def scored_range(ctx: int) -> tuple[int, int]:
     return ctx // 2, ctx - 1
 
 
+class Windows:
+    """The evaluation text as every runner and every parity check reads it: windows(len, ctx), each one's first
+    token replaced by BOS where the source tokenizer puts BOS in front of a text (as llama-perplexity does)."""
+
+    def __init__(self, tokens: np.ndarray, ctx: int, bos: int | None) -> None:
+        self.tokens, self.ctx, self.bos = tokens, ctx, bos
+        self.spans = windows(len(tokens), ctx)
+
+    @classmethod
+    def of(cls, spec) -> "Windows":
+        """From an evaluation spec (protocol.EvalSpec, or a mapping with its keys tokens, ctx and bos)."""
+        return cls(np.load(spec["tokens"]), spec["ctx"], spec.get("bos"))
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        a, b = self.spans[i]
+        ids = self.tokens[a:b].copy()
+        if self.bos is not None:
+            ids[0] = self.bos
+        return ids
+
+
+def kl_per_position(ref: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
+    """KL(reference || other) at each row of two float32 log-probability arrays, as llama-perplexity computes it:
+    over the reference's tokens above its cutoff. Every KL-divergence quantkit reports is this one (the scores,
+    and each runtime's parity: parity.py)."""
+    # In place, as this runs on every scored position.
+    terms = np.subtract(ref, logprobs)
+    terms *= np.exp(ref)
+    terms[ref <= MIN_BASE_LOGPROB] = 0.0
+    # KL >= 0; the float16 storage of the reference can round a near-zero value below it.
+    return np.maximum(terms.sum(axis=-1, dtype=np.float64), 0.0)
+
+
 class Accumulator:
     """Per-position values of every scored window: llama-perplexity's statistics (stats.py) are computed from
     them, and an evaluation with a precision target stops as soon as they are precise enough."""
@@ -49,13 +81,7 @@ class Accumulator:
             return
         ref = ref_logprobs.astype(np.float32)
         nll_base = -ref[rows, targets].astype(np.float64)
-        # KL(reference || artifact) per position, over the reference's tokens above llama-perplexity's cutoff;
-        # in place, as this runs on every scored position.
-        terms = np.subtract(ref, logprobs)
-        terms *= np.exp(ref)
-        terms[ref <= MIN_BASE_LOGPROB] = 0.0
-        # KL >= 0; the float16 storage of the reference can round a near-zero value below it.
-        self.parts["kld"].append(np.maximum(terms.sum(axis=-1, dtype=np.float64), 0.0))
+        self.parts["kld"].append(kl_per_position(ref, logprobs))
         self.parts["nll_base"].append(nll_base)
         self.parts["p_diff"].append(np.exp(-nll) - np.exp(-nll_base))
         self.parts["same_top"].append(ref.argmax(axis=-1) == logprobs.argmax(axis=-1))
@@ -113,75 +139,8 @@ class ReferenceRows:
         self.f.close()
 
 
-def score(forward: Callable[[np.ndarray], np.ndarray], spec: dict, n_vocab: int,
-          prepare: Callable[[list[np.ndarray]], None] | None = None) -> dict:
-    """Run windows of spec["tokens"] through `forward` (window ids -> logits of the scored positions) and
-    accumulate; write the log-probabilities to spec["ref_write"], or compare with spec["ref_read"].
-
-    spec["windows"] caps the windows scored (default: all); spec["state"] keeps the per-position values
-    between runs, so a later run with a higher cap goes on from where this one stopped; spec["precision"]
-    ({relative, confidence}) stops as soon as the mean KLD is that precise. `prepare(windows)`, if given, is called
-    first with every window this run may score, in order (a runner that computes them all at once: streamed.py)."""
-    ctx = spec["ctx"]
-    tokens = np.load(spec["tokens"])
-    spans = windows(len(tokens), ctx)
-    first, last = scored_range(ctx)
-    per_window = last - first
-    stop = min(spec.get("windows") or len(spans), len(spans))
-    precision = Precision(**spec["precision"]) if spec.get("precision") else None
-    state = Path(spec["state"]) if spec.get("state") else None
-    acc = Accumulator.load(state) if state and state.exists() else Accumulator()
-    start = acc.windows(per_window)
-    ref = None
-    if spec.get("ref_write"):
-        ref = ReferenceRows(spec["ref_write"], "a" if start else "w", (len(spans) * per_window, n_vocab))
-    elif spec.get("ref_read"):
-        ref = ReferenceRows(spec["ref_read"], "r")
-    done = precision is not None and precision.reached(acc.values("kld"))
-
-    def window(i: int) -> np.ndarray:
-        a, b = spans[i]
-        ids = tokens[a:b].copy()
-        if spec.get("bos") is not None:
-            ids[0] = spec["bos"]
-        return ids
-
-    if prepare is not None and not done:
-        prepare([window(i) for i in range(start, stop)])
-    for i in range(start, stop):
-        if done:
-            break
-        ids = window(i)
-        lp = log_softmax(forward(ids))
-        if spec.get("ref_write"):
-            ref.write(i * per_window, lp)
-            acc.add(lp, ids[first + 1:])
-        else:
-            acc.add(lp, ids[first + 1:], None if ref is None else ref.read(i * per_window, per_window))
-        done = precision is not None and precision.reached(acc.values("kld"))
-        print(f"progress {i + 1}/{stop}", file=sys.stderr, flush=True)
-    if ref is not None:
-        ref.close()
-    if state:
-        acc.save(state)
-    return acc.summary() | {"windows": acc.windows(per_window), "precise": done}
-
-
 def worker_main(argv: list[str], commands: dict[str, Callable]) -> int:
-    """The command line of an evaluation worker: `evaluate TARGET SPEC.json OUT.json`, plus its own commands."""
-    if argv and argv[0] == "evaluate":
-        start = time.monotonic()
-        with MemoryWatch() as watch:
-            result = commands["evaluate"](argv[1], json.loads(Path(argv[2]).read_text()))
-        # Measured here rather than by the parent, so they travel with the result from a Ray task too.
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        result |= watch.facts()
-        result["seconds"] = round(time.monotonic() - start, 2)
-        Path(argv[3]).write_text(json.dumps(result, indent=1))
-        return 0
-    if argv and argv[0] in commands:
-        commands[argv[0]](*argv[1:])
-        return 0
-    print(f"usage: evaluate TARGET SPEC.json OUT.json | {' | '.join(c for c in commands if c != 'evaluate')}",
-          file=sys.stderr)
-    return 2
+    """protocol.runner_main, by the name and from the module runners written before protocol.py import it."""
+    from .protocol import runner_main
+
+    return runner_main(argv, commands)

@@ -4,11 +4,16 @@ A runtime that misreads a model (a config key it does not know, a tied head it d
 every file it runs look bad, or worse, makes a bad file look like quantization noise. So the
 unquantized model goes through the runtime first and is compared with the reference: exllamav2 on
 the fp16 source before any EXL2 is made (a refusal when it disagrees), and llama.cpp on the F16/BF16
-GGUF, which every build evaluates anyway (reported, and warned about).
+GGUF, which every build evaluates anyway (reported, and warned about). MLX's runner holds mlx-lm to the
+same bounds against transformers on the same (dequantized) weights, and stops when it fails them.
+
+Every check is this one type, with one formula (metrics.kl_per_position, the scores' own KL-divergence) and one
+set of bounds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 # An unquantized model run by a correct runtime agrees with the reference to float rounding: the
@@ -36,6 +41,27 @@ class Parity:
         if self.top1_agreement < MIN_TOP1:
             out.append(f"top-1 {100 * self.top1_agreement:.1f}% < {100 * MIN_TOP1:.0f}%")
         return "; ".join(out)
+
+    @classmethod
+    def measure(cls, runtime: str, reference: Iterable, logprobs: Iterable) -> "Parity":
+        """The runtime's log-probabilities against the reference's, position by position: `reference` and
+        `logprobs` give arrays of rows in the same order (windows, or one array), taken a pair at a time."""
+        import numpy as np
+
+        from .metrics import kl_per_position
+
+        kld, same = [], []
+        for ref, lp in zip(reference, logprobs, strict=True):
+            ref, lp = np.asarray(ref, dtype=np.float32), np.asarray(lp, dtype=np.float32)
+            kld.append(kl_per_position(ref, lp))
+            same.append(ref.argmax(axis=-1) == lp.argmax(axis=-1))
+        kld, same = np.concatenate(kld), np.concatenate(same)
+        return cls(runtime, float(kld.mean()), float(same.mean()), len(kld))
+
+    @classmethod
+    def of(cls, runtime: str, stats: Mapping) -> "Parity":
+        """From statistics of the scores against the reference (an evaluation's, stats.statistics)."""
+        return cls(runtime, stats["kld_mean"], stats["top1_agreement"], stats["tokens_scored"])
 
     @classmethod
     def from_dict(cls, d: dict) -> "Parity":

@@ -1,7 +1,7 @@
 """Where each tensor of a checkpoint goes in the model transformers builds for it, from the names and shapes in
 the safetensors headers alone: no weight is read.
 
-The evaluation loads (hf_worker) refuse a model transformers leaves partly unset, but only once they run,
+The evaluation loads (hf_runner) refuse a model transformers leaves partly unset, but only once they run,
 after the conversions and quantizations of a build. A MoE is where names go wrong (a router called `router`
 where transformers expects `gate`, experts numbered under a name the architecture does not use), so the plan
 runs this check on a MoE before anything is made (`python -m quantkit.evaluate.placement FOLDER OUT.json`),

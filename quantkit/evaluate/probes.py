@@ -149,7 +149,7 @@ def compare(result: ProbeResult, source: ProbeResult) -> ProbeResult:
     return result
 
 
-def judge(replies: dict[str, str], opts, source: dict[str, dict] | None) -> dict[str, dict]:
+def compare_replies(replies: dict[str, str], opts, source: dict[str, dict] | None) -> dict[str, dict]:
     """{probe: ProbeResult as a dict} for one runner's replies; `source`: the reference's, to compare with."""
     out = {}
     for probe, reply in replies.items():

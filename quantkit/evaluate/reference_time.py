@@ -6,7 +6,7 @@ docs/benchmarks.md, "The reference's chat turns") times what the plan knows with
 - scoring runs every window token through the model in float32: seconds per token per parameter;
 - each chat prompt is read once in float32, the same way: seconds per prompt token per parameter;
 - the replies are decoded together, one batch step per generated position, each step reading every 16-bit weight
-  once (evaluate/hf_worker.py generate_batch): seconds per step per byte of weights.
+  once (evaluate/hf_runner.py generate_batch): seconds per step per byte of weights.
 For a MoE every parameter is counted, although a token runs only its routed experts: an upper bound, for the
 scoring and the chat turns alike.
 """

@@ -1,6 +1,6 @@
 """The reference run layer-major, for checkpoints whose weights do not fit in memory.
 
-The in-memory reference (hf_worker) memory-maps every weight and runs one window through all the layers, then
+The in-memory reference (hf_runner) memory-maps every weight and runs one window through all the layers, then
 the next: a model larger than free memory is then read from disk again for every window. This runs the
 decoder the other way round, over every window of a round: it reads one layer's tensors from the
 safetensors files, runs all the windows through it (each module widened to float32 as it runs, as the
@@ -24,9 +24,13 @@ from __future__ import annotations
 import re
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from .metrics import scored_range
+from .protocol import EvalOutput, EvalSpec, run
 
 NO_GENERATION = ("the reference ran layer by layer (streamed): it scores the text and does not generate, as every "
                  "generated token would read each layer from disk again; it has no smoke test or chat replies")
@@ -49,12 +53,18 @@ def window_activation_bytes(config: dict, ctx: int) -> int:
 
 
 class StreamedModel:
-    """A transformers model whose decoder layers are read from the checkpoint only while they run."""
+    """A transformers model whose decoder layers are read from the checkpoint only while they run; a
+    protocol.Runtime that scores and does not generate."""
 
-    def __init__(self, folder: str, spec: dict, device: str) -> None:
-        from .hf_worker import compute_in_float32
+    render = None  # no chat turns (above)
+
+    def __init__(self, folder: str, spec: EvalSpec, device: str) -> None:
+        import torch
+
+        from .hf_runner import compute_in_float32
         from .placement import meta_model
 
+        torch.set_num_threads(spec.threads)
         self.folder, self.device = Path(folder), device
         self.model, config = meta_model(folder, spec)
         text = config.get_text_config()
@@ -76,10 +86,12 @@ class StreamedModel:
         for target, source in getattr(self.model, "all_tied_weights_keys", {}).items():
             if target not in self.places:
                 _set_param(self.model, target, self.model.get_parameter(source))
-        self.vocab = int(text.vocab_size)
-        # spec["stream_group"]: windows per group, to run several groups of a small text (the tests).
-        self.group = spec.get("stream_group") or max(1, GROUP_BYTES // window_activation_bytes(text.to_dict(), spec["ctx"]))
+        self.vocab_size = int(text.vocab_size)
+        # spec.stream_group: windows per group, to run several groups of a small text (the tests).
+        self.group = spec.stream_group or max(1, GROUP_BYTES // window_activation_bytes(text.to_dict(), spec.ctx))
         self.hidden: list = []
+        first, last = scored_range(spec.ctx)
+        self.keep = torch.arange(first, last, device=device)
 
     def _materialize_buffers(self) -> None:
         """Buffers computed at construction (rotary frequencies) are meta tensors on the meta device: make them
@@ -93,7 +105,7 @@ class StreamedModel:
         """{model parameter: (file, checkpoint name)} (evaluate/placement.py). Refused when transformers would
         convert tensors on load (fused, split or permuted: not one tensor per parameter), or would leave any
         unread."""
-        from .hf_worker import refuse_unread
+        from .hf_runner import refuse_unread
         from .placement import place
 
         placement = place(self.model, self.folder)
@@ -120,7 +132,7 @@ class StreamedModel:
         for name in names:
             _set_param(self.model, name, self.model.get_parameter(name).to("meta"))
 
-    def run(self, windows: list[np.ndarray]) -> None:
+    def prepare(self, windows: list[np.ndarray]) -> None:
         """The final hidden states of these windows (then `forward` gives each one's logits), layer by layer."""
         import torch
 
@@ -159,20 +171,22 @@ class StreamedModel:
             hook.remove()
         return [seen["hidden"].to(torch.float32)], seen["kwargs"]
 
-    def forward(self, keep) -> "callable":
-        """forward(window) for metrics.score: the next window's logits of the scored rows, in `run`'s order."""
+    def forward(self, window: np.ndarray) -> np.ndarray:
+        """The next window's logits of the scored rows, in `prepare`'s order."""
         import torch
 
-        head = self.model.get_output_embeddings()
+        with torch.inference_mode():
+            out = self.model.get_output_embeddings()(self.hidden[self.next][self.keep])
+        self.hidden[self.next] = None  # scored: its hidden states are not needed again
+        self.next += 1
+        return out.float().cpu().numpy()
 
-        def logits(window: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                out = head(self.hidden[self.next][keep])
-            self.hidden[self.next] = None  # scored: its hidden states are not needed again
-            self.next += 1
-            return out.float().cpu().numpy()
+    def generate(self, turns: list) -> list:
+        raise NotImplementedError(NO_GENERATION)
 
-        return logits
+    def facts(self, out: dict) -> dict:
+        not_run = {"passed": False, "reply": "", "reason": "not run: the streamed reference does not generate", "prompt": ""}
+        return {"note": NO_GENERATION, "streamed": True, "smoke": not_run}
 
 
 class _Stop(Exception):
@@ -188,14 +202,6 @@ def _set_param(model, name: str, tensor) -> None:
         tensor, requires_grad=False)
 
 
-def evaluate_streamed(folder: str, spec: dict, device: str) -> dict:
-    """metrics.score's result for the reference run layer-major; no chat turns (see above)."""
-    import torch
-
-    from .metrics import score, scored_range
-
-    model = StreamedModel(folder, spec, device)
-    first, last = scored_range(spec["ctx"])
-    result = score(model.forward(torch.arange(first, last, device=device)), spec, model.vocab, prepare=model.run)
-    not_run = {"passed": False, "reply": "", "reason": "not run: the streamed reference does not generate", "prompt": ""}
-    return result | {"note": NO_GENERATION, "streamed": True, "smoke": not_run}
+def evaluate_streamed(folder: str, spec: EvalSpec, device: str) -> EvalOutput:
+    """The reference run layer-major through the shared loop; no chat turns (see above)."""
+    return run(StreamedModel(folder, spec, device), replace(spec, chat=False))

@@ -1,8 +1,32 @@
 """What a format is: everything quantkit knows of one kind of quantized model, asked through one class.
 
-A Format plans and builds its artifacts (plan, build, describe), says how they are measured (the runner
-module that scores one against the reference, the files its runtime reads its chat template from, the
-memory that takes), and how they are published (the card's facts, the repo layout, the usage snippet).
+A format is a subclass of Format that names itself with a class keyword, which registers it (a second class of
+the same name is refused):
+
+    class TinyFormat(Format, name="tiny"):
+        Options = TinyOptions            # a frozen dataclass: the profile's `tiny:` mapping, read strictly
+        evaluation = Evaluation("quantkit_tinyformat.runner")
+        card = Card(display="TINY")
+        def plan(self, source, options, converter=None): ...
+        def build(self, item, context): ...
+        def describe(self, item, path, facts): ...
+
+Lifecycle, in order, and which process runs each member:
+  1. Plan (the quantkit process, no heavy work). read_options() reads the profile's mapping into `Options`
+     (unknown keys and wrong types are errors naming the key) and calls validate(), for every format in the
+     profile, before any of them is checked against this machine: a typo is reported even where the format
+     cannot run. requirements()/require() refuse a format this machine lacks (or skip it: if_unavailable).
+     plan() lists the ArtifactPlans, with sizes and peak memory; evaluation_peak/_mapped/_scratch size the
+     evaluation steps.
+  2. Build (one step per artifact, in dependency waves: in this process, or as a Ray task on another machine).
+     tools() and inputs() go into the artifact's resume key; build() writes the artifact atomically, running
+     the format's tools in child processes of its own, and returns facts only it saw; describe() reads the
+     finished file back into a results.Description (in the build process).
+  3. Evaluate (a child process per artifact: `python -m EVALUATION.runner evaluate TARGET SPEC OUT`, the
+     protocol of evaluate/protocol.py). chat_facts() reads the template and stop tokens as the runtime does.
+  4. Report and publish (the quantkit process): `card` (a Card, or a subclass of it) says everything a table,
+     a report or a model card prints of the format's artifacts; parity() finds this runtime's own check on the
+     unquantized model.
 The core (build, evaluate, report, publish) asks the format and knows no format by name.
 """
 
@@ -14,12 +38,15 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..errors import ProfileError
+from ..options import load_options
 from ..evaluate.integrity import ChatFacts, folder_facts
 from ..evaluate.parity import Parity
-from ..plan import ArtifactPlan, ArtifactResult
+from ..evaluate.protocol import EvalSpec
+from ..plan import ArtifactPlan
+from ..results import Description
 from ..progress import Reporter
 from ..source import Source
 from ..memory import scored_logits
@@ -28,7 +55,7 @@ from ..memory import scored_logits
 # (measured at 38M and 0.52B parameters).
 HF_EVAL_FIXED = 1_300_000_000
 # The module that scores a folder transformers can load (and the fp16 source itself).
-HF_RUNNER = "quantkit.evaluate.hf_worker"
+HF_RUNNER = "quantkit.evaluate.hf_runner"
 
 # Where a format's files go on the Hub: "files" (one repo, every artifact a file on main), "branches" (one
 # repo, a branch per variant, the card on main) or "repos" (a repo per variant, the folder on main).
@@ -37,7 +64,9 @@ Layout = Literal["files", "branches", "repos"]
 
 @dataclass(frozen=True)
 class Card:
-    """What a format's model card and repo say of it."""
+    """Everything tables, reports, model cards and repos say of a format's artifacts. A format with more to say
+    subclasses it and overrides the methods (formats/gguf/card.py: GGUFCard). `artifact` arguments are report
+    entries (report.json's dicts)."""
 
     display: str  # the format as repo names, titles and table labels write it: "GGUF", "GPTQ", "exl2"
     made_with: str = ""  # "GPTQModel": the card says "made with quantkit using ..."
@@ -46,6 +75,63 @@ class Card:
     tags: tuple[str, ...] = ()  # besides the format's name, "quantized" and "quantkit"
     library_name: str | None = None
     featured: tuple[str, ...] = ()  # variants the usage snippet shows first, when built
+
+    def label(self, variant: str) -> str:
+        """How tables name a variant: "GPTQ 4bit-g32"."""
+        return f"{self.display.upper()} {variant}"
+
+    def made_by(self, tools: dict[str, str]) -> str:
+        """What the card says made the files, given the format's tools (name -> version) as the report has them."""
+        return self.made_with or self.display
+
+    def use_hint(self, variant: str, bits_per_weight: float) -> str:
+        """The card's "Use case" cell."""
+        return "low-bit; check the KL-divergence before use" if 0 < bits_per_weight < 4 else ""
+
+    def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
+        """Sections (title -> paragraphs) the report and the card add about this format's artifacts (GGUF: the
+        importance matrix, the tensors that fell back to other types)."""
+        return {}
+
+    def fallback_summary(self, artifact: dict) -> str:
+        """One line on the tensors the quantizer stored in another type than asked ("" when none did)."""
+        moves = Counter(f"{f['wanted']}→{f['used']}" for f in artifact.get("fallbacks") or [])
+        return f"{sum(moves.values())} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common()) if moves else ""
+
+    def explain_inversion(self, big: dict, small: dict, source: dict) -> str:
+        """What the format knows of why `big` measures worse than the smaller `small` of the same format; `source`
+        is the report's source entry. "" when it knows nothing more than the tensor types."""
+        return ""
+
+    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+        """The card's "Run" section (markdown lines) for one published variant; `local_dir`: where the Download
+        section put it. By default: transformers, from the variant's branch."""
+        revision = f', revision="{artifact["variant"]}"' if self.layout == "branches" else ""
+        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{revision})',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision})', "```"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a format's artifacts are scored against the reference."""
+
+    # The module run as `python -m RUNNER evaluate TARGET SPEC OUT` (evaluate/protocol.py).
+    runner: str
+    # The runner's own memory besides the artifact it holds and the scored logits (evaluation_peak).
+    fixed_bytes: int = HF_EVAL_FIXED
+    gpus: int = 0  # GPUs one evaluation needs: Ray places it on a GPU node, a job worker without one leaves it
+    # Windows the runner scores in one pass over the weights (the plan's re-read estimate counts passes).
+    windows_per_pass: int = 1
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a format that takes none: any key under its name in a profile is refused."""
+
+
+# Every Format subclass that named itself (class X(Format, name="x")), by name.
+REGISTERED: dict[str, type["Format"]] = {}
 
 
 @dataclass(frozen=True)
@@ -56,9 +142,9 @@ class BuildContext:
     threads: int
     converter: str | None = None  # a checkout of its own converter the user gave (GGUF: a llama.cpp tree), if any
     evaluation_text: str = "builtin:botchan"  # calibration must not contain it
-    # The evaluation's token ids, for checks a backend runs against the reference before it builds (EXL2's
-    # parity preflight): {"tokens": path of the .npy, "bos": id or None, "ctx": window}; None with evaluation off.
-    evaluation: dict[str, Any] | None = None
+    # The evaluation's token ids and window, for checks a format runs against the reference before it builds (EXL2's
+    # parity preflight: a runner's spec, evaluate/protocol.py); None with evaluation off.
+    evaluation: EvalSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -92,18 +178,32 @@ def package(dist: str, module: str, hint: str) -> Requirement:
 
 
 class Format(ABC):
-    name: str = ""
-    # The module that scores an artifact against the reference, run as `python -m RUNNER evaluate TARGET SPEC
-    # OUT` (evaluate/metrics.py: worker_main); None: the artifacts are reported without evaluation.
-    runner: str | None = None
-    # GPUs one build step (and evaluation) needs: a worker without one does not take the job, Ray places the
-    # step on a GPU node.
-    gpus: int = 0
-    # The runner's own memory besides the artifact it holds and the scored logits.
-    eval_fixed_bytes: int = HF_EVAL_FIXED
-    # Windows the runner scores in one pass over the weights (the plan's re-read estimate counts passes).
-    windows_per_pass: int = 1
-    card: Card = Card(display="")
+    name: ClassVar[str] = ""  # set by the class keyword
+    # The profile's mapping under the format's name, as a frozen dataclass (options.load_options reads it).
+    Options: ClassVar[type] = NoOptions
+    # How artifacts are scored; None: they are reported without evaluation.
+    evaluation: ClassVar[Evaluation | None] = None
+    # GPUs one build step needs: a job worker without one does not take the job, Ray places the step on a GPU node.
+    gpus: ClassVar[int] = 0
+    card: ClassVar[Card] = Card(display="")
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is None:
+            return  # a base for formats of its own (GPTQModelFormat), or a plugin written before the keyword
+        old = REGISTERED.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"two formats are named {name!r}: {old.__module__}.{old.__qualname__} and "
+                            f"{cls.__module__}.{cls.__qualname__}")
+        cls.name = name
+        REGISTERED[name] = cls
+
+    def read_options(self, raw: dict[str, Any] | None) -> Any:
+        """The profile's options for this format as `Options`, checked without the source or this machine's means
+        (validate), so a mistake in them is reported even where the format cannot run."""
+        options = load_options(self.Options, raw, self.name)
+        self.validate(options)
+        return options
 
     def requirements(self) -> list[Requirement]:
         """What this backend needs; `quantkit backends` lists it, and a plan refuses a backend that lacks any."""
@@ -115,11 +215,11 @@ class Format(ABC):
         packages = {r.what.split()[1] for r in self.requirements() if r.what.startswith("package ")}
         return {self.name, self.card.display, *self.card.tags, *packages} - {""}
 
-    def validate(self, options: dict[str, Any]) -> None:
-        """Check the profile's options without the source or this machine's means, so a mistake in them is
-        reported even where the backend cannot run (plan() validates again, with the source)."""
+    def validate(self, options: Any) -> None:
+        """Checks of `options` (an Options) beyond their types that need neither the source nor this machine
+        (plan() checks what needs the source)."""
 
-    def check(self, remote_gpus: bool = False) -> None:
+    def require(self, remote_gpus: bool = False) -> None:
         """Refuse if this machine lacks a requirement (`remote_gpus`: the steps run where GPUs are, on Ray)."""
         missing = [r for r in self.requirements() if not r.available and not (r.gpu and remote_gpus)]
         if missing:
@@ -132,35 +232,36 @@ class Format(ABC):
         return 0
 
     @abstractmethod
-    def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
-        """Validate `options` from the profile and list the artifacts; no heavy work here."""
+    def plan(self, source: Source, options: Any, converter: str | None = None) -> list[ArtifactPlan]:
+        """List the artifacts for `options` (what read_options returned); no heavy work here."""
 
     @abstractmethod
-    def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
-        """Write `item.filename` under ctx.out_dir (atomically); return facts only the build saw."""
+    def build(self, item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
+        """Write `item.filename` under context.out_dir (atomically); return facts only the build saw."""
 
     @abstractmethod
-    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
-        """What the report says of a built artifact (size, types, bits per weight), given build()'s facts."""
+    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
+        """What the format reads from a built artifact (size, types, bits per weight), given build()'s facts; the
+        build adds its plan, its hash and the step's memory (results.Built.make)."""
 
     # What makes an artifact's bytes besides its plan (options, inputs, the source): both go into its resume key,
     # so a new tool version or an edited calibration text remakes it, and only it and what is made from it.
-    def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+    def tools(self, item: ArtifactPlan, context: BuildContext) -> dict[str, str]:
         """Name -> version of each program that makes `item` (the report and the card print them). Only this
         format's own tools: an upgrade of another format's tools must not remake this one's files."""
         return {}
 
-    def inputs(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+    def inputs(self, item: ArtifactPlan, context: BuildContext) -> dict[str, str]:
         """Digests of what `item` is made from that its options only name: a calibration text's sha256 and a
         Hub dataset's commit (evaluate.text.calibration_identity)."""
         return {}
 
     # Evaluation
-    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None,
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, window: int, config: dict[str, Any] | None,
                         item: ArtifactPlan | None = None) -> int:
         """Peak memory of scoring one artifact of `artifact_bytes` (its runtime size) for a model of `config`
         (None: only the parameter count is known); `item`, the artifact's plan where there is one."""
-        return self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx)
+        return (self.evaluation.fixed_bytes if self.evaluation else 0) + artifact_bytes + scored_logits(vocab, window)
 
     def evaluation_mapped(self, item: ArtifactPlan) -> int:
         """How much of evaluation_peak is memory-mapped files (pages the kernel can drop and read again) when
@@ -175,46 +276,12 @@ class Format(ABC):
         """The chat template, special tokens and stop tokens as the artifact's runtime reads them."""
         return folder_facts(path)
 
-    # Reports and cards
-    def label(self, variant: str) -> str:
-        """How tables name a variant: "GPTQ 4bit-g32"."""
-        return f"{self.name.upper()} {variant}"
-
-    def made_with(self, report: dict) -> str:
-        return self.card.made_with or self.name
-
-    def use_hint(self, variant: str, bits_per_weight: float) -> str:
-        """The card's "Use case" cell."""
-        return "low-bit; check the KL-divergence before use" if 0 < bits_per_weight < 4 else ""
-
-    def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
-        """Sections (title -> paragraphs) the report and the card add about this format's artifacts (GGUF: the
-        importance matrix, the tensors that fell back to other types)."""
-        return {}
-
+    # Reports and cards: everything else they say is the Card's.
     def parity(self, artifact: dict) -> Parity | None:
         """This runtime's run of the unquantized model against the reference, if `artifact` (a report entry)
         carries one: by default a preflight the build kept in its details (exl2's, with its measurement)."""
         found = (artifact.get("details") or {}).get("parity")
         return Parity.from_dict(found) if found else None
-
-    def fallback_summary(self, artifact: dict) -> str:
-        """One line on the tensors the quantizer stored in another type than asked ("" when none did)."""
-        moves = Counter(f"{f['wanted']}→{f['used']}" for f in artifact.get("fallbacks") or [])
-        return f"{sum(moves.values())} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common()) if moves else ""
-
-    def explain_inversion(self, big: dict, small: dict, source: dict) -> str:
-        """What the format knows of why `big` (a report entry) measures worse than the smaller `small` of the same
-        format; `source` is the report's source entry. "" when it knows nothing more than the tensor types."""
-        return ""
-
-    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
-        """The card's "Run" section (markdown lines) for one published variant; `local_dir`: where the Download
-        section put it. By default: transformers, from the variant's branch."""
-        revision = f', revision="{artifact["variant"]}"' if self.card.layout == "branches" else ""
-        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{revision})',
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision})', "```"]
 
 
 # Third-party packages written against the first API name their class Backend.

@@ -88,8 +88,8 @@ def job_needs(profile: Profile, params: int) -> tuple[bool, int]:
     """Whether the job needs a GPU worker, and its memory: the heaviest step, by the formulas `quantkit plan`
     uses, from the Hub's parameter count alone (the build plans exactly once it has the checkpoint)."""
     gpu = any(formats.get(name).gpus and (opts or {}).get("if_unavailable", "fail") == "fail"
-              for name, opts in profile.backends.items())
-    return gpu, job_peak(profile, params, [formats.get(name) for name in profile.backends])
+              for name, opts in profile.formats.items())
+    return gpu, job_peak(profile, params, [formats.get(name) for name in profile.formats])
 
 
 def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Path = "builds",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from shlex import quote
+
 from huggingface_hub import ModelCard, ModelCardData
 
 from .. import __version__
@@ -41,7 +43,7 @@ def model_card(report: dict, repo_id: str, fmt: Format) -> ModelCard:
                                  *(["stated"] if layout != "files" else []), "size", "ppl", "kld", "top1", "smoke",
                                  "tool", "json"],
                           extra=("Use case", lambda a: ("**FAILED CHECKS**: " + "; ".join(a["failures"])) if a.get("failures")
-                                 else fmt.use_hint(a["variant"], a["bits_per_weight"]))) + ["", BITS_LEGEND + PM_LEGEND]
+                                 else card.use_hint(a["variant"], a["bits_per_weight"]))) + ["", BITS_LEGEND + PM_LEGEND]
     pick = next((a for a in arts if a["variant"] in card.featured), arts[-1])
     prompt = report.get("prompt_format")
     title = f"# {model} {card.display}" + (f" {arts[0]['variant']}" if layout == "repos" else "")
@@ -49,7 +51,7 @@ def model_card(report: dict, repo_id: str, fmt: Format) -> ModelCard:
         title,
         "",
         (f"The {card.display} {arts[0]['variant']} quantization" if layout == "repos" else f"{card.display} quantizations")
-        + f" of {base_link}, made with quantkit {__version__} using {fmt.made_with(report)}. "
+        + f" of {base_link}, made with quantkit {__version__} using {card.made_by(report.get('tools', {}).get(fmt.name) or {})}. "
         f"{card.loads_in}",
         "",
         "## Prompt format",
@@ -72,13 +74,14 @@ def model_card(report: dict, repo_id: str, fmt: Format) -> ModelCard:
     ]
     for title, paragraphs in format_notes(everything).items():
         sections += [f"## {title}", ""] + [line for text in paragraphs for line in (text, "")]
+    # Readers paste these commands into a shell, and the names come from report.json: quoted, unless plainly safe.
     sections += ["## Download", "", "```bash"]
     if layout == "branches":
-        sections += [f"hf download {repo_id} --revision {a['variant']} --local-dir {local_dir(report, fmt, a)}"
-                     for a in arts]
+        sections += [f"hf download {repo_id} --revision {quote(a['variant'])} "
+                     f"--local-dir {quote(local_dir(report, fmt, a))}" for a in arts]
     elif layout == "repos":
-        sections.append(f"hf download {repo_id} --local-dir {local_dir(report, fmt, pick)}")
+        sections.append(f"hf download {repo_id} --local-dir {quote(local_dir(report, fmt, pick))}")
     else:
-        sections.append(f"hf download {repo_id} {pick['filename']} --local-dir .")
-    sections += ["```", "", "## Run", "", *fmt.usage(repo_id, local_dir(report, fmt, pick), pick)]
+        sections.append(f"hf download {repo_id} {quote(pick['filename'])} --local-dir .")
+    sections += ["```", "", "## Run", "", *card.usage(repo_id, local_dir(report, fmt, pick), pick)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n")

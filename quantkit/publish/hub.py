@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from .. import network
 from ..errors import QuantkitError
-from ..fsutil import human_size, sha256_file, write_text_atomic
+from ..results import Judged, check_report_schema
+from ..fsutil import folder_digest, human_size, sha256_file, write_text_atomic
 from ..plan import MODEL_ROLES
 from ..progress import Reporter
 from .. import formats
@@ -78,12 +79,23 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     """Write each repo's card and plot into BUILD/publish/ and list the commits, as each format lays out its
     repos (Card.layout): GGUF files on main; GPTQ/AWQ/EXL2 variants on a branch each, with the card on main. No network unless the
     owner must be asked of the Hub. A build with failed checks is refused unless `allow_failed`; the
-    card then marks the files that failed."""
+    card then marks the files that failed. Before any of that, every name the report gives must be a plain file
+    name, and every file must have the report's size and sha256 and lie inside the build folder."""
     build_dir = build_dir.absolute()
     report_path = build_dir / "report.json"
     if not report_path.is_file():
         raise PublishError(f"{build_dir} has no report.json", "run quantkit build first, and pass its build folder")
-    report = json.loads(report_path.read_text())
+    try:
+        report = json.loads(report_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PublishError(f"{report_path} is not valid JSON ({e})", "re-run the same quantkit build command, which "
+                           "writes the report again") from e
+    check_report_schema(report, str(report_path))
+    if not isinstance(report.get("artifacts"), list) or not all(
+            isinstance(a, dict) and Judged.from_dict(a) is not None for a in report["artifacts"]):
+        raise PublishError(f"{report_path} does not list its artifacts as quantkit writes them",
+                           "re-run the same quantkit build command, which writes the report again")
+    _check_names(report)
     if not report["evaluation"].get("reference_result"):
         raise PublishError(f"{build_dir.name} was built with evaluation off, so none of its files was measured",
                            "quantkit publishes only measured files: build it again with evaluation on, on a machine "
@@ -93,6 +105,9 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
                            + "; ".join(f"{a['filename']}: {a['failures'][0]}" for a in failed),
                            "fix the build (see report.md, Failed checks), or pass --allow-failed to publish them "
                            "marked as failed in the card")
+    # Every file checked against the report before anything else (the owner's lookup included): the card states
+    # these hashes, and only these bytes may go up.
+    verified = {a["filename"]: _artifact_files(build_dir, a) for a in report["artifacts"]}
     opts = report.get("publish") or {}
     owner = owner or opts.get("owner")
     if not owner:
@@ -104,11 +119,6 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     for name in dict.fromkeys(a["backend"] for a in report["artifacts"]):
         fmt = formats.get(name)
         arts = [a for a in report["artifacts"] if a["backend"] == name]
-        for a in arts:
-            path = build_dir / a["filename"]
-            if not path.exists() or (path.is_file() and path.stat().st_size != a["size_bytes"]):
-                raise PublishError(f"{a['filename']} is missing or changed since the report was written",
-                                   "re-run the same quantkit build command to complete the build folder")
         sub = {**report, "quantized_by": opts.get("quantized_by") or owner}
         pattern = opts.get("repo", "{owner}/{model}-{format}")
         message = f"quantkit: {report['model']} {fmt.card.display}"
@@ -117,24 +127,22 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
                 pattern += "-{variant}"
             for a in (a for a in arts if a.get("role", "model") in MODEL_ROLES):
                 repo_id = _repo_id(pattern, owner, report, fmt, a["variant"])
-                card = _stage(build_dir / "publish" / f"{name}-{a['variant']}", {**sub, "artifacts": [a]}, repo_id, fmt)
-                commits.append(RepoCommit(repo_id, "main", private, card + folder_files(build_dir / a["filename"]),
+                card = _stage(build_dir, f"{name}-{a['variant']}", {**sub, "artifacts": [a]}, repo_id, fmt)
+                commits.append(RepoCommit(repo_id, "main", private, card + verified[a["filename"]],
                                           f"{message} {a['variant']}"))
             continue
         repo_id = _repo_id(pattern, owner, report, fmt)
-        card = _stage(build_dir / "publish" / name, {**sub, "artifacts": arts}, repo_id, fmt)
+        card = _stage(build_dir, name, {**sub, "artifacts": arts}, repo_id, fmt)
         if fmt.card.layout == "files":
             files = list(card)
             for a in arts:  # a file, or a folder of shards that keeps its name in the repo
-                path = build_dir / a["filename"]
-                files += folder_files(path, a["filename"] + "/") if path.is_dir() else [
-                    UploadFile(a["filename"], path, a["size_bytes"], a["sha256"])]
+                files += _named(build_dir, a, verified[a["filename"]])
             commits.append(RepoCommit(repo_id, "main", private, files, message))
         else:  # main: the card and auxiliary files (exl2's measurement); a branch per variant
-            aux = [UploadFile(a["filename"], build_dir / a["filename"], a["size_bytes"], a["sha256"])
-                   for a in arts if a.get("role", "model") not in MODEL_ROLES]
+            aux = [f for a in arts if a.get("role", "model") not in MODEL_ROLES
+                   for f in _named(build_dir, a, verified[a["filename"]])]
             commits.append(RepoCommit(repo_id, "main", private, card + aux, message + " (card)"))
-            commits += [RepoCommit(repo_id, a["variant"], private, folder_files(build_dir / a["filename"]),
+            commits += [RepoCommit(repo_id, a["variant"], private, verified[a["filename"]],
                                    f"{message} {a['variant']}") for a in arts if a.get("role", "model") in MODEL_ROLES]
     return commits
 
@@ -145,12 +153,83 @@ def _repo_id(pattern: str, owner: str, report: dict, fmt, variant: str = "") -> 
     return repo_id
 
 
-def _stage(stage: Path, report: dict, repo_id: str, fmt) -> list[UploadFile]:
-    """The card and plot of one repo, written into BUILD/publish/<...>/."""
+# Where report.json names a file, a folder, a branch or a repo: each must be one plain name, since the report may sit
+# on shared storage, and "../../.ssh/id_rsa" there would otherwise be read and uploaded.
+_NAMED = ("filename", "variant", "backend")
+
+
+def _check_names(report: dict) -> None:
+    for i, a in enumerate(report.get("artifacts") or []):
+        for key in _NAMED:
+            value = a.get(key) if isinstance(a, dict) else None
+            if not _plain_name(value):
+                raise PublishError(f"report.json's artifacts[{i}].{key} is {str(value)[:120]!r}, which is not a plain "
+                                   "file name in the build folder",
+                                   "report.json was edited or damaged: re-run the same quantkit build command, which "
+                                   "writes it anew, then publish")
+
+
+def _plain_name(name: object) -> bool:
+    """One path component: not empty, not "." or "..", no separator of any platform, no control character (NUL and
+    newlines included: the names also go into the card's text and commands)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\")
+            and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+
+
+def _artifact_files(build_dir: Path, a: dict) -> list[UploadFile]:
+    """The files of one artifact (names relative to a folder artifact), each hashed once here, checked against the
+    report; publish hands these hashes to huggingface_hub, which therefore does not read the files again to hash
+    them."""
+    path = build_dir / a["filename"]
+    stale = "re-run the same quantkit build command: it remakes what changed and writes the report anew"
+    if not path.exists():
+        raise PublishError(f"{a['filename']} is missing since the report was written", stale)
+    _inside(build_dir, path, a["filename"])
+    if path.is_file() and path.stat().st_size != a.get("size_bytes"):
+        raise PublishError(f"{a['filename']} changed since the report was written: its size is {path.stat().st_size}, "
+                           f"the report's {a.get('size_bytes')}", stale)
+    if path.is_dir():
+        files = folder_files(path)
+        for f in files:
+            _inside(build_dir, f.local_path, f"{a['filename']}/{f.path_in_repo}")
+        # A folder has no single file hash: the report's sha256 of it is the build's hash of its files' relative
+        # names and sha256s (fsutil.HashCache.sha256), remade here from the hashes just taken. It checks every file's
+        # bytes, and that no file was added, removed or renamed.
+        digest = folder_digest((f.path_in_repo, f.sha256) for f in files)  # in folder_files's order, as HashCache
+    else:
+        digest = sha256_file(path)
+        files = [UploadFile(a["filename"], path, path.stat().st_size, digest)]
+    if digest != a.get("sha256"):
+        raise PublishError(f"{a['filename']} changed since the report was written: its sha256 is {digest[:16]}…, "
+                           f"the report's {str(a.get('sha256'))[:16]}…", stale)
+    return files
+
+
+def _inside(build_dir: Path, path: Path, name: str) -> None:
+    """A link in the build folder must not make publish read (or the card overwrite) a file outside it."""
+    if not path.resolve().is_relative_to(build_dir.resolve()):
+        raise PublishError(f"{name} in {build_dir.name} is a link to a file outside the build folder",
+                           "replace the link by the file itself, or re-run the same quantkit build command")
+
+
+def _named(build_dir: Path, a: dict, files: list[UploadFile]) -> list[UploadFile]:
+    """An artifact's files as they go into a repo beside other artifacts: a folder keeps its name there."""
+    if [f.local_path for f in files] == [build_dir / a["filename"]]:  # a file
+        return files
+    return [replace(f, path_in_repo=f"{a['filename']}/{f.path_in_repo}") for f in files]
+
+
+def _stage(build_dir: Path, name: str, report: dict, repo_id: str, fmt) -> list[UploadFile]:
+    """The card and plot of one repo, written into BUILD/publish/<name>/: only those two files are uploaded, never
+    anything else found there."""
+    stage = build_dir / "publish" / name
+    _inside(build_dir, stage, f"publish/{name}")
     stage.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stage / "README.md", str(model_card(report, repo_id, fmt)))
-    size_vs_kld(report, stage / PLOT)
-    return folder_files(stage)
+    card, plot = stage / "README.md", stage / PLOT
+    write_text_atomic(card, str(model_card(report, repo_id, fmt)))
+    plot.unlink(missing_ok=True)  # the plot is written in place: never through a link left there
+    size_vs_kld(report, plot)
+    return [UploadFile(p.name, p, p.stat().st_size, sha256_file(p)) for p in (card, plot)]
 
 
 def publish(commits: list[RepoCommit], *, token: str | None = None, reporter: Reporter | None = None,
@@ -189,6 +268,10 @@ def _commit(api, c: RepoCommit, reporter: Reporter) -> PublishResult:
         reporter.info(f"✓ {c.repo_id}@{c.branch} is up to date ({head[:12]}); no commit")
         return PublishResult(c.repo_id, c.branch, None, head)
     ops = [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.local_path)) for f in changed]
+    for op, f in zip(ops, changed):
+        # The hash plan_publish checked against the report, so that huggingface_hub does not read every file a
+        # second time to make its own.
+        op.upload_info.sha256 = bytes.fromhex(f.sha256)
     # parent_commit: if someone else pushed since we looked, the Hub refuses instead of mixing the two.
     info = api.create_commit(c.repo_id, operations=ops, commit_message=c.message, revision=c.branch, parent_commit=head)
     reporter.info(f"✓ {c.repo_id}@{c.branch}: {len(changed)} file(s) in commit {info.oid[:12]}")

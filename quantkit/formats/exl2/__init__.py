@@ -7,23 +7,24 @@ compiles its CUDA extension); its work runs in child processes."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ...errors import ProfileError, ToolError
 from ...evaluate.text import calibration_identity, calibration_text
 from ...fsutil import atomic_dir, atomic_path, drop_local_paths, write_text_atomic
-from ...plan import ArtifactPlan, ArtifactResult
+from ...plan import ArtifactPlan
+from ...results import Description
 from ...procs import Finished, run_python
 from ...source import Source, param_count, tensor_stats
 from ...gpus import cuda_devices
 from ...memory import scored_logits
-from ..base import BuildContext, Card, Format, Requirement, package, versions
+from ..base import BuildContext, Card, Evaluation, Format, Requirement, package, versions
 from ...evaluate.parity import Parity
 from ...config_view import source_view
 
 INSTALL_HINT = "install the exl2 extra: QUANTKIT_EXTRAS=test,gptq,exl2 ./scripts/setup.sh (or pip install 'quantkit[exl2]')"
-_KEYS = {"bits", "head_bits", "calibration", "measurement"}  # and if_unavailable, read by the plan
 # Bits a quantized decoder-layer weight takes beyond the asked rate (scales, permutations, the mix of
 # bit widths the optimizer picks). From the sample on an H100 (issue 14): 3.0 bpw -> 123.1 MB and
 # 4.0 bpw -> 136.4 MB, with the fp16 embedding, the 6-bit head (6.25 bits with its scales) and the
@@ -36,13 +37,58 @@ _LAYER_OVERHEAD_BITS = 0.07
 EXL2_EVAL_FIXED = 1_500_000_000
 
 
-class EXL2Format(Format):
-    name = "exl2"
-    runner = "quantkit.formats.exl2.evaluate_worker"
+class EXL2Card(Card):
+    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+        return ["With TabbyAPI, put the downloaded folder in its `models/` folder; with exllamav2:", "",
+                "```python", "from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config", "",
+                f'config = ExLlamaV2Config("{local_dir}")',
+                "model = ExLlamaV2(config)", "model.load_autosplit(ExLlamaV2Cache(model, lazy=True))", "```"]
+
+
+@dataclass(frozen=True)
+class Rate:
+    """An entry of `bits` with a head width of its own: releases put an 8-bit head on 8.0 bpw."""
+
+    bits: float
+    head_bits: int | None = None  # None: the format's head_bits
+
+
+@dataclass(frozen=True)
+class Calibration:
+    text: str = "builtin:botchan"  # never the evaluation text
+    rows: int = 100
+    length: int = 2048
+
+
+@dataclass(frozen=True)
+class Measurement:
+    rows: int = 16
+    length: int = 2048
+
+
+@dataclass(frozen=True)
+class Options:
+    """The profile's `exl2:` mapping:
+
+        exl2:
+          bits: [3.0, 4.0, 5.0, 6.0, {bits: 8.0, head_bits: 8}]
+          head_bits: 6
+          calibration: {text: builtin:botchan, rows: 100, length: 2048}
+          measurement: {rows: 16, length: 2048}
+    """
+
+    bits: list[float | Rate] = field(default_factory=lambda: [3.0, 4.0, 5.0, 6.0, 8.0])
+    head_bits: int = 6
+    calibration: Calibration = Calibration()
+    measurement: Measurement = Measurement()
+
+
+class EXL2Format(Format, name="exl2"):
+    Options = Options
+    evaluation = Evaluation("quantkit.formats.exl2.runner", fixed_bytes=EXL2_EVAL_FIXED, gpus=1)
     gpus = 1
-    eval_fixed_bytes = EXL2_EVAL_FIXED
-    card = Card(display="exl2", made_with="exllamav2's converter", featured=("4.0bpw-h6",),
-                loads_in="They load in exllamav2 and TabbyAPI.")
+    card = EXL2Card(display="exl2", made_with="exllamav2's converter", featured=("4.0bpw-h6",),
+                    loads_in="They load in exllamav2 and TabbyAPI.")
 
     def requirements(self) -> list[Requirement]:
         return [package("exllamav2", "exllamav2", INSTALL_HINT),
@@ -50,39 +96,30 @@ class EXL2Format(Format):
                             "EXL2 needs a CUDA GPU; run on a machine with one, or set `if_unavailable: skip` "
                             "under exl2 in the profile to build the other formats without it", gpu=True)]
 
-    def validate(self, options: dict[str, Any]) -> None:
-        self._parse(options)
+    def validate(self, options: Options) -> None:
+        self._variants(options)
 
     def vocabulary(self) -> set[str]:
         return super().vocabulary() | {"exllamav2", "TabbyAPI"}
 
     @staticmethod
-    def _parse(options: dict[str, Any]):
-        unknown = set(options) - _KEYS
-        if unknown:
-            raise ProfileError(f"exl2: unknown option(s) {sorted(unknown)}", f"allowed: {', '.join(sorted(_KEYS))}")
-        bits = options.get("bits", [3.0, 4.0, 5.0, 6.0, 8.0])
-        head = options.get("head_bits", 6)
-        if not isinstance(bits, list) or not bits:
-            raise ProfileError(f"exl2: bits must be a list of bits per weight, got {bits!r}", "e.g. bits: [4.0, 6.0]")
-        # An entry is a rate (the head at head_bits) or {bits, head_bits}: releases put an 8-bit head on 8.0 bpw.
+    def _variants(options: Options) -> list[tuple[float, int]]:
+        """(bits, head_bits) of each bitrate, sorted."""
+        if not options.bits:
+            raise ProfileError("exl2.bits must list bits per weight", "e.g. bits: [4.0, 6.0]")
         variants = set()
-        for entry in bits:
-            if isinstance(entry, dict) and set(entry) - {"bits", "head_bits"}:
-                raise ProfileError(f"exl2: unknown key(s) {sorted(set(entry) - {'bits', 'head_bits'})} in {entry!r}",
-                                   "an entry of bits is a rate or {bits: 8.0, head_bits: 8}")
-            b, h = (entry.get("bits"), entry.get("head_bits", head)) if isinstance(entry, dict) else (entry, head)
-            if not isinstance(b, (int, float)) or isinstance(b, bool) or not 2.0 <= b <= 8.0:
+        for entry in options.bits:
+            b, h = (entry.bits, entry.head_bits) if isinstance(entry, Rate) else (entry, None)
+            h = options.head_bits if h is None else h
+            if not 2.0 <= b <= 8.0:
                 raise ProfileError(f"exl2: {b!r} bits per weight is out of range", "use values from 2.0 to 8.0")
             if h not in (6, 8):
                 raise ProfileError(f"exl2: head_bits {h!r} is not supported", "use 6 or 8")
             variants.add((float(b), h))
-        calib = {"text": "builtin:botchan", "rows": 100, "length": 2048, **(options.get("calibration") or {})}
-        measure = {"rows": 16, "length": 2048, **(options.get("measurement") or {})}
-        return sorted(variants), calib, measure
+        return sorted(variants)
 
-    def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
-        variants, calib, measure = self._parse(options)
+    def plan(self, source: Source, options: Options, converter: str | None = None) -> list[ArtifactPlan]:
+        variants, calib, measure = self._variants(options), asdict(options.calibration), asdict(options.measurement)
         stats = tensor_stats(source.path)
         # A tied head is quantized as a copy of the embedding.
         params, embed, head_values, linear = stats.params, stats.embedding, stats.head or stats.embedding, stats.linear
@@ -106,18 +143,18 @@ class EXL2Format(Format):
             ))
         return items
 
-    def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
-        state = ctx.out_dir / ".quantkit"
-        out = ctx.out_dir / item.filename
-        parquet = self._calibration_parquet(item.options["calibration"]["text"], ctx)
+    def build(self, item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
+        state = context.out_dir / ".quantkit"
+        out = context.out_dir / item.filename
+        parquet = self._calibration_parquet(item.options["calibration"]["text"], context)
         work = state / f"exl2-work-{item.variant}"
-        view = source_view(ctx.source.path, state / f"exl2-source-{item.variant}")  # config.json as exllamav2 reads it
+        view = source_view(context.source.path, state / f"exl2-source-{item.variant}")  # config.json as exllamav2 reads it
         args = ["-m", "exllamav2.conversion.convert_exl2", "-i", str(view), "-o", str(work), "-nr",
                 "-c", str(parquet)]
         facts: dict[str, Any] = {}
-        with ctx.reporter.step(f"exl2 {item.variant} (exllamav2)") as step:
+        with context.reporter.step(f"exl2 {item.variant} (exllamav2)") as step:
             if item.role == "measurement":
-                facts["parity"] = self._preflight(view, ctx).to_dict()
+                facts["parity"] = self._preflight(view, context).to_dict()
                 with atomic_path(out) as tmp:
                     done = run_python(args + ["-om", str(tmp), "-mr", str(item.options["rows"]),
                                               "-ml", str(item.options["length"])], what="exllamav2 (measurement)")
@@ -126,75 +163,66 @@ class EXL2Format(Format):
             else:
                 cal = item.options["calibration"]
                 with atomic_dir(out) as tmp:
-                    done = run_python(args + ["-m", str(ctx.out_dir / item.depends_on), "-cf", str(tmp),
+                    done = run_python(args + ["-m", str(context.out_dir / item.depends_on), "-cf", str(tmp),
                                               "-b", str(item.options["bits"]), "-hb", str(item.options["head_bits"]),
                                               "-r", str(cal["rows"]), "-l", str(cal["length"])],
                                       what=f"exllamav2 ({item.variant})")
                     _check(done, tmp / "config.json")
                     drop_local_paths(tmp / "config.json")  # quantization_config names the calibration file
             step.update(1, 1)
-        return {**facts, **done.memory(), "source_params": param_count(ctx.source.path)}
+        return {**facts, **done.memory(), "source_params": param_count(context.source.path)}
 
-    def _preflight(self, view: Path, ctx: BuildContext) -> Parity:
+    def _preflight(self, view: Path, context: BuildContext) -> Parity:
         """exllamav2 must reproduce the fp16 source before it quantizes it: a runtime that misreads the model
         (issue 14: transformers 5's rope_parameters, read as the default base) makes every EXL2 file garbage."""
-        if not ctx.evaluation:
+        if not context.evaluation:
             raise ProfileError("EXL2 needs the evaluation (its parity preflight compares exllamav2 with the reference)",
                                "set evaluation.enabled: true, or leave exl2 out of the profile")
         spec_file, result_file = view.parent / "exl2-preflight.spec.json", view.parent / "exl2-preflight.json"
-        spec_file.write_text(json.dumps({**ctx.evaluation, "windows": 4}))
-        run_python(["-m", "quantkit.formats.exl2.evaluate_worker", "preflight", str(view), str(spec_file), str(result_file)],
+        spec_file.write_text(json.dumps(replace(context.evaluation, windows=4).to_json()))
+        run_python(["-m", "quantkit.formats.exl2.runner", "preflight", str(view), str(spec_file), str(result_file)],
                    what="exllamav2 parity preflight")
         raw = json.loads(result_file.read_text())
-        parity = Parity("exllamav2, fp16 source", raw["kld_mean"], raw["top1_agreement"], raw["tokens_scored"])
-        ctx.reporter.info(parity.render())
+        parity = Parity.from_dict(raw)
+        context.reporter.info(parity.render())
         if not parity.passed:
-            raise ToolError(f"exllamav2 does not reproduce {ctx.source.name} in fp16 ({parity.problems()}), so its EXL2 "
+            raise ToolError(f"exllamav2 does not reproduce {context.source.name} in fp16 ({parity.problems()}), so its EXL2 "
                             "files would be measured and published wrong",
                             "check the model's config.json against what exllamav2 reads (quantkit/config_view.py); "
                             "or leave exl2 out of the profile")
         return parity
 
-    def _calibration_parquet(self, text_spec: str, ctx: BuildContext) -> Path:
+    def _calibration_parquet(self, text_spec: str, context: BuildContext) -> Path:
         """exllamav2 reads calibration rows from a parquet file; ours, so it never sees the evaluation text."""
-        path = ctx.out_dir / ".quantkit" / "exl2-calibration.parquet"
+        path = context.out_dir / ".quantkit" / "exl2-calibration.parquet"
         source = path.with_suffix(".txt")
-        write_text_atomic(source, calibration_text(text_spec, ctx.evaluation_text))
-        run_python(["-m", "quantkit.formats.exl2.worker", "parquet", str(source), str(path)], what="calibration parquet")
+        write_text_atomic(source, calibration_text(text_spec, context.evaluation_text))
+        run_python(["-m", "quantkit.formats.exl2.tool", "parquet", str(source), str(path)], what="calibration parquet")
         return path
 
-    def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+    def tools(self, item: ArtifactPlan, context: BuildContext) -> dict[str, str]:
         return versions("exllamav2", "torch")
 
-    def inputs(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
-        return calibration_identity(item.options["calibration"]["text"], ctx.evaluation_text)
+    def inputs(self, item: ArtifactPlan, context: BuildContext) -> dict[str, str]:
+        return calibration_identity(item.options["calibration"]["text"], context.evaluation_text)
 
-    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
+    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
         if item.role == "measurement":
-            return ArtifactResult(backend=self.name, variant=item.variant, filename=item.filename,
-                                  size_bytes=path.stat().st_size, sha256="", bits_per_weight=0.0, tensor_types={},
-                                  fallbacks=[], details={"parity": facts["parity"]} if "parity" in facts else {})
+            return Description(size_bytes=path.stat().st_size, details={"parity": facts["parity"]} if "parity" in facts else {})
         files = [p for p in path.rglob("*") if p.is_file()]
         weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         params = facts.get("source_params") or 0
         cfg = json.loads((path / "config.json").read_text()).get("quantization_config", {})
-        return ArtifactResult(
-            backend=self.name, variant=item.variant, filename=item.filename,
-            size_bytes=sum(p.stat().st_size for p in files), sha256="",
+        return Description(
+            size_bytes=sum(p.stat().st_size for p in files),
             bits_per_weight=round(weights * 8 / params, 3) if params else 0.0,
-            tensor_types={"exl2": 1}, fallbacks=[], details={k: cfg[k] for k in ("bits", "head_bits") if k in cfg},
+            tensor_types={"exl2": 1}, details={k: cfg[k] for k in ("bits", "head_bits") if k in cfg},
             stated_bits=float(cfg.get("bits") or item.options["bits"]),
         )
 
-    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None,
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, window: int, config: dict[str, Any] | None,
                         item: ArtifactPlan | None = None) -> int:
-        return self.eval_fixed_bytes + scored_logits(vocab, ctx)  # the file streams to the GPU, not held here
-
-    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
-        return ["With TabbyAPI, put the downloaded folder in its `models/` folder; with exllamav2:", "",
-                "```python", "from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config", "",
-                f'config = ExLlamaV2Config("{local_dir}")',
-                "model = ExLlamaV2(config)", "model.load_autosplit(ExLlamaV2Cache(model, lazy=True))", "```"]
+        return self.evaluation.fixed_bytes + scored_logits(vocab, window)  # the file streams to the GPU, not held here
 
 
 def _other_files(source: Source) -> int:
@@ -209,5 +237,3 @@ def _check(done: Finished, expected: Path) -> None:
         raise ToolError(f"exllamav2 did not write {expected.name}: {(errors or done.lines[-1:] or ['no output'])[-1]}",
                         "the last lines of its output:\n" + "\n".join(done.lines[-15:]))
 
-
-FORMATS = {"exl2": EXL2Format}

@@ -1,10 +1,10 @@
 """Child process: evaluate an EXL2 folder with exllamav2 (CUDA only).
 
-  evaluate:   python -m quantkit.formats.exl2.evaluate_worker evaluate FOLDER SPEC.json OUT.json
-  preflight:  python -m quantkit.formats.exl2.evaluate_worker preflight SOURCE_VIEW SPEC.json OUT.json
+  evaluate:   python -m quantkit.formats.exl2.runner evaluate FOLDER SPEC.json OUT.json
+  preflight:  python -m quantkit.formats.exl2.runner preflight SOURCE_VIEW SPEC.json OUT.json
 
 The forward pass is exllamav2's; the chat template and decoding come from the folder's own
-tokenizer files through transformers, as for the other formats.
+tokenizer files through transformers, as for the other formats. The loop is evaluate/protocol.py's.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from ...evaluate.chat import chat_turns
-from ...evaluate.metrics import score, scored_range, worker_main
+from ...evaluate.metrics import scored_range
+from ...evaluate.protocol import EvalOutput, EvalSpec, run, runner_main
 
 
 def _load(folder: str, ctx: int):
@@ -36,65 +36,69 @@ def _load(folder: str, ctx: int):
     return model, config, logits
 
 
-def evaluate(folder: str, spec: dict) -> dict:
-    from transformers import AutoTokenizer
+class ExLlamaRuntime:
+    """protocol.Runtime: exllamav2's forward; the folder's tokenizer files through transformers for the chat turns."""
 
-    _, config, logits = _load(folder, spec["ctx"])
-    tok = AutoTokenizer.from_pretrained(folder)
-    first, last = scored_range(spec["ctx"])
-    result = score(lambda window: logits(window)[first:last].cpu().numpy(), spec, config.vocab_size)
-    result |= chat_turns(*chat_functions(logits, tok, folder), spec, "the folder has no chat template")
-    return result
+    no_template = "the folder has no chat template"
 
+    def __init__(self, folder: str, spec: EvalSpec) -> None:
+        import json
+        from pathlib import Path
 
-def chat_functions(logits, tok, folder: str):
-    """(generate, render) for chat_turns: the folder's tokenizer files through transformers, exllamav2's forward."""
-    import json
-    from pathlib import Path
+        from transformers import AutoTokenizer
 
-    gen = Path(folder) / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {tok.eos_token_id}
+        from ...evaluate.hf_runner import template_render
 
-    def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
+        _, config, self.logits = _load(folder, spec.ctx)
+        self.vocab_size = config.vocab_size
+        self.first, self.last = scored_range(spec.ctx)
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.render = template_render(self.tok)
+        gen = Path(folder) / "generation_config.json"
+        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None
+        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {self.tok.eos_token_id}
+
+    def forward(self, window: np.ndarray) -> np.ndarray:
+        return self.logits(window)[self.first:self.last].cpu().numpy()
+
+    def generate(self, turns: list[tuple[str, int, bool]]) -> list[tuple[str, str | None]]:
+        return [self._generate(*turn) for turn in turns]
+
+    def _generate(self, prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
+        tok = self.tok
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         out = []
         for _ in range(max_tokens):  # greedy; no cache: a short prompt and reply are cheap on a GPU
-            nxt = int(logits(ids + out)[-1].argmax())
-            if nxt in eos:
+            nxt = int(self.logits(ids + out)[-1].argmax())
+            if nxt in self.eos:
                 return tok.decode(out, skip_special_tokens=not special), tok.convert_ids_to_tokens(nxt)
             out.append(nxt)
         return tok.decode(out, skip_special_tokens=not special), None
 
-    from ...evaluate.hf_worker import template_render
 
-    return generate, template_render(tok)
+def evaluate(folder: str, spec: EvalSpec) -> EvalOutput:
+    return run(ExLlamaRuntime(folder, spec), spec)
 
 
 def preflight(view: str, spec_file: str, out_file: str) -> None:
     """The fp16 source through exllamav2 and through the reference (transformers: weights as stored,
-    float32 compute) on the first `windows` windows of the evaluation tokens: KL(reference || exllamav2)
-    and top-1 agreement, written to OUT as JSON."""
+    float32 compute) on the first `windows` windows (4 by default) of the evaluation tokens: its Parity
+    (KL(reference || exllamav2) and top-1 agreement), written to OUT as JSON."""
     import gc
     import json
     from pathlib import Path
 
     import torch
 
-    from ...evaluate.hf_worker import load_model
-    from ...evaluate.metrics import Accumulator, log_softmax, windows
+    from ...evaluate.hf_runner import load_model
+    from ...evaluate.metrics import log_softmax
+    from ...evaluate.parity import Parity
 
-    spec = json.loads(Path(spec_file).read_text())
-    ctx, first, last = spec["ctx"], *scored_range(spec["ctx"])
-    tokens = np.load(spec["tokens"])
-    spans = windows(len(tokens), ctx)[: spec.get("windows", 4)]
-    batches = []
-    for a, b in spans:
-        window = tokens[a:b].copy()
-        if spec.get("bos") is not None:
-            window[0] = spec["bos"]
-        batches.append(window)
-    model, _, logits = _load(view, ctx)
+    spec = EvalSpec.from_json(json.loads(Path(spec_file).read_text()))
+    first, last = scored_range(spec.ctx)
+    text = spec.window_ids()
+    batches = [text[i] for i in range(min(spec.windows or 4, len(text)))]
+    model, _, logits = _load(view, spec.ctx)
     ours = [log_softmax(logits(w)[first:last].cpu().numpy()).astype(np.float16) for w in batches]
     model.unload()  # both models on one GPU at once would double what the check needs
     del model, logits
@@ -102,13 +106,16 @@ def preflight(view: str, spec_file: str, out_file: str) -> None:
     torch.cuda.empty_cache()
     reference, device, _ = load_model(view, {"reference": True})
     keep = torch.arange(first, last, device=device)
-    acc = Accumulator()
-    for window, lp in zip(batches, ours):
-        with torch.inference_mode():
-            ref = reference(torch.from_numpy(window.astype(np.int64))[None].to(device), logits_to_keep=keep).logits[0]
-        acc.add(lp.astype(np.float32), window[first + 1:], log_softmax(ref.float().cpu().numpy()))
-    Path(out_file).write_text(json.dumps(acc.summary() | {"windows": len(batches)}))
+
+    def reference_rows():  # a window at a time, as the comparison takes them
+        for window in batches:
+            with torch.inference_mode():
+                ids = torch.from_numpy(window.astype(np.int64))[None].to(device)
+                yield log_softmax(reference(ids, logits_to_keep=keep).logits[0].float().cpu().numpy())
+
+    parity = Parity.measure("exllamav2, fp16 source", reference_rows(), ours)
+    Path(out_file).write_text(json.dumps(parity.to_dict() | {"windows": len(batches)}))
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:], {"evaluate": evaluate, "preflight": preflight}))
+    sys.exit(runner_main(sys.argv[1:], {"evaluate": evaluate, "preflight": preflight}))

@@ -1,6 +1,6 @@
 """Child process helpers for the EXL2 backend.
 
-  parquet:  python -m quantkit.formats.exl2.worker parquet TEXT_FILE OUT.parquet
+  parquet:  python -m quantkit.formats.exl2.tool parquet TEXT_FILE OUT.parquet
             the calibration text as rows (about 2000 characters of whole lines) of a `text`
             column, which exllamav2's converter reads with pandas/fastparquet
 """

@@ -1,6 +1,6 @@
 """GGUF: llama.cpp's own converter to f16/bf16, an optional importance matrix (llama-imatrix), then
 llama_model_quantize per variant, with per-tensor overrides, and llama.cpp shards for large files. Evaluated
-by llama.cpp (evaluate_worker), published as files on one repo's main."""
+by llama.cpp (runner), published as files on one repo's main."""
 
 from __future__ import annotations
 
@@ -15,20 +15,20 @@ from ...errors import SourceError
 from ...evaluate.text import calibration_identity
 from ...fsutil import atomic_dir, atomic_path, human_size
 from .llamacpp import bindings_version, find_tool, find_tree, tool_version
-from ...plan import ArtifactPlan, ArtifactResult
+from ...plan import ArtifactPlan
+from ...results import Description
 from ...procs import run_python
 from ...source import Source
 from ...memory import chat_kv_bytes, scored_logits
 from ...evaluate.parity import Parity
-from ..base import BuildContext, Card, Format, Requirement, package
-from .options import GGUFVariant, parse_options
+from ..base import BuildContext, Evaluation, Format, Requirement, package
+from .options import GGUFVariant, Options, parse_options
 from .predict import peak_for_params, predict_sizes, quantize_spec, run_peak
 from .shards import gguf_files, model_file, split
 from .types import INTERMEDIATES
 from .imatrix import compute_imatrix
-from .evaluate_worker import WINDOWS_PER_DECODE
-from . import card as gguf_card
-from .card import USE_HINTS, imatrix_lines
+from .runner import WINDOWS_PER_DECODE
+from .card import GGUFCard
 
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 _FALLBACK = re.compile(
@@ -42,19 +42,18 @@ _FALLBACK = re.compile(
 # the copies llama.cpp's CPU backend makes of some types), the KV cache and one window's compute buffers.
 # Measured on the F16 files at 135M, 3B and 7B: 0.69, 6.43 and 15.08 GB.
 GGUF_EVAL_FIXED = 300_000_000
-# Each window scored in the same decode beyond the first (evaluate_worker.WINDOWS_PER_DECODE): llama.cpp's
+# Each window scored in the same decode beyond the first (runner.WINDOWS_PER_DECODE): llama.cpp's
 # logits of its scored half, twice (the output head's result and the copy it returns), and its activations.
 # Fitted on the sample (vocabulary 49,152, hidden 576): 4 windows a decode measured 345 MB above 1 a decode.
 _WINDOW_ACTIVATION_PER_HIDDEN = 40
 
 
-class GGUFFormat(Format):
-    name = "gguf"
-    runner = "quantkit.formats.gguf.evaluate_worker"
-    eval_fixed_bytes = GGUF_EVAL_FIXED
-    windows_per_pass = WINDOWS_PER_DECODE
-    card = Card(display="GGUF", layout="files", tags=("llama.cpp",), featured=("Q4_K_M",),
-                loads_in="They load in llama.cpp, LM Studio, Ollama and anything else built on llama.cpp.")
+class GGUFFormat(Format, name="gguf"):
+    Options = Options
+    evaluation = Evaluation("quantkit.formats.gguf.runner", fixed_bytes=GGUF_EVAL_FIXED,
+                            windows_per_pass=WINDOWS_PER_DECODE)
+    card = GGUFCard(display="GGUF", layout="files", tags=("llama.cpp",), featured=("Q4_K_M",),
+                    loads_in="They load in llama.cpp, LM Studio, Ollama and anything else built on llama.cpp.")
 
     def requirements(self) -> list[Requirement]:
         hint = "run ./scripts/setup.sh (it builds llama-cpp-python)"
@@ -69,7 +68,10 @@ class GGUFFormat(Format):
         return super().vocabulary() | set(ftypes()) | set(ggml_types()) | set(INTERMEDIATES) | {
             "llama_cpp", "llama-cpp", "k-quant", "k-quants", "i-quant", "i-quants", "imatrix", "convert_hf_to_gguf"}
 
-    def plan(self, source: Source, options: dict[str, Any], converter: str | None = None) -> list[ArtifactPlan]:
+    def validate(self, options: Options) -> None:
+        parse_options(options, "float16")  # `intermediate: auto` resolves with the source's dtype, in plan()
+
+    def plan(self, source: Source, options: Options, converter: str | None = None) -> list[ArtifactPlan]:
         opts = parse_options(options, source.dtype)
         tree = find_tree(converter)
         if source.architecture not in tree.supported_architectures():
@@ -130,24 +132,24 @@ class GGUFFormat(Format):
                             predicted_peak_bytes=peak, runtime_bytes=size.file_bytes + size.repacked_bytes,
                             note="; ".join(notes))
 
-    def build(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, Any]:
-        out = ctx.out_dir / item.filename
+    def build(self, item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
+        out = context.out_dir / item.filename
         if item.role == "intermediate":
-            return self._convert(item, ctx, out)
-        src = model_file(ctx.out_dir / item.depends_on)
+            return self._convert(item, context, out)
+        src = model_file(context.out_dir / item.depends_on)
         if item.role == "imatrix":
-            return compute_imatrix(src, out, item.options, ctx)
-        return self._quantize(item, ctx, src, out)
+            return compute_imatrix(src, out, item.options, context)
+        return self._quantize(item, context, src, out)
 
-    def _convert(self, item: ArtifactPlan, ctx: BuildContext, out: Path) -> dict[str, Any]:
-        tree = find_tree(ctx.converter)
-        args = [str(tree.converter), str(ctx.source.path), "--outtype", INTERMEDIATES[item.variant]]
-        if ctx.source.repo_id:
-            args += ["--model-name", ctx.source.name]
+    def _convert(self, item: ArtifactPlan, context: BuildContext, out: Path) -> dict[str, Any]:
+        tree = find_tree(context.converter)
+        args = [str(tree.converter), str(context.source.path), "--outtype", INTERMEDIATES[item.variant]]
+        if context.source.repo_id:
+            args += ["--model-name", context.source.name]
         limit = item.options.get("split_max_bytes")
         if limit:
             args += ["--split-max-size", f"{max(1, limit // 1_000_000)}M"]
-        with ctx.reporter.step(f"convert to {item.filename}", total=100) as step, \
+        with context.reporter.step(f"convert to {item.filename}", total=100) as step, \
                 (atomic_dir(out) if limit else atomic_path(out)) as tmp:
             def on_line(line: str) -> None:
                 m = re.search(r"Writing:\s+(\d+)%", line)
@@ -158,10 +160,10 @@ class GGUFFormat(Format):
             done = run_python(args + ["--outfile", str(target)], on_line=on_line, cwd=tree.root, what="llama.cpp converter")
         return done.memory()
 
-    def _quantize(self, item: ArtifactPlan, ctx: BuildContext, src: Path, out: Path) -> dict[str, Any]:
+    def _quantize(self, item: ArtifactPlan, context: BuildContext, src: Path, out: Path) -> dict[str, Any]:
         limit = item.options.get("split_max_bytes")
-        imatrix = ctx.out_dir / item.uses[0] if item.uses else None
-        with ctx.reporter.step(f"quantize {item.filename}") as step, \
+        imatrix = context.out_dir / item.uses[0] if item.uses else None
+        with context.reporter.step(f"quantize {item.filename}") as step, \
                 (atomic_dir(out) if limit else atomic_path(out)) as tmp:
             def on_line(line: str) -> None:
                 m = _TENSOR_LINE.search(line)
@@ -169,8 +171,8 @@ class GGUFFormat(Format):
                     step.update(int(m.group(1)), int(m.group(2)))
 
             whole = tmp / f"{out.name}.whole.gguf" if limit else tmp
-            spec = quantize_spec(item.options, src, whole, ctx.threads, imatrix=imatrix)
-            done = run_python(["-m", "quantkit.formats.gguf.quantize_worker", json.dumps(spec)],
+            spec = quantize_spec(item.options, src, whole, context.threads, imatrix=imatrix)
+            done = run_python(["-m", "quantkit.formats.gguf.quantize_tool", json.dumps(spec)],
                               on_line=on_line, what=f"llama.cpp quantizer ({item.variant})")
             if limit:
                 step.update(0, None, note="splitting into shards")
@@ -180,19 +182,19 @@ class GGUFFormat(Format):
         return {"fallbacks": [m.groupdict() for line in done.lines if (m := _FALLBACK.search(line))],
                 **done.memory()}
 
-    def tools(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
+    def tools(self, item: ArtifactPlan, context: BuildContext) -> dict[str, str]:
         if item.role == "intermediate":
-            return {"convert_hf_to_gguf.py": find_tree(ctx.converter).identity()}
+            return {"convert_hf_to_gguf.py": find_tree(context.converter).identity()}
         if item.role == "imatrix":
             return {"llama-imatrix": tool_version("llama-imatrix")}
         # The quantizer is the bindings' llama_model_quantize; shards are cut by llama-gguf-split.
         split = {"llama-gguf-split": tool_version("llama-gguf-split")} if item.options.get("split_max_bytes") else {}
         return {"llama-cpp-python": bindings_version(), **split}
 
-    def inputs(self, item: ArtifactPlan, ctx: BuildContext) -> dict[str, str]:
-        return calibration_identity(item.options["text"], ctx.evaluation_text) if item.role == "imatrix" else {}
+    def inputs(self, item: ArtifactPlan, context: BuildContext) -> dict[str, str]:
+        return calibration_identity(item.options["text"], context.evaluation_text) if item.role == "imatrix" else {}
 
-    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> ArtifactResult:
+    def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
         from gguf import GGUFReader
 
         types: Counter[str] = Counter()
@@ -202,20 +204,19 @@ class GGUFFormat(Format):
                 types[t.tensor_type.name] += 1
                 n_bytes += int(t.n_bytes)
                 n_elements += int(t.n_elements)
-        return ArtifactResult(
-            backend=self.name, variant=item.variant, filename=item.filename,
-            size_bytes=sum(f.stat().st_size for f in gguf_files(path)), sha256="",
+        return Description(
+            size_bytes=sum(f.stat().st_size for f in gguf_files(path)),
             bits_per_weight=round(n_bytes * 8 / max(n_elements, 1), 3) if item.role != "imatrix" else 0.0,
             tensor_types=dict(sorted(types.items())), fallbacks=facts.get("fallbacks", []),
             details={k: facts[k] for k in ("chunks", "chunk_tokens", "text", "experts_without_data") if facts.get(k)},
         )
 
-    def evaluation_peak(self, artifact_bytes: int, vocab: int, ctx: int, config: dict[str, Any] | None,
+    def evaluation_peak(self, artifact_bytes: int, vocab: int, window: int, config: dict[str, Any] | None,
                         item: ArtifactPlan | None = None) -> int:
         # llama.cpp allocates the chat turns' KV cache up front.
         hidden = int((config or {}).get("hidden_size") or 0)
-        windows = (WINDOWS_PER_DECODE - 1) * ctx * (vocab * 4 + _WINDOW_ACTIVATION_PER_HIDDEN * hidden)
-        return (self.eval_fixed_bytes + artifact_bytes + scored_logits(vocab, ctx) + windows
+        windows = (WINDOWS_PER_DECODE - 1) * window * (vocab * 4 + _WINDOW_ACTIVATION_PER_HIDDEN * hidden)
+        return (self.evaluation.fixed_bytes + artifact_bytes + scored_logits(vocab, window) + windows
                 + (chat_kv_bytes(config) if config is not None else 0))
 
     def evaluation_mapped(self, item: ArtifactPlan) -> int:
@@ -226,35 +227,9 @@ class GGUFFormat(Format):
 
         return gguf_facts(path)
 
-    def label(self, variant: str) -> str:
-        return variant  # the type names the format: Q4_K_M
-
-    def made_with(self, report: dict) -> str:
-        version = (report.get("tools", {}).get(self.name) or {}).get("llama-cpp-python")
-        return "llama.cpp's own converter and quantizer" + (f" (llama-cpp-python {version})" if version else "")
-
-    def use_hint(self, variant: str, bits_per_weight: float) -> str:
-        return USE_HINTS.get(variant) or super().use_hint(variant, bits_per_weight)
-
-    def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
-        sections = {"Importance matrix": imatrix_lines(artifacts), "Tensors in other types": gguf_card.fallback_lines(artifacts)}
-        return {title: lines for title, lines in sections.items() if lines}
-
     def parity(self, artifact: dict) -> Parity | None:
         # llama.cpp on the unquantized (F16/BF16) file, which every build evaluates anyway.
         e = artifact.get("evaluation") or {}
         if artifact.get("role") != "intermediate" or artifact["variant"] not in ("F16", "BF16") or e.get("kld_mean") is None:
             return None
-        return Parity(f"llama.cpp, {artifact['variant']} GGUF", e["kld_mean"], e["top1_agreement"], e["tokens_scored"])
-
-    def fallback_summary(self, artifact: dict) -> str:
-        return gguf_card.fallback_summary(artifact)
-
-    def explain_inversion(self, big: dict, small: dict, source: dict) -> str:
-        return gguf_card.explain_inversion(big, small, source)
-
-    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
-        return ["```bash", f"llama-cli -m {artifact['filename']} -cnv", "```"]
-
-
-FORMATS = {"gguf": GGUFFormat}
+        return Parity.of(f"llama.cpp, {artifact['variant']} GGUF", e)

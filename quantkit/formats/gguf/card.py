@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ...fsutil import human_size
+from ..base import Card
 from ...report import public_text_name
 from .imatrix import describe_idle
 
@@ -54,35 +55,51 @@ def imatrix_lines(artifacts: list[dict]) -> list[str]:
     return lines
 
 
-def fallback_summary(artifact: dict) -> str:
-    """'180 tensors: q4_K→q5_0 ×150, q6_K→q8_0 ×30 (rows of 576 are not a multiple of 256)'."""
-    fallbacks = artifact.get("fallbacks") or []
-    if not fallbacks:
-        return ""
-    moves = Counter(f"{f['wanted']}→{f['used']}" for f in fallbacks)
-    cols = sorted({int(f["ncols"]) for f in fallbacks})
-    blocks = sorted({int(f["block"]) for f in fallbacks})
-    return (f"{len(fallbacks)} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common())
-            + f" (rows of {', '.join(map(str, cols))} are not a multiple of {', '.join(map(str, blocks))})")
+class GGUFCard(Card):
+    def label(self, variant: str) -> str:
+        return variant  # the type names the format: Q4_K_M
 
+    def made_by(self, tools: dict[str, str]) -> str:
+        version = tools.get("llama-cpp-python")
+        return "llama.cpp's own converter and quantizer" + (f" (llama-cpp-python {version})" if version else "")
 
-def fallback_lines(artifacts: list[dict]) -> list[str]:
-    """The report's and the card's paragraph on fallbacks, with one line per file that had any."""
-    found = [(a["variant"], s) for a in artifacts if (s := fallback_summary(a))]
-    if not found:
-        return []
-    return ["Some tensors could not take the asked type, because k-quants and i-quants pack rows in blocks of 256 "
-            "values; llama.cpp stored them in the nearest type that fits:\n\n"
-            + "\n".join(f"- **{variant}**: {summary}" for variant, summary in found)]
+    def use_hint(self, variant: str, bits_per_weight: float) -> str:
+        return USE_HINTS.get(variant) or super().use_hint(variant, bits_per_weight)
 
+    def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
+        sections = {"Importance matrix": imatrix_lines(artifacts), "Tensors in other types": self._fallback_lines(artifacts)}
+        return {title: lines for title, lines in sections.items() if lines}
 
-def explain_inversion(big: dict, small: dict, source: dict) -> str:
-    """What the fallbacks show: llama.cpp stored k-quant tensors whose rows are not a multiple of 256 in legacy
-    types, quantized with no error search, so the fallback types (not the names) decide the quality."""
-    moves = lambda a: sorted({f"{f['wanted']}→{f['used']}" for f in a.get("fallbacks") or []})  # noqa: E731
-    if not (mb := moves(big)) or not (ms := moves(small)):
-        return ""
-    why = f": {SAMPLE_PROVENANCE}." if source.get("sample") and any("q5_1" in m for m in mb) \
-        else " (docs/evaluation.md, Inversions)."
-    return (f"Both fell back from k-quants (rows not a multiple of 256): {big['variant']} {', '.join(mb)}; "
-            f"{small['variant']} {', '.join(ms)}. The fallback types decide the quality here, not the names" + why)
+    def fallback_summary(self, artifact: dict) -> str:
+        """'180 tensors: q4_K→q5_0 ×150, q6_K→q8_0 ×30 (rows of 576 are not a multiple of 256)'."""
+        fallbacks = artifact.get("fallbacks") or []
+        if not fallbacks:
+            return ""
+        moves = Counter(f"{f['wanted']}→{f['used']}" for f in fallbacks)
+        cols = sorted({int(f["ncols"]) for f in fallbacks})
+        blocks = sorted({int(f["block"]) for f in fallbacks})
+        return (f"{len(fallbacks)} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common())
+                + f" (rows of {', '.join(map(str, cols))} are not a multiple of {', '.join(map(str, blocks))})")
+
+    def _fallback_lines(self, artifacts: list[dict]) -> list[str]:
+        """The report's and the card's paragraph on fallbacks, with one line per file that had any."""
+        found = [(a["variant"], s) for a in artifacts if (s := self.fallback_summary(a))]
+        if not found:
+            return []
+        return ["Some tensors could not take the asked type, because k-quants and i-quants pack rows in blocks of 256 "
+                "values; llama.cpp stored them in the nearest type that fits:\n\n"
+                + "\n".join(f"- **{variant}**: {summary}" for variant, summary in found)]
+
+    def explain_inversion(self, big: dict, small: dict, source: dict) -> str:
+        """What the fallbacks show: llama.cpp stored k-quant tensors whose rows are not a multiple of 256 in legacy
+        types, quantized with no error search, so the fallback types (not the names) decide the quality."""
+        moves = lambda a: sorted({f"{f['wanted']}→{f['used']}" for f in a.get("fallbacks") or []})  # noqa: E731
+        if not (mb := moves(big)) or not (ms := moves(small)):
+            return ""
+        why = f": {SAMPLE_PROVENANCE}." if source.get("sample") and any("q5_1" in m for m in mb) \
+            else " (docs/evaluation.md, Inversions)."
+        return (f"Both fell back from k-quants (rows not a multiple of 256): {big['variant']} {', '.join(mb)}; "
+                f"{small['variant']} {', '.join(ms)}. The fallback types decide the quality here, not the names" + why)
+
+    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+        return ["```bash", f"llama-cli -m {artifact['filename']} -cnv", "```"]

@@ -15,17 +15,17 @@ from ...procs import run_program
 _CHUNK = re.compile(r"computing over (\d+) chunks|\[(\d+)\]")
 
 
-def compute_imatrix(model: Path, out: Path, options: dict[str, Any], ctx) -> dict[str, Any]:
+def compute_imatrix(model: Path, out: Path, options: dict[str, Any], context) -> dict[str, Any]:
     """`options`: ImatrixOptions as a dict (text, chunks, ctx). Returns the facts the report keeps."""
     tool = find_tool("llama-imatrix")
     # llama-imatrix records the text's file name as given (imatrix.datasets), and the file gets published:
     # run it next to the text, under a name that says what the text is, never a local path.
     spec = options["text"]
     name = spec.split(":", 1)[1] + "-calibration" if spec.startswith("builtin:") else Path(spec).stem
-    text_file = ctx.out_dir / ".quantkit" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".txt")
-    write_text_atomic(text_file, calibration_text(spec, ctx.evaluation_text))
+    text_file = context.out_dir / ".quantkit" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".txt")
+    write_text_atomic(text_file, calibration_text(spec, context.evaluation_text))
     n_ctx = int(options["ctx"])
-    with ctx.reporter.step(f"importance matrix {out.name} ({options['chunks']} chunks of {n_ctx} tokens)",
+    with context.reporter.step(f"importance matrix {out.name} ({options['chunks']} chunks of {n_ctx} tokens)",
                            total=options["chunks"]) as step, atomic_path(out) as tmp:
         def on_line(line: str) -> None:
             for m in _CHUNK.finditer(line):
@@ -36,13 +36,13 @@ def compute_imatrix(model: Path, out: Path, options: dict[str, Any], ctx) -> dic
 
         done = run_program(tool, [
             "-m", str(model), "-f", text_file.name, "-o", str(tmp), "--output-format", "gguf",
-            "--chunks", str(options["chunks"]), "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(ctx.threads),
+            "--chunks", str(options["chunks"]), "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(context.threads),
             "--output-frequency", "1000000",  # one write at the end, to our temporary name
         ], on_line=on_line, cwd=text_file.parent, what="llama-imatrix")
     chunks = max((int(m.group(2)) for line in done.lines for m in _CHUNK.finditer(line) if m.group(2)), default=0)
     idle = experts_without_data(out)
     if idle:
-        ctx.reporter.warn(f"importance matrix: {describe_idle(idle)} saw no calibration token; llama.cpp quantizes "
+        context.reporter.warn(f"importance matrix: {describe_idle(idle)} saw no calibration token; llama.cpp quantizes "
                           "them without importance weights (its partial-data path). For better i-quants of them, "
                           "calibrate on more or more varied text (imatrix.chunks, imatrix.text)")
     return {**done.memory(), "chunks": chunks, "chunk_tokens": n_ctx, "text": options["text"],

@@ -1,4 +1,5 @@
-"""The GGUF backend's profile options, checked and turned into typed variants.
+"""The GGUF format's profile options (Options, read strictly by quantkit.options), checked and resolved into typed
+variants (GGUFOptions).
 
     gguf:
       intermediate: f16            # f16 | bf16 | q8_0 | auto (bf16 when the source is bf16)
@@ -25,10 +26,40 @@ from ...fsutil import parse_bytes
 from .types import INTERMEDIATES, NEEDS_IMATRIX, ftypes, ggml_types, normalize
 
 DEFAULT_SPLIT = "48G"
-_BACKEND_KEYS = {"types", "intermediate", "imatrix", "split_max_size"}
-_ENTRY_KEYS = {"type", "name", "imatrix", "embeddings", "output", "overrides", "split_max_size"}
-_IMATRIX_KEYS = {"text", "chunks", "ctx", "from"}
 IMATRIX_FROM = ("intermediate", "q8_0")
+
+
+@dataclass(frozen=True)
+class ImatrixEntry:
+    """`imatrix:` as the profile writes it."""
+
+    text: str = "builtin:botchan"
+    chunks: int = 64
+    ctx: int = 512
+    from_: str = field(default="intermediate", metadata={"key": "from"})
+
+
+@dataclass(frozen=True)
+class TypeEntry:
+    """One entry of `types:` written as a mapping (a plain entry is the type's name)."""
+
+    type: str
+    name: str | None = None
+    imatrix: bool | None = None  # None: whether the backend has an importance matrix
+    embeddings: str | None = None
+    output: str | None = None
+    overrides: dict[str, str] = field(default_factory=dict)
+    split_max_size: str | int | None = None  # None: the backend's
+
+
+@dataclass(frozen=True)
+class Options:
+    """The profile's `gguf:` mapping (see this module's docstring)."""
+
+    types: list[str | TypeEntry] = field(default_factory=list)
+    intermediate: str = "f16"
+    imatrix: bool | ImatrixEntry | None = None
+    split_max_size: str | int = DEFAULT_SPLIT
 
 
 @dataclass(frozen=True)
@@ -84,20 +115,16 @@ def parse_size(value: Any, where: str) -> int:
     return n
 
 
-def parse_options(options: dict[str, Any], source_dtype: str) -> GGUFOptions:
-    unknown = set(options) - _BACKEND_KEYS
-    if unknown:
-        raise ProfileError(f"gguf: unknown option(s) {sorted(unknown)}", f"allowed: {', '.join(sorted(_BACKEND_KEYS))}")
-    inter = normalize(options.get("intermediate", "f16"))
+def parse_options(options: Options, source_dtype: str) -> GGUFOptions:
+    inter = normalize(options.intermediate)
     if inter == "AUTO":
         inter = "BF16" if "bfloat16" in source_dtype else "F16"
     if inter not in INTERMEDIATES:
         raise ProfileError(f"gguf: intermediate {inter!r} is not supported", "use f16, bf16, q8_0 or auto")
-    split = parse_size(options.get("split_max_size", DEFAULT_SPLIT), "gguf.split_max_size")
-    imatrix_spec = options.get("imatrix")
-    imatrix = _imatrix_options(imatrix_spec) if imatrix_spec not in (None, False) else None
+    split = parse_size(options.split_max_size, "gguf.split_max_size")
+    imatrix = _imatrix_options(options.imatrix) if options.imatrix not in (None, False) else None
 
-    variants = [_variant(e, imatrix is not None, split) for e in options.get("types") or []]
+    variants = [_variant(e, imatrix is not None, split) for e in options.types]
     variants = [v for v in variants if v.name != inter or v.type != inter]  # the intermediate is always made
     seen: dict[str, GGUFVariant] = {}
     for v in variants:
@@ -128,50 +155,37 @@ def _imatrix_from_q8_0(imatrix: ImatrixOptions, variants: list[GGUFVariant]):
     return replace(imatrix, model=q8.name), variants
 
 
-def _imatrix_options(spec: Any) -> ImatrixOptions:
-    spec = {} if spec is True else spec
-    if not isinstance(spec, dict) or set(spec) - _IMATRIX_KEYS:
-        raise ProfileError(f"gguf.imatrix: expected a mapping with keys {sorted(_IMATRIX_KEYS)}, got {spec!r}",
-                           "e.g. imatrix: {text: builtin:botchan, chunks: 64, ctx: 512}")
-    spec = dict(spec)
-    model = str(spec.pop("from", "intermediate")).lower()
+def _imatrix_options(spec: bool | ImatrixEntry) -> ImatrixOptions:
+    spec = ImatrixEntry() if spec is True else spec
+    model = spec.from_.lower()
     if model not in IMATRIX_FROM:
         raise ProfileError(f"gguf.imatrix.from: {model!r} is not a file it can be computed from",
                            f"use one of: {', '.join(IMATRIX_FROM)}")
-    opts = ImatrixOptions(**spec, model=model)
+    opts = ImatrixOptions(text=spec.text, chunks=spec.chunks, ctx=spec.ctx, model=model)
     if opts.text.startswith("builtin:") and opts.text.split(":", 1)[1] not in CALIBRATION:
         raise ProfileError(f"gguf.imatrix.text: unknown built-in calibration text {opts.text!r}",
                            f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, a text file or hf:ORG/DATASET")
-    if not (isinstance(opts.chunks, int) and opts.chunks > 0 and isinstance(opts.ctx, int) and opts.ctx >= 64):
+    if opts.chunks <= 0 or opts.ctx < 64:
         raise ProfileError(f"gguf.imatrix: chunks must be > 0 and ctx >= 64, got {opts.chunks} and {opts.ctx}",
                            "fix the profile")
     return opts
 
 
-def _variant(entry: Any, imatrix_default: bool, split_default: int) -> GGUFVariant:
-    entry = {"type": entry} if isinstance(entry, str) else entry
-    if not isinstance(entry, dict) or "type" not in entry:
-        raise ProfileError(f"gguf.types: {entry!r} is neither a type name nor a mapping with `type`",
-                           "e.g. - Q4_K_M, or - {type: Q4_K_M, embeddings: Q8_0, output: Q8_0}")
-    unknown = set(entry) - _ENTRY_KEYS
-    if unknown:
-        raise ProfileError(f"gguf.types: unknown key(s) {sorted(unknown)} in {entry!r}", f"allowed: {', '.join(sorted(_ENTRY_KEYS))}")
-    t = normalize(entry["type"])
+def _variant(entry: str | TypeEntry, imatrix_default: bool, split_default: int) -> GGUFVariant:
+    entry = TypeEntry(type=entry) if isinstance(entry, str) else entry
+    t = normalize(entry.type)
     known = ftypes()
     if t not in known or t.startswith("GUESSED"):
         raise ProfileError(f"gguf: unknown quant type {t!r}",
                            "use one of: " + ", ".join(sorted(k for k in known if not k.startswith("GUESSED"))))
-    name = str(entry.get("name") or t)
+    name = entry.name or t
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise ProfileError(f"gguf: name {name!r} cannot be part of a file name", "use letters, digits, _ . + -")
-    use_imatrix = bool(entry.get("imatrix", imatrix_default))
+    use_imatrix = imatrix_default if entry.imatrix is None else entry.imatrix
     if t in NEEDS_IMATRIX and not use_imatrix:
         raise ProfileError(f"gguf: {t} needs an importance matrix, and {name} has none",
                            "add `imatrix: {text: builtin:botchan}` to the gguf backend (or `imatrix: true` to this entry)")
-    overrides = entry.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise ProfileError(f"gguf: overrides of {name} must map tensor-name patterns to types", 'e.g. {"ffn_down": Q6_K}')
-    for pattern in overrides:
+    for pattern in entry.overrides:
         try:
             re.compile(pattern)
         except re.error as e:
@@ -179,10 +193,10 @@ def _variant(entry: Any, imatrix_default: bool, split_default: int) -> GGUFVaria
                                "fix the pattern") from e
     return GGUFVariant(
         type=t, name=name, imatrix=use_imatrix,
-        embeddings=_tensor_type(entry.get("embeddings"), name), output=_tensor_type(entry.get("output"), name),
-        overrides=tuple((str(p), _tensor_type(v, name)) for p, v in overrides.items()),
-        split_max_bytes=parse_size(entry["split_max_size"], f"gguf: {name}.split_max_size")
-        if "split_max_size" in entry else split_default,
+        embeddings=_tensor_type(entry.embeddings, name), output=_tensor_type(entry.output, name),
+        overrides=tuple((str(p), _tensor_type(v, name)) for p, v in entry.overrides.items()),
+        split_max_bytes=parse_size(entry.split_max_size, f"gguf: {name}.split_max_size")
+        if entry.split_max_size is not None else split_default,
     )
 
 

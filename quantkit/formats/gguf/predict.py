@@ -60,7 +60,7 @@ def run_peak(file_bytes: int) -> int:
 
 def quantize_spec(options: dict[str, Any], src: Path, dst: Path, threads: int, *, imatrix: Path | None = None,
                   dry_run: bool = False) -> dict[str, Any]:
-    """The quantize worker's spec for one variant's options (GGUFVariant.options())."""
+    """The quantize tool's spec for one variant's options (GGUFVariant.options())."""
     types = ggml_types()
     spec: dict[str, Any] = {"src": str(src), "dst": str(dst), "ftype": ftypes()[options["type"]], "threads": threads,
                             "dry_run": dry_run, "overrides": [[p, types[t]] for p, t in options.get("overrides", [])]}
@@ -107,7 +107,7 @@ def _predict(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
         plan = SizePlan(files={opts.intermediate: SizePrediction(skeleton.stat().st_size)})
         if opts.variants:
             specs = [quantize_spec(v.options(), skeleton, Path(tmp) / "dry.gguf", 1, dry_run=True) for v in opts.variants]
-            lines = run_python(["-m", "quantkit.formats.gguf.quantize_worker", json.dumps(specs)],
+            lines = run_python(["-m", "quantkit.formats.gguf.quantize_tool", json.dumps(specs)],
                                what="llama.cpp quantizer (dry run)").lines
             chunks = _per_spec(lines)
             for v, chunk in zip(opts.variants, chunks):

@@ -1,6 +1,6 @@
 """Child process: quantize one GGUF with llama.cpp's llama_model_quantize.
 
-Usage: python -m quantkit.formats.gguf.quantize_worker SPEC_JSON
+Usage: python -m quantkit.formats.gguf.quantize_tool SPEC_JSON
 SPEC (or a list of them, run in turn, each log preceded by a "=== spec I" line): src, dst, ftype
 (llama_ftype value), threads, dry_run, and optionally imatrix (path to an imatrix GGUF),
 assume_imatrix (dry runs: choose types as if an imatrix were given), embeddings / output (ggml type

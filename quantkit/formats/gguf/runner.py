@@ -1,10 +1,8 @@
-"""Child process: evaluate one GGUF with llama-cpp-python.
+"""Child process: evaluate one GGUF with llama-cpp-python (a protocol.Runtime; the loop is evaluate/protocol.py).
 
-  evaluate:  python -m quantkit.formats.gguf.evaluate_worker evaluate MODEL SPEC.json OUT.json
+  evaluate:  python -m quantkit.formats.gguf.runner evaluate MODEL SPEC.json OUT.json
 
-SPEC holds: tokens (path to .npy), bos (id each window starts with, or null), ctx, threads,
-ref_read (path to the reference's log-probabilities), smoke options, and windows_per_decode (default
-WINDOWS_PER_DECODE). Progress goes to stderr as "progress I/N" lines.
+SPEC is evaluate/protocol.py's EvalSpec; windows_per_decode (default WINDOWS_PER_DECODE) is this runner's own.
 
 The text is scored as llama-perplexity scores it: several windows per decode, each its own sequence in the
 KV cache (n_seq = n_batch / n_ctx there; 2048 / 512 = 4 by default), so the weights are read once for all of
@@ -20,8 +18,9 @@ from collections import deque
 
 import numpy as np
 
-from ...evaluate.chat import CHAT_CTX, chat_turns, render_chat
-from ...evaluate.metrics import score, scored_range, worker_main
+from ...evaluate.chat import CHAT_CTX, render_chat
+from ...evaluate.metrics import scored_range
+from ...evaluate.protocol import EvalOutput, EvalSpec, run, runner_main
 
 WINDOWS_PER_DECODE = 4  # llama-perplexity's default: n_batch 2048 over windows of 512
 
@@ -111,8 +110,8 @@ class Decoder:
 
 
 class WindowGroups:
-    """metrics.score's prepare and forward: the windows it will score are decoded `n_seq` at a time, and
-    handed out one by one in its order."""
+    """The loop's prepare and forward: the windows it will score are decoded `n_seq` at a time, and handed out
+    one by one in its order."""
 
     def __init__(self, dec: Decoder, n_seq: int, first: int, last: int) -> None:
         self.dec, self.n_seq, self.first, self.last = dec, n_seq, first, last
@@ -131,23 +130,46 @@ class WindowGroups:
         return logits[: self.last - self.first]
 
 
-def evaluate(model: str, spec: dict) -> dict:
-    import llama_cpp
+class LlamaRuntime:
+    """protocol.Runtime: a GGUF as llama.cpp runs it. Scoring has a context of its own (windows_per_decode
+    sequences); the chat turns run on the Llama object's, after the scoring's is freed."""
 
-    first, last = scored_range(spec["ctx"])
-    llm = _load(model, spec["ctx"], spec["threads"])
-    n_seq = int(spec.get("windows_per_decode") or WINDOWS_PER_DECODE)
-    scoring = Decoder.for_windows(llm, spec["ctx"], n_seq)
-    groups = WindowGroups(scoring, n_seq, first, last)
-    result = score(groups.forward, spec, llm.n_vocab(), prepare=groups.prepare)
-    scoring.close()  # its KV cache and buffers, before the chat turns
-    dec = Decoder.of(llm)
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    template = llm.metadata.get("tokenizer.chat_template")
-    piece = lambda t: llm.detokenize([t], special=True).decode("utf-8", errors="replace")  # noqa: E731
+    no_template = "the GGUF has no tokenizer.chat_template"
 
-    def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
+    def __init__(self, model: str, spec: EvalSpec) -> None:
+        import llama_cpp
+
+        first, last = scored_range(spec.ctx)
+        self.llm = llm = _load(model, spec.ctx, spec.threads)
+        self.vocab_size = llm.n_vocab()
+        n_seq = int(spec.windows_per_decode or WINDOWS_PER_DECODE)
+        self.scoring = Decoder.for_windows(llm, spec.ctx, n_seq)
+        groups = WindowGroups(self.scoring, n_seq, first, last)
+        self.prepare, self.forward = groups.prepare, groups.forward
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.template = llm.metadata.get("tokenizer.chat_template")
+        self.render = self._render if self.template else None
+        self.dec: Decoder | None = None
+
+    def scored(self) -> None:
+        self.scoring.close()  # its KV cache and buffers, before the chat turns
+        self.dec = Decoder.of(self.llm)
+
+    def _piece(self, t: int) -> str:
+        return self.llm.detokenize([t], special=True).decode("utf-8", errors="replace")
+
+    def _render(self, messages: list[dict]) -> str:
+        return render_chat(self.template, messages, bos_token=self._piece(self.llm.token_bos()),
+                           eos_token=self._piece(self.llm.token_eos()))
+
+    def generate(self, turns: list[tuple[str, int, bool]]) -> list[tuple[str, str | None]]:
+        return [self._generate(*turn) for turn in turns]
+
+    def _generate(self, prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
         """Greedy, until an end-of-generation token (llama.cpp's own set) or the cap."""
+        import llama_cpp
+
+        llm, dec = self.llm, self.dec
         ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         max_tokens = min(max_tokens, llm.n_ctx() - len(ids))
         if max_tokens <= 0:
@@ -157,19 +179,19 @@ def evaluate(model: str, spec: dict) -> dict:
         out: list[int] = []
         for _ in range(max_tokens):
             tok = int(np.argmax(logits[-1]))
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                return llm.detokenize(out, special=special).decode("utf-8", errors="replace"), piece(tok)
+            if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+                return llm.detokenize(out, special=special).decode("utf-8", errors="replace"), self._piece(tok)
             out.append(tok)
             logits = dec.decode([tok], 0)
         return llm.detokenize(out, special=special).decode("utf-8", errors="replace"), None
 
-    def render(messages: list[dict]) -> str:
-        return render_chat(template, messages, bos_token=piece(llm.token_bos()), eos_token=piece(llm.token_eos()))
+    def close(self) -> None:
+        self.dec.close()
 
-    result |= chat_turns(generate, render if template else None, spec, "the GGUF has no tokenizer.chat_template")
-    dec.close()
-    return result
+
+def evaluate(model: str, spec: EvalSpec) -> EvalOutput:
+    return run(LlamaRuntime(model, spec), spec)
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:], {"evaluate": evaluate}))
+    sys.exit(runner_main(sys.argv[1:], {"evaluate": evaluate}))

@@ -1,7 +1,8 @@
 """Child process: quantize one GPTQ or AWQ variant with GPTQModel.
 
-Usage: python -m quantkit.formats.gptq.worker SPEC.json
-SPEC: method (gptq|awq), source, out, bits, group_size, desc_act, sym, calibration {text, samples, seq_len}.
+Usage: python -m quantkit.formats.gptq.tool SPEC.json
+SPEC: method (gptq|awq), source, out, bits, group_size, desc_act, sym, calibration {text, samples, seq_len, file}:
+`file`, the calibration text the build process read (a Hub dataset is fetched there, with the token: not here).
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ def calibration_texts(source: str, spec: dict) -> list[str]:
     """`samples` consecutive slices of `seq_len` tokens of the calibration text (never the evaluation text)."""
     from transformers import AutoTokenizer
 
-    from ...evaluate.text import calibration_text
-
-    text = calibration_text(spec["text"], spec["evaluation_text"])
+    text = Path(spec["file"]).read_text(encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(source)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     n, size = spec["samples"], spec["seq_len"]

@@ -1,6 +1,6 @@
 """Child process: evaluate an MLX folder on its exact weights.
 
-  evaluate:  python -m quantkit.formats.mlx.evaluate_worker evaluate FOLDER SPEC.json OUT.json
+  evaluate:  python -m quantkit.formats.mlx.runner evaluate FOLDER SPEC.json OUT.json
 
 MLX's CPU backend is far too slow on x86 to score text in 16 bits (measured on the sample's 4-bit folder, 2
 cores: 6.5 s a token, about 55 minutes a 512-token window), so:
@@ -16,8 +16,14 @@ cores: 6.5 s a token, about 55 minutes a 512-token window), so:
    activations in float32: MLX's CPU backend computes float16 slowly and gathers a MoE's experts in float32
    only; the packed weights stay as they are, so this takes about the folder's size): the smoke test with
    mlx-lm's generate, and a runtime check that mlx-lm's model code, reading the folder's config.json, gives the
-   same next-token distributions as transformers on the same weights. A runtime that misreads the model
-   (transformers 5's rope_parameters read as the default RoPE base) fails here instead of being published.
+   same next-token distributions as transformers on the same weights (evaluate/parity.py: the bounds and the
+   formula of every runtime's parity). A runtime that misreads the model (transformers 5's rope_parameters read
+   as the default RoPE base) fails here instead of being published.
+
+The checkpoint and the runtime check are made once per evaluation: with a precision target the evaluation runs in
+rounds, and they are kept in the spec's scratch folder (with the mlx and mlx-lm versions that made them) until
+quantkit removes it after the last round. Each phase runs once: mlx-lm (the runtime check, and the smoke test in
+the first round), then transformers (the check's other side, the scoring, the probes in the first round).
 """
 
 from __future__ import annotations
@@ -27,17 +33,22 @@ import re
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ...evaluate import hf_worker
+from ...evaluate import hf_runner
 from ...evaluate.chat import chat_turns
-from ...evaluate.metrics import log_softmax, worker_main
+from ...evaluate.metrics import log_softmax
+from ...evaluate.parity import Parity
+from ...evaluate.protocol import EvalOutput, EvalSpec, run, runner_main
+from ...fsutil import atomic_dir
+from ..base import versions
 
-# Positions of the first window both runtimes score for the runtime check, and the bound it must meet.
+# Positions of the first window both runtimes score for the runtime check (its bounds: evaluate/parity.py).
 RUNTIME_CHECK_TOKENS = 64
-RUNTIME_MAX_KLD = 0.01
 _TOKENIZER_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                     "special_tokens_map.json", "tokenizer.model")
 
@@ -53,11 +64,9 @@ def _runtime(folder: str):
     return model, tok
 
 
-def _first_tokens(spec: dict) -> np.ndarray:
-    ids = np.load(spec["tokens"])[:RUNTIME_CHECK_TOKENS].astype(np.int32)
-    if spec.get("bos") is not None:
-        ids[0] = spec["bos"]
-    return ids
+def _check_ids(spec: EvalSpec) -> np.ndarray:
+    """The runtime check's tokens: the start of the first window, as every runner reads it."""
+    return spec.window_ids()[0][:RUNTIME_CHECK_TOKENS].astype(np.int32)
 
 
 # mlx-lm stacks a MoE layer's experts into one [experts, out, in] tensor per projection, under `switch_mlp`
@@ -138,22 +147,10 @@ def write_checkpoint(folder: str, out: Path) -> int:
     return n
 
 
-def runtime_logprobs(folder: str, spec: dict) -> np.ndarray:
-    """mlx-lm's log-probabilities of the runtime check's tokens, on the folder as its users run it."""
-    import mlx.core as mx
-
-    model, _ = _runtime(folder)
-    out = log_softmax(np.array(model(mx.array(_first_tokens(spec))[None])[0].astype(mx.float32)))
-    del model
-    mx.clear_cache()
-    return out
-
-
-def mlx_smoke(folder: str, spec: dict) -> dict | None:
+def mlx_smoke(model, tok, spec: EvalSpec) -> dict | None:
     """The smoke test as mlx-lm users run the folder: mlx-lm's generate, greedy, stopping at its EOS ids."""
     from mlx_lm import stream_generate
 
-    model, tok = _runtime(folder)
     hf = tok._tokenizer  # the transformers tokenizer mlx-lm wraps
 
     def generate(prompt: str, max_tokens: int, special: bool = True) -> tuple[str, str | None]:
@@ -165,40 +162,66 @@ def mlx_smoke(folder: str, spec: dict) -> dict | None:
             new.append(r.token)
         return hf.decode(new, skip_special_tokens=not special), end
 
-    return chat_turns(generate, hf_worker.template_render(hf), {**spec, "probes": None},
+    return chat_turns(generate, hf_runner.template_render(hf), replace(spec, probes=None),
                       "the folder has no chat template").get("smoke")
 
 
-def runtime_check(folder: Path, runtime_logprobs: np.ndarray, spec: dict) -> tuple[float, float]:
-    """KL(transformers || mlx-lm) and top-1 agreement over the first tokens, on the same weights."""
+@contextmanager
+def _scratch(spec: EvalSpec):
+    """The spec's scratch folder (kept between rounds), or a temporary one beside the tokens."""
+    if spec.scratch:
+        Path(spec.scratch).mkdir(parents=True, exist_ok=True)
+        yield Path(spec.scratch)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mlx-dequantized-", dir=Path(spec.tokens).parent) as tmp:
+            yield Path(tmp)
+
+
+def evaluate(folder: str, spec: EvalSpec) -> EvalOutput:
+    import mlx.core as mx
     import torch
 
-    model, _, _ = hf_worker.load_model(str(folder), {"reference": True})
-    with torch.inference_mode():
-        ref = log_softmax(model(torch.from_numpy(_first_tokens(spec).astype(np.int64))[None]).logits[0].float().numpy())
-    kld = float(np.mean(np.sum(np.exp(ref) * (ref - runtime_logprobs), axis=-1)))
-    top1 = float(np.mean(ref.argmax(-1) == runtime_logprobs.argmax(-1)))
-    return kld, top1
-
-
-def evaluate(folder: str, spec: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="mlx-dequantized-", dir=Path(spec["tokens"]).parent) as tmp:
-        out = Path(tmp)
-        write_checkpoint(folder, out)
-        kld, top1 = runtime_check(out, runtime_logprobs(folder, spec), spec)
-        if kld > RUNTIME_MAX_KLD:
-            sys.exit(f"error: mlx-lm does not reproduce its own folder's weights as transformers runs them (KLD {kld:.4f} "
-                     f"> {RUNTIME_MAX_KLD}, top-1 {top1:.1%} over {RUNTIME_CHECK_TOKENS} tokens): it misreads the "
-                     "model's config.json, so the folder would run wrong in mlx-lm")
-        # transformers scores and writes the probes' replies; the smoke test is mlx-lm's own (below).
-        result = hf_worker.evaluate(str(out), {**spec, "reference": True, "smoke": None})
-    if spec.get("chat") is not False and (smoke := mlx_smoke(folder, spec)):
-        result["smoke"] = smoke
-    result["note"] = (f"exact weights (dequantized by MLX) scored through transformers; smoke test with mlx-lm's "
-                      f"generate (quantized, float32 activations); mlx-lm vs transformers on the same weights: KLD {kld:.5f}, top-1 {top1:.0%} "
-                      f"over {RUNTIME_CHECK_TOKENS} tokens")
-    return result
+    with _scratch(spec) as scratch:
+        checkpoint, record = scratch / "checkpoint", scratch / "prepared.json"
+        made_with = versions("mlx", "mlx-lm")
+        prepared = json.loads(record.read_text()) if record.exists() else {}
+        if prepared.get("made_with") != made_with or not checkpoint.is_dir():
+            record.unlink(missing_ok=True)
+            with atomic_dir(checkpoint) as tmp:
+                write_checkpoint(folder, tmp)
+            prepared = {"made_with": made_with}
+            record.write_text(json.dumps(prepared))
+        parity = Parity.from_dict(prepared["parity"]) if "parity" in prepared else None
+        ids, smoke = _check_ids(spec), None
+        chat = spec.chat and spec.smoke is not None
+        if parity is None or chat:
+            model, tok = _runtime(folder)
+            if parity is None:
+                ours = log_softmax(np.array(model(mx.array(ids)[None])[0].astype(mx.float32)))
+            if chat:
+                smoke = mlx_smoke(model, tok, spec)
+            del model, tok
+            mx.clear_cache()  # MLX keeps freed buffers for reuse; transformers runs next
+        # transformers scores and writes the probes' replies; the smoke test is mlx-lm's own (above).
+        scoring = replace(spec, reference=True, smoke=None)
+        runtime = hf_runner.TransformersRuntime(str(checkpoint), scoring)
+        if parity is None:
+            with torch.inference_mode():
+                logits = runtime.model(torch.from_numpy(ids.astype(np.int64))[None].to(runtime.device)).logits[0]
+            parity = Parity.measure(f"mlx-lm, {Path(folder).name}, against transformers on the same weights",
+                                    [log_softmax(logits.float().cpu().numpy())], [ours])
+            if not parity.passed:
+                sys.exit(f"error: mlx-lm does not reproduce its own folder's weights as transformers runs them "
+                         f"({parity.problems()}, over {parity.tokens_scored} tokens): it misreads the model's "
+                         "config.json, so the folder would run wrong in mlx-lm")
+            record.write_text(json.dumps(prepared | {"parity": parity.to_dict()}))
+        result = run(runtime, scoring)
+        del runtime  # its memory-mapped checkpoint, before a temporary one is removed
+    return replace(result, smoke=smoke, parity=parity.to_dict(), note=(
+        f"exact weights (dequantized by MLX) scored through transformers; smoke test with mlx-lm's generate "
+        f"(quantized, float32 activations); mlx-lm vs transformers on the same weights: KLD {parity.kld_mean:.5f}, "
+        f"top-1 {parity.top1_agreement:.0%} over {parity.tokens_scored} tokens"))
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:], {"evaluate": evaluate}))
+    sys.exit(runner_main(sys.argv[1:], {"evaluate": evaluate}))

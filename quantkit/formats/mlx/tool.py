@@ -1,7 +1,8 @@
 """Child process: mlx-lm's own converter, and the exact size of what it will write.
 
-  python -m quantkit.formats.mlx.worker convert SPEC.json   one variant: mlx_lm's convert into SPEC's out
-  python -m quantkit.formats.mlx.worker sizes SPEC.json     every variant's weight bytes, printed as JSON
+  python -m quantkit.formats.mlx.tool convert SPEC.json   one variant: mlx_lm's convert into SPEC's out
+  python -m quantkit.formats.mlx.tool sizes SPEC.json     every variant's weight bytes, printed as JSON
+                                                            {recipes, unsupported, sizes}
 
 SPEC: source, and out + bits, group_size, recipe (convert) or variants: [{name, bits, group_size, recipe}]
 (sizes). mlx and mlx-lm are imported only here: the build process never loads them.
@@ -26,9 +27,18 @@ def sizes(spec_path: str) -> None:
     """mlx-lm's own quantization applied to the model loaded lazily: mlx computes nothing until asked, so the
     quantized arrays' shapes and dtypes (hence their bytes) are known without quantizing a single weight."""
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import load, quantize_model
+    from mlx_lm.convert import QUANT_RECIPES
+    from mlx_lm.utils import _get_classes, load, quantize_model
 
     spec = json.loads(Path(spec_path).read_text())
+    answer = {"recipes": list(QUANT_RECIPES), "unsupported": None, "sizes": None}
+    try:
+        _get_classes(json.loads((Path(spec["source"]) / "config.json").read_text()))
+    except ValueError as e:
+        answer["unsupported"] = str(e)
+    if answer["unsupported"] or any(v.get("recipe") and v["recipe"] not in QUANT_RECIPES for v in spec["variants"]):
+        print(json.dumps(answer))
+        return
     out = {}
     for v in spec["variants"]:
         model, _, config = load(spec["source"], lazy=True, return_config=True)
@@ -38,7 +48,7 @@ def sizes(spec_path: str) -> None:
         out[v["name"]] = {"weight_bytes": sum(a.nbytes for _, a in params),
                           "embedding_quantized": any(k.endswith("embed_tokens.scales") for k, _ in params),
                           "separate_head": any(k.startswith("lm_head.") for k, _ in params)}
-    print(json.dumps(out))
+    print(json.dumps({**answer, "sizes": out}))
 
 
 def convert(spec_path: str) -> None:
@@ -55,5 +65,5 @@ def convert(spec_path: str) -> None:
 if __name__ == "__main__":
     commands = {"sizes": sizes, "convert": convert}
     if len(sys.argv) != 3 or sys.argv[1] not in commands:
-        sys.exit("usage: python -m quantkit.formats.mlx.worker convert|sizes SPEC.json")
+        sys.exit("usage: python -m quantkit.formats.mlx.tool convert|sizes SPEC.json")
     commands[sys.argv[1]](sys.argv[2])

@@ -1,0 +1,129 @@
+"""An artifact's result, in the order a build learns it: planned → built → measured → judged.
+
+- Planned: its ArtifactPlan (plan.py), made by Format.plan.
+- Format.describe reads the finished artifact into a Description: the format's facts of the file, nothing else.
+- Built.make joins the plan, that description, the artifact's content hash and what the build step measured (its
+  memory, its seconds, the tools that made it). The manifest keeps it: a resumed build never describes again.
+- Measured (Built.measured) adds the chat-integrity mismatches and the evaluation (None: not evaluated).
+- Judged (Measured.judged) adds what failed (gates.bound_failures): what report.json lists, and what the report, the
+  card and publish read.
+
+Each stage is frozen and made from the one before, so what a field holds is known from the type alone. to_dict()
+and from_dict() are the JSON forms (report.json, the manifest): from_dict reads what an older quantkit wrote
+(fields added since take their defaults, fields it no longer has are dropped) and refuses a report written by a
+newer one (REPORT_SCHEMA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, TypeVar
+
+from .errors import BuildFolderError
+from .plan import MODEL_ROLES, ArtifactPlan, EvalResult, from_record
+
+# report.json's "schema": 2 is the first report that writes it (older reports, without it, read as 1).
+REPORT_SCHEMA = 2
+
+_T = TypeVar("_T")
+
+
+def check_report_schema(report: dict, where: str) -> None:
+    """Refuse a report.json written by a newer quantkit: its fields may mean what this one cannot know."""
+    schema = report.get("schema", 1)
+    if not isinstance(schema, int) or schema > REPORT_SCHEMA:
+        raise BuildFolderError(f"{where} was written by a newer quantkit (report schema {schema}; this one reads up "
+                               f"to {REPORT_SCHEMA})", "upgrade quantkit")
+
+
+@dataclass(frozen=True)
+class Description:
+    """What Format.describe reads from a finished artifact."""
+
+    size_bytes: int
+    bits_per_weight: float = 0.0  # the file's weight bytes × 8 over the model's parameters (embeddings and head included)
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> count (dtype -> count for folders)
+    fallbacks: list[dict[str, str]] = field(default_factory=list)  # tensors the quantizer stored in another type than asked
+    stated_bits: float = 0.0  # the rate the quantizer states for the layers it quantized (0: none, as GGUF mixes types)
+    details: dict[str, Any] = field(default_factory=dict)  # what else the format reports (an importance matrix: its chunks)
+
+
+@dataclass(frozen=True)
+class Built:
+    """A finished artifact: its plan, the format's description, its hash and its build step."""
+
+    backend: str  # the format's name
+    variant: str
+    filename: str
+    size_bytes: int
+    sha256: str  # of the file; of a folder, the manifest's hash of its files
+    bits_per_weight: float
+    tensor_types: dict[str, int]
+    fallbacks: list[dict[str, str]]
+    role: str = "model"  # as in ArtifactPlan: reports and cards list models, and name auxiliary artifacts apart
+    uses: list[str] = field(default_factory=list)  # as in ArtifactPlan
+    details: dict[str, Any] = field(default_factory=dict)
+    stated_bits: float = 0.0
+    predicted_bytes: int = 0
+    predicted_peak_bytes: int = 0  # the plan's estimate of peak_rss_bytes
+    peak_rss_bytes: int = 0  # measured peak memory of the process that built it (0: not measured)
+    peak_anon_bytes: int = 0  # of which its peak anonymous memory, sampled (memwatch; 0: not measured)
+    peak_file_bytes: int = 0  # and its peak of memory-mapped file pages, which the kernel can reclaim
+    seconds: float = 0.0  # wall time of the build step (0: not built in a timed run)
+    tools: dict[str, str] = field(default_factory=dict)  # Format.tools: what made it, name -> version
+
+    @classmethod
+    def make(cls, item: ArtifactPlan, described: Description, sha256: str, facts: dict[str, Any],
+             tools: dict[str, str]) -> "Built":
+        """`facts`: what Format.build returned (its peak_* memory and seconds are the step's own)."""
+        return cls(backend=item.backend, variant=item.variant, filename=item.filename, sha256=sha256,
+                   role=item.role, uses=list(item.uses), predicted_bytes=item.predicted_bytes,
+                   predicted_peak_bytes=item.predicted_peak_bytes, tools=dict(tools),
+                   peak_rss_bytes=int(facts.get("peak_rss_bytes", 0)), peak_anon_bytes=int(facts.get("peak_anon_bytes", 0)),
+                   peak_file_bytes=int(facts.get("peak_file_bytes", 0)), seconds=float(facts.get("seconds", 0.0)),
+                   **asdict(described))
+
+    def planned_as(self, item: ArtifactPlan) -> "Built":
+        """This result with the current plan's facts (a resumed artifact keeps its build, takes the new plan's
+        prediction and role)."""
+        return replace(self, role=item.role, uses=list(item.uses), predicted_bytes=item.predicted_bytes,
+                        predicted_peak_bytes=item.predicted_peak_bytes)
+
+    @property
+    def is_model(self) -> bool:
+        return self.role in MODEL_ROLES
+
+    def measured(self, integrity: list[str], evaluation: EvalResult | None) -> "Measured":
+        return Measured(**_own(self), integrity=list(integrity), evaluation=evaluation)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[_T], data: dict) -> _T | None:
+        values = dict(data)
+        if isinstance(values.get("evaluation"), dict):
+            values["evaluation"] = from_record(EvalResult, values["evaluation"])
+        return from_record(cls, values)
+
+
+@dataclass(frozen=True)
+class Measured(Built):
+    integrity: list[str] = field(default_factory=list)  # chat template / stop-token mismatches with the source
+    evaluation: EvalResult | None = None
+
+    def judged(self, failures: list[str]) -> "Judged":
+        return Judged(**_own(self), failures=list(failures))
+
+
+@dataclass(frozen=True)
+class Judged(Measured):
+    failures: list[str] = field(default_factory=list)  # integrity and quality bounds that failed (gates.bound_failures)
+
+
+def _own(result: Built) -> dict[str, Any]:
+    """The fields of `result` as they are (not deep-copied, as asdict would)."""
+    return {f.name: getattr(result, f.name) for f in fields(result)}
+
+# What a report lists for each artifact (the name of the first API).
+ArtifactResult = Judged
