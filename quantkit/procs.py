@@ -71,7 +71,7 @@ class Finished:
     peak_file_bytes: int = 0  # its peak of resident pages of memory-mapped files, sampled
 
     def memory(self) -> dict[str, int]:
-        """The facts a build step reports of its memory (ArtifactResult's peak_* fields)."""
+        """The facts a build step reports of its memory (results.Built's peak_* fields)."""
         return {"peak_rss_bytes": self.peak_rss_bytes, "peak_anon_bytes": self.peak_anon_bytes,
                 "peak_file_bytes": self.peak_file_bytes}
 

@@ -28,7 +28,7 @@ def test_exl2_is_refused_without_cuda_and_nothing_is_built(sample_model, tmp_pat
     proc = run_cli("build", sample_model, "--profile", _profile(tmp_path, "fail"), "--out", tmp_path / "out")
     assert proc.returncode == 4, proc.stderr
     err, fix = [l for l in proc.stderr.splitlines() if l.startswith(("error:", "  fix:"))]
-    assert err.startswith("error: backend exl2 needs") and "a CUDA GPU" in err
+    assert err.startswith("error: format exl2 needs") and "a CUDA GPU" in err
     assert "EXL2 needs a CUDA GPU" in fix and "if_unavailable: skip" in fix
     assert not (tmp_path / "out").exists()
     # Planned for a machine that has one (plan --gpu), the same profile plans its EXL2 steps there.
@@ -42,12 +42,12 @@ def test_exl2_is_skipped_when_the_profile_says_so(sample_model, tiny_seed, tmp_p
     out = tmp_path / "out"
     seed(tiny_seed, out)  # the GGUF side of this profile is the tiny one: built and scored already
     proc = run_cli("build", sample_model, "--profile", _profile(tmp_path, "skip"), "--out", out, check=True)
-    assert "warning: exl2: backend exl2 needs" in proc.stderr and "skipped (if_unavailable: skip)" in proc.stderr
+    assert "warning: exl2: format exl2 needs" in proc.stderr and "skipped (if_unavailable: skip)" in proc.stderr
     report = json.loads((out / sample_model.name / "report.json").read_text())
     assert {a["backend"] for a in report["artifacts"]} == {"gguf"}
     assert all(a["evaluation"]["perplexity"] > 1 for a in report["artifacts"])
     plan = run_cli("plan", sample_model, "--profile", _profile(tmp_path, "skip"), check=True)
-    assert "skipped  exl2: backend exl2 needs" in plan.stdout
+    assert "skipped  exl2: format exl2 needs" in plan.stdout
 
 
 def test_exl2_backend_lists_what_it_needs():

@@ -69,9 +69,10 @@ def test_a_rate_can_carry_its_own_head_bits(sample_model):
     from quantkit.formats.exl2 import EXL2Format
     from quantkit.source import resolve
 
-    items = EXL2Format().plan(resolve(str(sample_model)), {"bits": [6.0, 4.0, {"bits": 8.0, "head_bits": 8}, 4.0]})
+    exl2, source = EXL2Format(), resolve(str(sample_model))
+    items = exl2.plan(source, exl2.read_options({"bits": [6.0, 4.0, {"bits": 8.0, "head_bits": 8}, 4.0]}))
     assert [i.variant for i in items] == ["measurement", "4.0bpw-h6", "6.0bpw-h6", "8.0bpw-h8"]
     assert [i.options.get("head_bits") for i in items[1:]] == [6, 6, 8]
     # The 8-bit head costs what its 2 more bits do on the sample's tied 28M-value head.
-    assert items[3].predicted_bytes - EXL2Format().plan(resolve(str(sample_model)), {"bits": [8.0]})[1].predicted_bytes \
+    assert items[3].predicted_bytes - exl2.plan(source, exl2.read_options({"bits": [8.0]}))[1].predicted_bytes \
         == 49152 * 576 * 2 // 8

@@ -134,7 +134,7 @@ def test_a_backend_with_missing_needs_is_refused_before_any_work(plugin_path, sa
     profile.write_text("formats:\n  gguf:\n    types: [Q8_0]\n  needy: {}\n")
     proc = run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out", env=plugin_path)
     assert proc.returncode == 4
-    assert "error: backend needy needs package frobnicate-kernels" in proc.stderr
+    assert "error: format needy needs package frobnicate-kernels" in proc.stderr
     assert "fix: pip install frobnicate-kernels" in proc.stderr
     assert not (tmp_path / "out").exists()
 

@@ -149,7 +149,7 @@ class BuildContext:
 
 @dataclass(frozen=True)
 class Requirement:
-    """Something a backend needs on this machine, checked before any work starts."""
+    """Something a format needs on this machine, checked before any work starts."""
 
     what: str  # "package gptqmodel", "a CUDA GPU"
     available: bool
@@ -206,7 +206,7 @@ class Format(ABC):
         return options
 
     def requirements(self) -> list[Requirement]:
-        """What this backend needs; `quantkit backends` lists it, and a plan refuses a backend that lacks any."""
+        """What this format needs; `quantkit formats` lists it, and a plan refuses a format that lacks any."""
         return []
 
     def vocabulary(self) -> set[str]:
@@ -223,11 +223,11 @@ class Format(ABC):
         """Refuse if this machine lacks a requirement (`remote_gpus`: the steps run where GPUs are, on Ray)."""
         missing = [r for r in self.requirements() if not r.available and not (r.gpu and remote_gpus)]
         if missing:
-            raise ProfileError(f"backend {self.name} needs {', '.join(r.what for r in missing)}",
+            raise ProfileError(f"format {self.name} needs {', '.join(r.what for r in missing)}",
                                "; ".join(r.hint for r in missing if r.hint) or "install what it needs")
 
     def step_peak(self, params: int) -> int:
-        """Peak memory of this backend's heaviest build step for a model of `params` 16-bit parameters, when only
+        """Peak memory of this format's heaviest build step for a model of `params` 16-bit parameters, when only
         the count is known (a job queued from a Hub listing); plan() gives each step's exact estimate."""
         return 0
 
