@@ -122,7 +122,7 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
         items += fmt.plan(src, options, converter)
     vocab = int(src.config.get("vocab_size") or _DEFAULT_VOCAB)
     tokens = ev.max_tokens or 31_000  # the bundled text is 30,930 SmolLM2 tokens
-    scratch = (tokens // ev.ctx) * (ev.ctx // 2) * vocab * 2 if ev.enabled else 0
+    scratch = (tokens // ev.window) * (ev.window // 2) * vocab * 2 if ev.enabled else 0
     evaluations = []
     limit = machine_memory() if memory_limit is None else memory_limit
     streamed = False
@@ -130,17 +130,17 @@ def make_plan(source: str | Source, profile: str | Profile | None = None, out: s
     eval_temp = 0
     if ev.enabled:
         stats = tensor_stats(src.path)
-        reference, streamed = reference_step(src, stats, ev, vocab, tokens // ev.ctx, limit)
+        reference, streamed = reference_step(src, stats, ev, vocab, tokens // ev.window, limit)
         evaluations.append(reference)
-        ref_time = predict_reference_time(stats, prof, facts, (tokens // ev.ctx) * ev.ctx, streamed)
+        ref_time = predict_reference_time(stats, prof, facts, (tokens // ev.window) * ev.window, streamed)
         for item in items:
             fmt = formats.get(item.backend)
             if fmt.evaluation and item.is_model:
                 held = item.runtime_bytes or item.predicted_bytes
                 evaluations.append(StepMemory(f"evaluate {item.filename}", item.filename,
-                                              fmt.evaluation_peak(held, vocab, ev.ctx, src.config, item),
+                                              fmt.evaluation_peak(held, vocab, ev.window, src.config, item),
                                               fmt.evaluation_mapped(item),
-                                              max(1, -(-(tokens // ev.ctx) // fmt.evaluation.windows_per_pass))))
+                                              max(1, -(-(tokens // ev.window) // fmt.evaluation.windows_per_pass))))
         # A runner's scratch (MLX's dequantized checkpoint) stays from an artifact's first round to its last: with a
         # precision target every artifact's can be there at once; without, each goes when its one run ends.
         temp = [formats.get(i.backend).evaluation_scratch(i) for i in items if i.is_model]
@@ -160,7 +160,7 @@ def reference_step(src: Source, stats, ev, vocab: int, n_windows: int, limit: in
     # Experts kept one module each (evaluate/experts.py): no fused copy, and one expert widened at a time.
     mapped = keeps_experts_mapped(src.config)
     in_memory = reference_peak(stats.params, stats.weight_bytes, stats.largest if mapped else stats.largest_module,
-                               vocab, ev.ctx, 0 if mapped else stats.expert_bytes)
+                               vocab, ev.window, 0 if mapped else stats.expert_bytes)
     # A MoE transformers fuses on load cannot be read a tensor per parameter (no defuser for it).
     streamable = mapped or not is_moe(src.config)
     streamed = ev.reference == "streamed" or (ev.reference == "auto" and streamable and bool(limit) and in_memory > limit)
@@ -169,7 +169,7 @@ def reference_step(src: Source, stats, ev, vocab: int, n_windows: int, limit: in
         # copies (anonymous), their file pages read once.
         weights = stats.weight_bytes - (0 if mapped else stats.expert_bytes)
         return StepMemory("reference (fp16 source, transformers)", REFERENCE, in_memory, weights, max(1, n_windows)), False
-    peak = streamed_reference_peak(stats, src.config, vocab, ev.ctx, max(1, n_windows))
+    peak = streamed_reference_peak(stats, src.config, vocab, ev.window, max(1, n_windows))
     return StepMemory("reference (fp16 source, transformers, streamed layer by layer)", REFERENCE, peak,
                       streamed_reference_mapped(stats, src.config)), True
 
@@ -238,7 +238,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     tokens = None
     if evaluating:
         ids, bos = evaluator.tokens()
-        tokens = EvalSpec(tokens=str(ids), ctx=plan.profile.evaluation.ctx, bos=bos, threads=threads)
+        tokens = EvalSpec(tokens=str(ids), window=plan.profile.evaluation.window, bos=bos, threads=threads)
     context = formats.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, converter=converter,
                                 evaluation_text=plan.profile.evaluation.text, evaluation=tokens)
     built, keys, tools = [], {}, {}
@@ -283,7 +283,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     results = [m.judged(bound_failures(m, plan.profile.bounds)) for m in measured]
 
     report_json, report_md = write_reports(plan, results, reference, manifest)
-    for check in parity_checks([r.to_dict() for r in results]):
+    for check in parity_checks(results):
         if not check.passed:
             reporter.warn(f"{check.render()}: every file this runtime measured is suspect")
     result = BuildResult(plan, results, built, evaluator.ran, report_json, report_md, time.monotonic() - start)

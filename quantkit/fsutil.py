@@ -169,6 +169,11 @@ def parse_bytes(value: object) -> int | None:
     return parse_scaled(str(value).upper().removesuffix("B") if not isinstance(value, int) else value, "KMGT")
 
 
+def tree_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

@@ -123,15 +123,15 @@ def _sysconf_memory() -> int:
         return 0
 
 
-def scored_logits(vocab: int, ctx: int) -> int:
+def scored_logits(vocab: int, window: int) -> int:
     """float32 logits and log-probabilities of the scored half of one window, and the float16 reference rows."""
-    return (ctx // 2) * vocab * (4 + 4 + 2)
+    return (window // 2) * vocab * (4 + 4 + 2)
 
 
-def reference_peak(params: int, weight_bytes: int, largest_module: int, vocab: int, ctx: int,
+def reference_peak(params: int, weight_bytes: int, largest_module: int, vocab: int, window: int,
                    expert_bytes: int = 0) -> int:
     return int(REFERENCE_FIXED + REFERENCE_PER_PARAM * params + weight_bytes + expert_bytes + 4 * largest_module
-               + scored_logits(vocab, ctx))
+               + scored_logits(vocab, window))
 
 
 # The streamed reference (evaluate/streamed.py): torch and transformers and the tensors outside the decoder
@@ -143,18 +143,18 @@ def reference_peak(params: int, weight_bytes: int, largest_module: int, vocab: i
 STREAMED_FIXED = 400_000_000
 
 
-def streamed_reference_peak(stats, config: dict, vocab: int, ctx: int, n_windows: int) -> int:
+def streamed_reference_peak(stats, config: dict, vocab: int, window: int, n_windows: int) -> int:
     """`stats`: source.TensorStats of the checkpoint."""
     from .evaluate.streamed import GROUP_BYTES, window_activation_bytes
 
     h = int(config.get("hidden_size") or 4096)
     n_layers = int(config.get("num_hidden_layers") or 1)
-    act = window_activation_bytes(config, ctx)
+    act = window_activation_bytes(config, window)
     group = max(1, min(n_windows, GROUP_BYTES // act))
     outside = max(0, stats.weight_bytes - n_layers * stats.largest_layer)  # embeddings, head, final norm
     layer_phase = stats.largest_layer + 4 * stats.largest_in_layer + group * act
-    head_phase = 4 * stats.largest + scored_logits(vocab, ctx)
-    return int(STREAMED_FIXED + outside + 4 * n_windows * ctx * h + max(layer_phase, head_phase))
+    head_phase = 4 * stats.largest + scored_logits(vocab, window)
+    return int(STREAMED_FIXED + outside + 4 * n_windows * window * h + max(layer_phase, head_phase))
 
 
 def streamed_reference_mapped(stats, config: dict) -> int:
@@ -180,8 +180,8 @@ def job_peak(profile, params: int, chosen: list) -> int:
     vocab, ev = 152_064, profile.evaluation
     steps = [f.step_peak(params) for f in chosen]
     if ev.enabled:
-        steps.append(reference_peak(params, 2 * params, params // 20, vocab, ev.ctx))
-        steps += [f.evaluation_peak(2 * params, vocab, ev.ctx, None) for f in chosen if f.evaluation]
+        steps.append(reference_peak(params, 2 * params, params // 20, vocab, ev.window))
+        steps += [f.evaluation_peak(2 * params, vocab, ev.window, None) for f in chosen if f.evaluation]
     return max(steps, default=0)
 
 

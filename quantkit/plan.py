@@ -112,7 +112,7 @@ class BuildPlan:
         if ev.enabled:
             lines.append(
                 f"evaluation: perplexity, KL-divergence and top-1 vs the fp16 source (transformers) on {ev.text} "
-                f"(ctx {ev.ctx}{', max ' + str(ev.max_tokens) + ' tokens' if ev.max_tokens else ''}); "
+                f"(windows of {ev.window}{', max ' + str(ev.max_tokens) + ' tokens' if ev.max_tokens else ''}); "
                 f"smoke test: {self.profile.smoke.question!r} -> must contain {self.profile.smoke.expect!r}"
             )
             if ev.precision:

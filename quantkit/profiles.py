@@ -25,7 +25,7 @@ REFERENCE_MODES = ("auto", "in-memory", "streamed")
 @dataclass(frozen=True)
 class EvalOptions:
     text: str = "builtin:botchan"
-    ctx: int = 512
+    window: int = 512  # tokens a scored window (llama-perplexity's -c); `ctx:` is its old name, still read
     max_tokens: int = 0  # 0 = all of the text
     precision: str = ""  # "KLD ±3% at 95%": stop scoring an artifact once its mean KLD is that precise
     enabled: bool = True  # false: no reference and no evaluation (files only), for a machine too small for them
@@ -84,22 +84,22 @@ class Profile:
 
 # Windows shorter than this score a handful of positions each (the second half of a window is scored); longer than
 # this, one window's logits alone outgrow any machine's memory.
-MIN_CTX, MAX_CTX = 16, 1 << 20
+MIN_WINDOW, MAX_WINDOW = 16, 1 << 20
 
 
 def check_numbers(profile: Profile) -> None:
     """The evaluation's counts, at profile load rather than as a division by zero or a runtime's error mid-build."""
     where = f"{profile.source_file}: " if profile.source_file else ""
     ev = profile.evaluation
-    if not MIN_CTX <= ev.ctx <= MAX_CTX:
-        raise ProfileError(f"{where}evaluation.ctx must be between {MIN_CTX} and {MAX_CTX} tokens, got {ev.ctx}",
-                           "set evaluation.ctx to the window length to score, such as 512")
+    if not MIN_WINDOW <= ev.window <= MAX_WINDOW:
+        raise ProfileError(f"{where}evaluation.window must be between {MIN_WINDOW} and {MAX_WINDOW} tokens, got "
+                           f"{ev.window}", "set evaluation.window to the window length to score, such as 512")
     if ev.max_tokens < 0:
         raise ProfileError(f"{where}evaluation.max_tokens must be 0 (the whole text) or a token count, got {ev.max_tokens}",
-                           f"set evaluation.max_tokens to 0 or at least {2 * ev.ctx}")
-    if ev.max_tokens and ev.max_tokens < 2 * ev.ctx:
-        raise ProfileError(f"{where}evaluation.max_tokens {ev.max_tokens} is less than two windows of ctx {ev.ctx}",
-                           f"set evaluation.max_tokens to at least {2 * ev.ctx} (or 0 for the whole text)")
+                           f"set evaluation.max_tokens to 0 or at least {2 * ev.window}")
+    if ev.max_tokens and ev.max_tokens < 2 * ev.window:
+        raise ProfileError(f"{where}evaluation.max_tokens {ev.max_tokens} is less than two windows of {ev.window}",
+                           f"set evaluation.max_tokens to at least {2 * ev.window} (or 0 for the whole text)")
     # A reply longer than the llama.cpp runner's chat context (prompt included) cannot be generated there.
     for key, value in (("smoke.max_tokens", profile.smoke.max_tokens),
                        ("chat_checks.max_tokens", profile.chat_checks.max_tokens)):
@@ -136,6 +136,16 @@ def load_profile(name_or_path: str | None) -> Profile:
     return parse_profile(data, source=str(path))
 
 
+def _renamed(data: dict, old: str, new: str, where: str, deprecated: list[str]) -> dict:
+    """`data` with a key's old name read as its new one, and the warning the plan prints for it."""
+    if old not in data:
+        return data
+    if new in data:
+        raise ProfileError(f"{where}: both '{new}' and '{old}' are given", f"keep '{new}' only")
+    deprecated.append(f"{where}: '{old}:' is the old name of '{new}:'; rename it (it is still read)")
+    return {(new if k == old else k): v for k, v in data.items()}
+
+
 def parse_profile(data: dict, source: str = "<dict>") -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: a profile is a mapping", f"see profiles/{DEFAULT_PROFILE}.yaml")
@@ -143,12 +153,11 @@ def parse_profile(data: dict, source: str = "<dict>") -> Profile:
     unknown = set(data) - set(keys) - {"backends"}
     if unknown:
         raise ProfileError(f"{source}: unknown profile key(s) {sorted(unknown)}", f"allowed: {', '.join(keys)}")
-    deprecated = ()
-    if "backends" in data:
-        if "formats" in data:
-            raise ProfileError(f"{source}: both 'formats' and 'backends' are given", "keep 'formats' only")
-        deprecated = (f"{source}: 'backends:' is the old name of 'formats:'; rename it (it is still read)",)
-    formats = data.get("formats", data.get("backends")) or {}
+    deprecated: list[str] = []
+    data = _renamed(data, "backends", "formats", source, deprecated)
+    if isinstance(data.get("evaluation"), dict):
+        data = {**data, "evaluation": _renamed(data["evaluation"], "ctx", "window", f"{source}: evaluation", deprecated)}
+    formats = data.get("formats") or {}
     if not isinstance(formats, dict) or not formats:
         raise ProfileError(f"{source}: 'formats' must map format names to options",
                            "`quantkit formats` lists them; profiles/ has examples")
@@ -164,7 +173,7 @@ def parse_profile(data: dict, source: str = "<dict>") -> Profile:
         name=str(data.get("name") or Path(source).stem),
         description=str(data.get("description") or ""),
         formats={k: dict(v or {}) for k, v in formats.items()},
-        deprecated=deprecated,
+        deprecated=tuple(deprecated),
         evaluation=evaluation,
         smoke=load_options(SmokeOptions, data.get("smoke"), f"{source}: smoke"),
         chat_checks=checks,

@@ -10,22 +10,31 @@
 
 Each stage is frozen and made from the one before, so what a field holds is known from the type alone. to_dict()
 and from_dict() are the JSON forms (report.json, the manifest): from_dict reads what an older quantkit wrote
-(fields added since take their defaults, fields it no longer has are dropped) and refuses a report written by a
-newer one (REPORT_SCHEMA).
+(fields added since take their defaults, fields it no longer has are dropped).
+
+A Report is the build's whole result as report.json holds it: the Judged artifacts with where the model came
+from, how they were measured and what the profile asked. report.py writes it (JSON and markdown), publish reads it
+back (Report.read: a report written by a newer quantkit is refused, REPORT_SCHEMA) for the cards and the uploads.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import BuildFolderError
+from .evaluate.parity import Parity
 from .plan import MODEL_ROLES, ArtifactPlan, EvalResult, from_record
+from .profiles import ChatChecks, PublishOptions, SmokeOptions
 
-# report.json's "schema": 2 is the first report that writes it (older reports, without it, read as 1).
-REPORT_SCHEMA = 2
+# report.json's "schema": 2 is the first report that writes it (older reports, without it, read as 1); 3 names the
+# evaluation's window length "window" (2 and older: "ctx").
+REPORT_SCHEMA = 3
 
 _T = TypeVar("_T")
+_B = TypeVar("_B", bound="Built")
 
 
 def check_report_schema(report: dict, where: str) -> None:
@@ -127,3 +136,116 @@ def _own(result: Built) -> dict[str, Any]:
 
 # What a report lists for each artifact (the name of the first API).
 ArtifactResult = Judged
+
+
+def models(artifacts: list[_B]) -> list[_B]:
+    """The artifacts that are models (tables, plots); auxiliary ones (calibration statistics, a measurement pass)
+    are named apart."""
+    return [a for a in artifacts if a.is_model]
+
+
+@dataclass(frozen=True)
+class ReportSource:
+    """Where the model came from. Never an absolute local path: reports get published."""
+
+    architecture: str
+    dtype: str
+    repo_id: str | None = None  # None: a local folder
+    revision: str | None = None
+    local: bool = False
+    from_cache: str | None = None  # the Hugging Face cache it was found in, when it was not downloaded
+    sample: bool = False  # quantkit's bundled sample model
+    license: str | None = None
+    base_model: str | None = None
+    model_type: str | None = None
+    converted: str | None = None  # how quantkit converted the weights first (--allow-pickle), if it did
+
+
+@dataclass(frozen=True)
+class ReportEvaluation:
+    """How every artifact was measured (the same text, windows and reference for all of them)."""
+
+    text: str  # the text's public name: builtin:NAME, hf:REPO, or file:NAME (never a local path)
+    tokens: int | None  # of the text, tokenized
+    window: int  # tokens a window (evaluation.window)
+    method: str
+    reference: str
+    reference_result: EvalResult | None = None  # None: evaluation was off
+    precision: str | None = None  # evaluation.precision, described; None: the whole text is scored
+
+
+@dataclass(frozen=True)
+class Report:
+    """report.json, typed. to_dict() is the JSON it writes; Report.read and from_dict read it back."""
+
+    model: str
+    source: ReportSource
+    profile: str
+    evaluation: ReportEvaluation
+    artifacts: list[Judged]
+    quantkit_version: str = ""
+    prompt_format: str | None = None  # the chat template rendered with placeholders
+    tools: dict[str, dict[str, str]] = field(default_factory=dict)  # format -> tool -> version
+    chat_checks: ChatChecks = ChatChecks()
+    bounds: list[str] = field(default_factory=list)  # the profile's quality bounds, described
+    smoke: SmokeOptions = SmokeOptions()
+    publish: PublishOptions = PublishOptions()
+    parity: list[Parity] = field(default_factory=list)  # each runtime's run of the unquantized model
+    inversions: list[str] = field(default_factory=list)
+    schema: int = REPORT_SCHEMA
+
+    @property
+    def models(self) -> list[Judged]:
+        return models(self.artifacts)
+
+    @property
+    def failed(self) -> list[Judged]:
+        return [a for a in self.artifacts if a.failures]
+
+    def to_dict(self) -> dict:
+        data = {"schema": self.schema, "quantkit_version": self.quantkit_version}  # first, for people reading it
+        data |= {f.name: getattr(self, f.name) for f in fields(self) if f.name not in data}
+        data["artifacts"] = [a.to_dict() for a in self.artifacts]
+        data["parity"] = [p.to_dict() for p in self.parity]
+        for key in ("source", "evaluation", "chat_checks", "smoke", "publish"):
+            data[key] = asdict(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "report.json") -> "Report":
+        """Read a report this quantkit or an older one wrote; a report it cannot read raises BuildFolderError."""
+        check_report_schema(data, where)
+        damaged = BuildFolderError(f"{where} is not a report as quantkit writes it",
+                                   "re-run the same quantkit build command, which writes the report again")
+        try:
+            values = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+            evaluation = dict(data["evaluation"])
+            evaluation.setdefault("window", evaluation.get("ctx"))  # schema 2 and older
+            if isinstance(evaluation.get("reference_result"), dict):
+                evaluation["reference_result"] = from_record(EvalResult, evaluation["reference_result"])
+            values["source"] = from_record(ReportSource, data["source"])
+            values["evaluation"] = from_record(ReportEvaluation, evaluation)
+            values["artifacts"] = [Judged.from_dict(a) for a in data["artifacts"]]
+            values["parity"] = [Parity.from_dict(p) for p in data.get("parity") or []]
+            for key, kind in (("chat_checks", ChatChecks), ("smoke", SmokeOptions), ("publish", PublishOptions)):
+                if key in data:
+                    values[key] = from_record(kind, data[key])
+            report = cls(**values)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise damaged from e
+        if None in (report.source, report.evaluation, *report.artifacts):
+            raise damaged
+        return report
+
+    @classmethod
+    def read(cls, path: Path) -> "Report":
+        """A build folder's report.json."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BuildFolderError(f"{path} cannot be read as JSON ({e})", "re-run the same quantkit build command, "
+                                   "which writes the report again") from e
+        if not isinstance(data, dict):
+            raise BuildFolderError(f"{path} is not a report as quantkit writes it", "re-run the same quantkit build "
+                                   "command, which writes the report again")
+        return cls.from_dict(data, str(path))

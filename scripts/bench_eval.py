@@ -48,14 +48,14 @@ from quantkit.source import resolve  # noqa: E402
 
 def make_gguf(work: Path, qtype: str, threads: int) -> Path:
     source = resolve(str(ensure_sample()))
-    ctx = BuildContext(source=source, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
+    context = BuildContext(source=source, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
     f16 = ArtifactPlan(backend="gguf", variant="F16", filename="model-F16.gguf", predicted_bytes=0, role="intermediate")
-    GGUFFormat().build(f16, ctx)
+    GGUFFormat().build(f16, context)
     if qtype == "F16":
         return work / f16.filename
     q = ArtifactPlan(backend="gguf", variant=qtype, filename=f"model-{qtype}.gguf", predicted_bytes=0,
                      depends_on=f16.filename, options={"type": qtype})
-    GGUFFormat().build(q, ctx)
+    GGUFFormat().build(q, context)
     return work / q.filename
 
 

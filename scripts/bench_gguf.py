@@ -48,9 +48,9 @@ def convert(model: Path, work: Path, threads: int) -> tuple[Path, float, int, in
     source = resolve(str(model))
     item = ArtifactPlan(backend="gguf", variant="F16", filename=f"{source.name}-F16.gguf", predicted_bytes=0,
                         role="intermediate")
-    ctx = BuildContext(source=source, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
+    context = BuildContext(source=source, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
     start = time.perf_counter()
-    facts = GGUFFormat().build(item, ctx)
+    facts = GGUFFormat().build(item, context)
     os.sync()
     return work / item.filename, time.perf_counter() - start, facts["peak_rss_bytes"], facts["peak_anon_bytes"]
 
@@ -58,9 +58,9 @@ def convert(model: Path, work: Path, threads: int) -> tuple[Path, float, int, in
 def quantize_quantkit(f16: Path, work: Path, qtype: str, threads: int) -> float:
     item = ArtifactPlan(backend="gguf", variant=qtype, filename=f"quantkit-{qtype}.gguf", predicted_bytes=0,
                         depends_on=f16.name, options={"type": qtype})
-    ctx = BuildContext(source=None, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
+    context = BuildContext(source=None, out_dir=work, reporter=Reporter(quiet=True), threads=threads)
     start = time.perf_counter()
-    GGUFFormat().build(item, ctx)
+    GGUFFormat().build(item, context)
     return time.perf_counter() - start
 
 

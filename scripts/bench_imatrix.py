@@ -39,7 +39,7 @@ def profile(source: str, tokens: int, chunks: int) -> str:
         f"    imatrix: {{text: builtin:botchan, chunks: {chunks}, ctx: 512{frm}}}",
         # Q8_0 without the imatrix in both builds, so that the second build takes it as the first made it.
         "    types: [Q4_K_M, IQ4_XS, {type: Q8_0, imatrix: false}]",
-        "evaluation:", "  ctx: 512", f"  max_tokens: {tokens}",
+        "evaluation:", "  window: 512", f"  max_tokens: {tokens}",
         "chat_checks:", "  enabled: false",
         "smoke:", "  max_tokens: 8", "  allow_failures: true  # random weights answer nothing",
     ]) + "\n"

@@ -35,7 +35,6 @@ def main() -> int:
     args = ap.parse_args()
 
     import mlx.core as mx
-    import numpy as np
     import torch
     from mlx.utils import tree_flatten
     from mlx_lm import load

@@ -3,7 +3,7 @@
 
 The reference worker (evaluate/hf_runner.py) runs on a synthetic checkpoint of a real shape with the default chat
 turns (smoke test 48 tokens, tool-call and JSON-mode probes 96 each, prompts rendered from the source's template)
-and evaluation `ctx 512`, `--tokens` tokens:
+and evaluation `window: 512`, `--tokens` tokens:
 - now: every window scored in float32, each prompt read in float32, the replies decoded together in the stored
   16-bit dtype (generate_batch);
 - before (the baseline, in the same run): the same prompts, every generated token decoded in float32, one prompt at

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,7 @@ def profile_text(tokens: int, moe: bool, *, gptq: bool = True, imatrix_from: str
         if gptq:
             lines += ["  gptq:", "    variants: [{bits: 4, group_size: 128}]",
                       "    calibration: {text: builtin:botchan, samples: 16, seq_len: 512}"]
-    lines += ["evaluation:", "  ctx: 512", f"  max_tokens: {tokens}",
+    lines += ["evaluation:", "  window: 512", f"  max_tokens: {tokens}",
               "smoke:", "  max_tokens: 8", "  allow_failures: true  # random weights answer nothing"]
     if not chat:
         lines += ["chat_checks:", "  enabled: false"]

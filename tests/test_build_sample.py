@@ -73,7 +73,7 @@ def test_perplexity_matches_an_independent_llama_cpp_computation(sample_build):
 
     folder = sample_build["dir"]
     tokens = np.load(folder / ".quantkit" / "eval-tokens.npy")
-    ctx = sample_build["report"]["evaluation"]["ctx"]
+    ctx = sample_build["report"]["evaluation"]["window"]
     for variant in ("Q4_K_M", "F16"):
         llm = Llama(model_path=str(folder / f"SmolLM2-135M-Instruct-{variant}.gguf"), n_ctx=ctx, n_batch=ctx,
                     logits_all=True, verbose=False)

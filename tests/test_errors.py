@@ -184,10 +184,10 @@ def test_broken_checkpoints(sample_model, tmp_path, how, message):
     ("formats: {exl2: {bits: [4.0, 9.5]}}", 4, "exl2: 9.5 bits per weight is out of range"),
     ("formats: {exl2: {bits: [4.0, {bits: 8.0, head: 8}]}}", 4, "exl2.bits[1]: unknown key(s) ['head']"),
     ("formats: {exl2: {bits: [{bits: 8.0, head_bits: 7}]}}", 4, "exl2: head_bits 7 is not supported"),
-    ("formats: {gguf: {types: [Q8_0]}}\nevaluation: {ctx: 512, max_tokens: 600}", 4,
-     "evaluation.max_tokens 600 is less than two windows of ctx 512"),
+    ("formats: {gguf: {types: [Q8_0]}}\nevaluation: {window: 512, max_tokens: 600}", 4,
+     "evaluation.max_tokens 600 is less than two windows of 512"),
     ("formats: {gguf: {types: [Q8_0]}\n", 4, "is not valid YAML"),
-    ("formats: {gguf: {types: [Q8_0]}}\nevaluaton: {ctx: 512}", 4, "unknown profile key(s) ['evaluaton']"),
+    ("formats: {gguf: {types: [Q8_0]}}\nevaluaton: {window: 512}", 4, "unknown profile key(s) ['evaluaton']"),
 ])
 def test_bad_profiles(sample_model, tmp_path, profile, code, message):
     if "gptq" in profile:
@@ -213,11 +213,11 @@ def test_evaluation_text_too_short_fails_before_building(sample_model, tmp_path)
     text = tmp_path / "short.txt"
     text.write_text("A short text of a few words. " * 20)
     profile = tmp_path / "short.yaml"
-    profile.write_text(f"formats: {{gguf: {{types: [Q8_0]}}}}\nevaluation: {{text: {text}, ctx: 512, max_tokens: 0}}\n")
+    profile.write_text(f"formats: {{gguf: {{types: [Q8_0]}}}}\nevaluation: {{text: {text}, window: 512, max_tokens: 0}}\n")
     proc = run_cli("build", sample_model, "--profile", profile, "--out", tmp_path / "out")
     assert proc.returncode == 4
     err, fix = _error_lines(proc)
-    assert "fewer than two windows of ctx 512" in err and "longer text" in fix
+    assert "fewer than two windows of 512" in err and "longer text" in fix
     _assert_nothing_written(tmp_path / "out")
 
 
@@ -239,12 +239,12 @@ def test_missing_chat_template_is_reported_by_the_smoke_test(sample_model, tmp_p
 # Numbers of the evaluation that cannot work are refused when the profile is read, naming the key, instead of a
 # ZeroDivisionError's crash log or a runtime's failure halfway through a build.
 @pytest.mark.parametrize("section, message", [
-    ("evaluation: {ctx: 0}", "evaluation.ctx must be between 16 and 1048576 tokens, got 0"),
-    ("evaluation: {ctx: -512}", "evaluation.ctx must be between 16 and 1048576 tokens, got -512"),
-    ("evaluation: {ctx: 4}", "evaluation.ctx must be between 16 and 1048576 tokens, got 4"),
-    ("evaluation: {ctx: 100000000000}", "evaluation.ctx must be between 16 and 1048576 tokens, got 100000000000"),
+    ("evaluation: {window: 0}", "evaluation.window must be between 16 and 1048576 tokens, got 0"),
+    ("evaluation: {window: -512}", "evaluation.window must be between 16 and 1048576 tokens, got -512"),
+    ("evaluation: {ctx: 4}", "evaluation.window must be between 16 and 1048576 tokens, got 4"),  # its old name
+    ("evaluation: {window: 100000000000}", "evaluation.window must be between 16 and 1048576 tokens, got 100000000000"),
     ("evaluation: {max_tokens: -1}", "evaluation.max_tokens must be 0 (the whole text) or a token count, got -1"),
-    ("evaluation: {ctx: 256, max_tokens: 300}", "evaluation.max_tokens 300 is less than two windows of ctx 256"),
+    ("evaluation: {window: 256, max_tokens: 300}", "evaluation.max_tokens 300 is less than two windows of 256"),
     ("smoke: {max_tokens: 0}", "smoke.max_tokens must be between 1 and 2048 tokens, got 0"),
     ("chat_checks: {max_tokens: 100000}", "chat_checks.max_tokens must be between 1 and 2048 tokens, got 100000"),
 ])

@@ -54,6 +54,7 @@ def test_the_spec_json_and_key_are_the_ones_manifests_hold(tokens):
            "probes": {"tool_call": "p"}, "probe_tokens": 96, "precision": {"relative": 0.03, "confidence": 0.95}}
     spec = EvalSpec.from_json(old)
     assert spec.precision == Precision(0.03, 0.95) and spec.chat and not spec.reference
+    assert spec.window == 512  # the Python name; the JSON key stays "ctx", of which the manifests' keys are made
     assert spec.to_json() == old
     keyed = {k: v for k, v in old.items() if k not in ("tokens", "threads")}
     assert spec.key_json() == json.dumps(keyed, sort_keys=True)
@@ -79,7 +80,7 @@ def test_the_output_is_validated_and_keeps_a_runners_own_facts():
 
 
 def test_the_loop_scores_windows_with_bos_against_the_reference_and_runs_the_chat_turns(tokens, tmp_path):
-    spec = EvalSpec(tokens=tokens, ctx=CTX, bos=6, threads=1, smoke=SMOKE)
+    spec = EvalSpec(tokens=tokens, window=CTX, bos=6, threads=1, smoke=SMOKE)
     ref = ToyRuntime()
     written = run(ref, replace(spec, reference=True, ref_write=str(tmp_path / "ref.npy")))
     assert written.windows == 5 and written.tokens_scored == 5 * 7 and written.kld_mean is None
@@ -103,7 +104,7 @@ def test_the_loop_scores_windows_with_bos_against_the_reference_and_runs_the_cha
 
 def test_a_precision_target_stops_the_loop(tmp_path):
     np.save(tmp_path / "long.npy", np.arange(200 * CTX, dtype=np.int32) % VOCAB)
-    spec = EvalSpec(tokens=str(tmp_path / "long.npy"), ctx=CTX, threads=1)
+    spec = EvalSpec(tokens=str(tmp_path / "long.npy"), window=CTX, threads=1)
     run(ToyRuntime(), replace(spec, reference=True, ref_write=str(tmp_path / "ref.npy"), chat=False))
     out = run(ToyRuntime(noise=0.5), replace(spec, ref_read=str(tmp_path / "ref.npy"), chat=False,
                                              precision=Precision(0.5, 0.9)))
@@ -146,7 +147,7 @@ def test_a_third_party_runner_speaks_the_protocol(tokens, tmp_path):
     from pathlib import Path
 
     (tmp_path / "toyrunner.py").write_text(RUNNER)
-    spec = EvalSpec(tokens=tokens, ctx=CTX, bos=None, threads=1, smoke=SMOKE, reference=True,
+    spec = EvalSpec(tokens=tokens, window=CTX, bos=None, threads=1, smoke=SMOKE, reference=True,
                     ref_write=str(tmp_path / "ref.npy"))
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_json()))
     path = f"{tmp_path}:{Path(__file__).parent}:{Path(__file__).parent.parent}"

@@ -144,7 +144,7 @@ def test_every_format_carries_integrity_and_probe_verdicts(formats_build):
         probes = a["evaluation"]["probes"]
         assert set(probes) == {"tool_call", "json_mode"}, a["filename"]
         assert all(r["reply"] and isinstance(r["agrees"], bool) for r in probes.values()), (a["filename"], probes)
-        assert f"- **{label(a)}**: template and stop tokens match; Tool call: " in md
+        assert f"- **{label(Judged.from_dict(a))}**: template and stop tokens match; Tool call: " in md
     assert "| Tool call | JSON mode |" in md
 
 

@@ -224,6 +224,9 @@ def test_third_party_format_is_built_evaluated_and_published(plugin_path, sample
     report = json.loads((folder / "report.json").read_text())
     tiny = next(a for a in report["artifacts"] if a["backend"] == "tiny")
     assert (folder / tiny["filename"] / "config.json").read_text() == (sample_model / "config.json").read_text()
+    # Format.describe's default: the folder's size (no bits per parameter: its build gave no parameter count).
+    assert tiny["size_bytes"] == sum(p.stat().st_size for p in (folder / tiny["filename"]).rglob("*") if p.is_file())
+    assert tiny["bits_per_weight"] == 0.0
     # Measured by its own runner, against the same reference as the GGUF file: a 16-bit copy of the source.
     e = tiny["evaluation"]
     assert e["note"] == "scored by the tiny runner" and e["tokens_scored"] == 254
@@ -238,7 +241,7 @@ def test_third_party_format_is_built_evaluated_and_published(plugin_path, sample
                                           token=TOKEN, cache_dir=tmp_path / "dl"))
     assert "tiny-runtime" in card.data.tags and "tiny" in card.data.tags
     assert "made with quantkit" in card.text and "using tinyformat's copier. They load in tiny-runtime." in card.text
-    assert "tiny-run SmolLM2-135M-Instruct-TINY-COPY" in card.text and "a tiny copy" in card.text
+    assert "tiny-run SmolLM2-135M-Instruct-TINY-COPY" in card.text
     files = {f.rfilename for f in HfApi(endpoint=hub.endpoint, token=TOKEN).model_info(
         "alice/SmolLM2-135M-Instruct-TINY", revision="COPY", files_metadata=True).siblings}
     assert {p.name for p in (folder / tiny["filename"]).iterdir()} <= files

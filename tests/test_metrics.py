@@ -37,7 +37,13 @@ def test_windows_follow_llama_perplexity_layout():
 def test_profile_errors_name_the_key():
     with pytest.raises(ProfileError, match="unknown key"):
         parse_profile({"formats": {"gguf": {}}, "smoke": {"expected": "Paris"}})
-    with pytest.raises(ProfileError, match="ctx must be int"):
-        parse_profile({"formats": {"gguf": {}}, "evaluation": {"ctx": "512"}})
+    with pytest.raises(ProfileError, match="window must be int"):
+        parse_profile({"formats": {"gguf": {}}, "evaluation": {"window": "512"}})
+    # The window's old name is read, with a warning for the plan to print; both names at once are refused.
+    old = parse_profile({"formats": {"gguf": {}}, "evaluation": {"ctx": 256}})
+    assert old.evaluation.window == 256
+    assert old.deprecated == ("<dict>: evaluation: 'ctx:' is the old name of 'window:'; rename it (it is still read)",)
+    with pytest.raises(ProfileError, match="both 'window' and 'ctx' are given"):
+        parse_profile({"formats": {"gguf": {}}, "evaluation": {"ctx": 256, "window": 256}})
     with pytest.raises(ProfileError, match="formats"):
         parse_profile({"name": "x"})

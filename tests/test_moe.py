@@ -101,10 +101,11 @@ def test_the_cards_transformers_snippet_loads_every_weight_of_the_moe_gptq_folde
     weight. Without its defuser line, transformers' own load report lists the experts as MISSING."""
     from quantkit import formats
     from quantkit.procs import run_python
+    from quantkit.results import Judged
 
     gptq = _artifact(moe_build["report"], "4bit-g128")
     folder = str(moe_build["dir"] / gptq["filename"])
-    usage = formats.get("gptq").card.usage("org/model-GPTQ", folder, gptq)
+    usage = formats.get("gptq").card.usage("org/model-GPTQ", folder, Judged.from_dict(gptq))
     assert any("vllm serve org/model-GPTQ --revision 4bit-g128" in line for line in usage)
     snippet = next(b for b in _python_blocks(usage) if "transformers" in b)
     assert 'replace_fused_blocks("mixtral")' in snippet

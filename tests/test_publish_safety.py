@@ -84,14 +84,23 @@ def test_a_report_naming_anything_but_a_plain_file_name_is_refused_before_any_re
 
 def test_a_report_of_a_newer_quantkit_or_not_quantkits_is_refused(tiny_seed, hub, tmp_path):
     folder = seed(tiny_seed, tmp_path / "out")
-    assert json.loads((folder / "report.json").read_text())["schema"] == 2
-    _edit_report(folder, lambda report: report.update(schema=3))
+    assert json.loads((folder / "report.json").read_text())["schema"] == 3
+    _edit_report(folder, lambda report: report.update(schema=4))
     proc = run_cli("publish", folder, env=hub.env)
     assert proc.returncode == 5 and _lines(proc)[0] == (
-        f"error: {folder / 'report.json'} was written by a newer quantkit (report schema 3; this one reads up to 2)")
-    _edit_report(folder, lambda report: report.update(schema=2) or _q8(report).pop("sha256"))
+        f"error: {folder / 'report.json'} was written by a newer quantkit (report schema 4; this one reads up to 3)")
+    sha = _q8(json.loads((folder / "report.json").read_text()))["sha256"]
+    _edit_report(folder, lambda report: report.update(schema=3) or _q8(report).pop("sha256"))
     proc = run_cli("publish", folder, env=hub.env)
-    assert proc.returncode == 8 and "does not list its artifacts as quantkit writes them" in _lines(proc)[0]
+    assert proc.returncode == 5 and _lines(proc)[0] == f"error: {folder / 'report.json'} is not a report as quantkit writes it"
+    assert "re-run the same quantkit build command" in _lines(proc)[1]
+    # A report an older quantkit wrote (schema 2: the window length under "ctx") is still read.
+    def as_schema_2(report):
+        report.update(schema=2)
+        report["evaluation"]["ctx"] = report["evaluation"].pop("window")
+    _edit_report(folder, lambda report: _q8(report).update(sha256=sha) or as_schema_2(report))
+    proc = run_cli("publish", folder, "--dry-run", "--owner", "alice", env=hub.env, check=True)
+    assert "(windows of 256)" in (folder / "publish" / "gguf" / "README.md").read_text()
     _nothing_uploaded(hub)
 
 
@@ -173,12 +182,14 @@ def test_a_folder_artifact_is_checked_file_by_file_against_the_builds_own_hash(t
     hashes: publish remakes it from the hashes it takes for the upload."""
     from quantkit.fsutil import HashCache
     from quantkit.publish.hub import PublishError, _artifact_files
+    from quantkit.results import Judged
 
     variant = tmp_path / "M-4bit"
     (variant / "sub").mkdir(parents=True)
     (variant / "config.json").write_text('{"bits": 4}')
     (variant / "sub" / "model.safetensors").write_bytes(os.urandom(1 << 20))
-    a = {"filename": variant.name, "size_bytes": 0, "sha256": HashCache().sha256(variant)}  # as the build records it
+    a = Judged(backend="gptq", variant="4bit", filename=variant.name, size_bytes=0,  # as the build records it
+               sha256=HashCache().sha256(variant), bits_per_weight=4.0, tensor_types={}, fallbacks=[])
     files = _artifact_files(tmp_path, a)
     assert [f.path_in_repo for f in files] == ["config.json", "sub/model.safetensors"]
     assert files[1].sha256 == _sha(variant / "sub" / "model.safetensors")

@@ -3,7 +3,6 @@ text, and build folders written by another version of quantkit."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

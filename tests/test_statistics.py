@@ -60,7 +60,7 @@ def test_statistics_match_llama_perplexity_within_one_percent(sample_build, tmp_
     """Both sides score Q4_K_M against llama.cpp's run of the F16 file (llama-perplexity's base, quantkit's
     reference rows): the same base model, so what is compared is the statistics, not two references."""
     folder, report = sample_build["dir"], sample_build["report"]
-    ctx = report["evaluation"]["ctx"]
+    ctx = report["evaluation"]["window"]
     tokens_file = folder / ".quantkit" / "eval-tokens.npy"
     tokens = np.load(tokens_file)
     chunks = len(tokens) // ctx

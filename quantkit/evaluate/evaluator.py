@@ -67,7 +67,7 @@ class Evaluator:
         self.reporter, self.threads = reporter, threads
         self.executor = executor or LocalExecutor()
         self.state = manifest.state_dir
-        self.ctx = profile.evaluation.ctx
+        self.window = profile.evaluation.window
         self.ran: list[str] = []  # what was evaluated in this run (not taken from the manifest)
         self._tokens: tuple[Path, int | None] | None = None
         self.source_chat = source_chat or folder_facts(source)
@@ -102,21 +102,21 @@ class Evaluator:
             bos_file.unlink()
             rec = self.m.record("tokens", key, out, count=len(np.load(out)), bos=bos)
         n = rec["count"]
-        if n < 2 * self.ctx:
-            raise ProfileError(f"the evaluation text has {n} tokens, fewer than two windows of ctx {self.ctx}",
-                               "use a longer text, a smaller evaluation.ctx, or a larger evaluation.max_tokens")
+        if n < 2 * self.window:
+            raise ProfileError(f"the evaluation text has {n} tokens, fewer than two windows of {self.window}",
+                               "use a longer text, a smaller evaluation.window, or a larger evaluation.max_tokens")
         return out, rec.get("bos")
 
     def _keys(self) -> tuple[Path, str, str, EvalSpec]:
         tokens, bos = self.tokens()
         # What the runner asks and checks; whether a failure fails the build (allow_failures) is the build's call.
         smoke = {k: v for k, v in asdict(self.profile.smoke).items() if k != "allow_failures"}
-        ref_key = sha256_text(REFERENCE, self.source_key, self.m.sha256(tokens), str(self.ctx))
+        ref_key = sha256_text(REFERENCE, self.source_key, self.m.sha256(tokens), str(self.window))
         checks = self.profile.chat_checks
         probes = prompts(self.source_chat, checks) if checks.enabled and self.source_chat.template else None
         # `generate`: how the reference decodes its replies (hf_runner), keyed, as every artifact's probes are judged
         # against them; `streamed` is keyed too: the streamed reference has no chat replies to compare with.
-        spec = EvalSpec(tokens=str(tokens), bos=bos, ctx=self.ctx, threads=self.threads, smoke=smoke, generate="stored",
+        spec = EvalSpec(tokens=str(tokens), bos=bos, window=self.window, threads=self.threads, smoke=smoke, generate="stored",
                         probes=probes, probe_tokens=checks.max_tokens if probes is not None else None,
                         precision=self.precision, streamed=self.streamed)
         # The tokens are keyed by content (in ref_key), never by their path: protocol.UNKEYED.
@@ -124,7 +124,7 @@ class Evaluator:
 
     @property
     def total_windows(self) -> int:
-        return len(windows(int(self.m.steps["tokens"]["count"]), self.ctx))
+        return len(windows(int(self.m.steps["tokens"]["count"]), self.window))
 
     def reference(self, n_windows: int | None = None) -> EvalResult:
         """The fp16 source's own scores; its log-probabilities are kept for every artifact's KL-divergence.

@@ -150,7 +150,7 @@ class TransformersRuntime:
         self.model, self.device, self.note = load(folder, spec)
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.vocab_size = self.model.config.vocab_size
-        first, last = scored_range(spec.ctx)
+        first, last = scored_range(spec.window)
         self.keep = torch.arange(first, last, device=self.device)
         self._generate, self.render, self._generate_many, self.chat_stats = chat_functions(self.model, self.tok, spec)
         self.chat_seconds = 0.0
@@ -222,14 +222,16 @@ def chat_functions(model, tok, spec: dict | None = None):
         return reply(new, special)
 
     widening = getattr(model, "quantkit_widening", None)
-    generate_many = None
-    if widening is not None and (spec or {}).get("generate", "stored") == "stored":
-        def generate_many(turns: list[tuple[str, int, bool]]) -> list[tuple[str, str | None]]:
-            prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _, _ in turns]
-            news = generate_batch(model, widening, prompts, [n for _, n, _ in turns], eos, pad, stats)
-            return [reply(new, special) for new, (_, _, special) in zip(news, turns)]
 
-    return generate, template_render(tok), generate_many, stats
+    def generate_many(turns: list[tuple[str, int, bool]]) -> list[tuple[str, str | None]]:
+        prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _, _ in turns]
+        news = generate_batch(model, widening, prompts, [n for _, n, _ in turns], eos, pad, stats)
+        return [reply(new, special) for new, (_, _, special) in zip(news, turns)]
+
+    # Batched only for the reference (widened to float32) decoding in its stored dtype; a model run as loaded, or
+    # spec["generate"] "float32", answers a turn at a time (None: chat_turns falls back to generate).
+    batched = widening is not None and (spec or {}).get("generate", "stored") == "stored"
+    return generate, template_render(tok), generate_many if batched else None, stats
 
 
 def stop_ids(model, tok) -> set[int]:

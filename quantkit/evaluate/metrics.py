@@ -19,24 +19,24 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x
 
 
-def windows(n_tokens: int, ctx: int) -> list[tuple[int, int]]:
-    """llama.cpp's perplexity layout: consecutive, non-overlapping windows of `ctx` tokens."""
-    return [(i * ctx, (i + 1) * ctx) for i in range(n_tokens // ctx)]
+def windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
+    """llama.cpp's perplexity layout: consecutive, non-overlapping windows of `window` tokens."""
+    return [(i * window, (i + 1) * window) for i in range(n_tokens // window)]
 
 
-def scored_range(ctx: int) -> tuple[int, int]:
+def scored_range(window: int) -> tuple[int, int]:
     """Positions whose next-token prediction counts: the second half of each window, as llama-perplexity
-    does, so every scored token has at least ctx/2 tokens of context."""
-    return ctx // 2, ctx - 1
+    does, so every scored token has at least window/2 tokens of context."""
+    return window // 2, window - 1
 
 
 class Windows:
-    """The evaluation text as every runner and every parity check reads it: windows(len, ctx), each one's first
+    """The evaluation text as every runner and every parity check reads it: windows(len, window), each one's first
     token replaced by BOS where the source tokenizer puts BOS in front of a text (as llama-perplexity does)."""
 
-    def __init__(self, tokens: np.ndarray, ctx: int, bos: int | None) -> None:
-        self.tokens, self.ctx, self.bos = tokens, ctx, bos
-        self.spans = windows(len(tokens), ctx)
+    def __init__(self, tokens: np.ndarray, window: int, bos: int | None) -> None:
+        self.tokens, self.window, self.bos = tokens, window, bos
+        self.spans = windows(len(tokens), window)
 
     @classmethod
     def of(cls, spec) -> "Windows":

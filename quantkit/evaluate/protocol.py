@@ -72,7 +72,8 @@ class SmokeVerdict(TypedDict, total=False):
 
 
 class _JSONMapping(Mapping):
-    """A read-only mapping of the JSON keys; `extra` holds the keys this quantkit does not know."""
+    """A read-only mapping of the JSON keys; `extra` holds the keys this quantkit does not know. A field's JSON key
+    is its name, or its metadata's "key" where the Python name changed and the JSON key may not."""
 
     def to_json(self) -> dict[str, Any]:
         out = {}
@@ -81,18 +82,19 @@ class _JSONMapping(Mapping):
                 continue
             value = getattr(self, f.name)
             if f.metadata.get("always") or _required(f) or value != _default(f):
-                out[f.name] = asdict(value) if is_dataclass(value) else value
+                out[_key(f)] = asdict(value) if is_dataclass(value) else value
         return out | self.extra
 
     @classmethod
     def _parse(cls, data: Mapping, what: str) -> dict[str, Any]:
         if not isinstance(data, Mapping):
             raise ValueError(f"{what} must be a JSON object, not {type(data).__name__}")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        missing = [f.name for f in fields(cls) if _required(f) and f.name not in data]
+        names = {_key(f): f.name for f in fields(cls) if f.name != "extra"}
+        missing = [_key(f) for f in fields(cls) if _required(f) and _key(f) not in data]
         if missing:
             raise ValueError(f"{what} lacks {', '.join(missing)}")
-        return {k: v for k, v in data.items() if k in known} | {"extra": {k: v for k, v in data.items() if k not in known}}
+        return ({names[k]: v for k, v in data.items() if k in names}
+                | {"extra": {k: v for k, v in data.items() if k not in names}})
 
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]
@@ -102,6 +104,10 @@ class _JSONMapping(Mapping):
 
     def __len__(self) -> int:
         return len(self.to_json())
+
+
+def _key(f) -> str:
+    return f.metadata.get("key", f.name)
 
 
 def _required(f) -> bool:
@@ -124,7 +130,9 @@ class EvalSpec(_JSONMapping):
     The build's keys, the same for every run of a build (Evaluator._keys), all but tokens and threads in the key:"""
 
     tokens: str  # path of a .npy of int32 token ids: the evaluation text, tokenized once by the source's tokenizer
-    ctx: int  # window length: windows of ctx tokens, positions ctx/2 .. ctx-2 scored (metrics.scored_range)
+    # Tokens a window: windows of that many tokens, positions window/2 .. window-2 scored (metrics.scored_range). Its
+    # JSON key is "ctx", the name it had when the evaluations' keys in existing manifests were made.
+    window: int = field(metadata={"key": "ctx"})
     bos: int | None = field(default=None, metadata=ALWAYS)  # each window's first token is replaced by it (None: kept)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1, metadata=ALWAYS)  # CPU threads the runner may use
     smoke: Smoke | None = field(default=None, metadata=ALWAYS)  # the smoke test to run; None: none
@@ -158,7 +166,7 @@ class EvalSpec(_JSONMapping):
     def from_json(cls, data: Mapping) -> "EvalSpec":
         values = cls._parse(data, "an evaluation spec")
         _check("tokens", values["tokens"], (str,))
-        _check("ctx", values["ctx"], (int,), positive=True)
+        _check("ctx", values["window"], (int,), positive=True)
         for key in ("bos", "windows", "probe_tokens", "threads", "stream_group", "windows_per_decode"):
             if values.get(key) is not None:
                 _check(key, values[key], (int,))
@@ -177,7 +185,7 @@ class EvalSpec(_JSONMapping):
 
     def window_ids(self) -> Windows:
         """The text's windows as every runner scores them (with BOS)."""
-        return Windows(np.load(self.tokens), self.ctx, self.bos)
+        return Windows(np.load(self.tokens), self.window, self.bos)
 
 
 @dataclass(frozen=True, eq=True)
@@ -258,8 +266,9 @@ class Runtime(Protocol):
     render: Callable[[list[dict]], str] | None
 
     def forward(self, window: np.ndarray) -> np.ndarray:
-        """The logits of one window's scored positions (scored_range(ctx): ctx/2 .. ctx-2), [ctx/2 - 1, vocab_size].
-        The window is ctx token ids from position 0 (an empty cache), its first one already BOS where it has one."""
+        """The logits of one window's scored positions (scored_range(window): window/2 .. window-2), [window/2 - 1,
+        vocab_size]. The window is spec.window token ids from position 0 (an empty cache), its first one already BOS
+        where it has one."""
 
     def generate(self, turns: list[Turn]) -> list[Reply]:
         """Greedy replies to every turn, in order, each stopping at the runtime's end-of-turn tokens or its cap."""
@@ -271,7 +280,7 @@ def score(runtime: Runtime, spec: EvalSpec) -> dict[str, Any]:
     runs, so a later run with a higher cap goes on from where this one stopped; spec.precision stops as soon as the
     mean KLD is that precise."""
     text = spec.window_ids()
-    first, last = scored_range(spec.ctx)
+    first, last = scored_range(spec.window)
     per_window = last - first
     stop = min(spec.windows or len(text), len(text))
     precision = spec.precision

@@ -5,7 +5,7 @@ the next: a model larger than free memory is then read from disk again for every
 decoder the other way round, over every window of a round: it reads one layer's tensors from the
 safetensors files, runs all the windows through it (each module widened to float32 as it runs, as the
 in-memory reference does), and frees the layer. What stays in memory between layers is the windows' hidden
-states (windows x ctx x hidden in float32) and the layers outside the decoder (embeddings, final norm, head).
+states (windows x window x hidden in float32) and the layers outside the decoder (embeddings, final norm, head).
 Peak: the largest layer as stored, one module of it in float32, those, and one group of windows' activations;
 flat in the number of layers.
 
@@ -43,13 +43,13 @@ class NotStreamable(SystemExit):
     """A checkpoint this mode cannot run layer by layer; the message says why and what to do."""
 
 
-def window_activation_bytes(config: dict, ctx: int) -> int:
+def window_activation_bytes(config: dict, window: int) -> int:
     """float32 activations of one window in one decoder layer: the residual stream, attention's projections
     and scores, and the MLP's (a MoE's: each token's top-k experts)."""
     h = int(config.get("hidden_size") or 4096)
     heads = int(config.get("num_attention_heads") or 32)
     mlp = int(config.get("intermediate_size") or 4 * h) * int(config.get("num_experts_per_tok") or 1)
-    return 4 * ctx * (8 * h + 3 * mlp + 2 * heads * ctx)
+    return 4 * window * (8 * h + 3 * mlp + 2 * heads * window)
 
 
 class StreamedModel:
@@ -88,9 +88,9 @@ class StreamedModel:
                 _set_param(self.model, target, self.model.get_parameter(source))
         self.vocab_size = int(text.vocab_size)
         # spec.stream_group: windows per group, to run several groups of a small text (the tests).
-        self.group = spec.stream_group or max(1, GROUP_BYTES // window_activation_bytes(text.to_dict(), spec.ctx))
+        self.group = spec.stream_group or max(1, GROUP_BYTES // window_activation_bytes(text.to_dict(), spec.window))
         self.hidden: list = []
-        first, last = scored_range(spec.ctx)
+        first, last = scored_range(spec.window)
         self.keep = torch.arange(first, last, device=device)
 
     def _materialize_buffers(self) -> None:

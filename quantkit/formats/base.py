@@ -9,7 +9,7 @@ the same name is refused):
         card = Card(display="TINY")
         def plan(self, source, options, converter=None): ...
         def build(self, item, context): ...
-        def describe(self, item, path, facts): ...
+        def describe(self, item, path, facts): ...   # optional: by default the size (and bits per parameter)
 
 Lifecycle, in order, and which process runs each member:
   1. Plan (the quantkit process, no heavy work). read_options() reads the profile's mapping into `Options`
@@ -38,15 +38,17 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from shlex import quote
 from typing import Any, ClassVar, Literal
 
 from ..errors import ProfileError
+from ..fsutil import tree_size
 from ..options import load_options
 from ..evaluate.integrity import ChatFacts, folder_facts
 from ..evaluate.parity import Parity
 from ..evaluate.protocol import EvalSpec
 from ..plan import ArtifactPlan
-from ..results import Description
+from ..results import Built, Description, Judged, Measured, ReportSource
 from ..progress import Reporter
 from ..source import Source
 from ..memory import scored_logits
@@ -65,8 +67,8 @@ Layout = Literal["files", "branches", "repos"]
 @dataclass(frozen=True)
 class Card:
     """Everything tables, reports, model cards and repos say of a format's artifacts. A format with more to say
-    subclasses it and overrides the methods (formats/gguf/card.py: GGUFCard). `artifact` arguments are report
-    entries (report.json's dicts)."""
+    subclasses it and overrides the methods (formats/gguf/card.py: GGUFCard). `artifact` arguments are the
+    artifacts' typed results (results.Judged), as a Report lists them."""
 
     display: str  # the format as repo names, titles and table labels write it: "GGUF", "GPTQ", "exl2"
     made_with: str = ""  # "GPTQModel": the card says "made with quantkit using ..."
@@ -75,6 +77,9 @@ class Card:
     tags: tuple[str, ...] = ()  # besides the format's name, "quantized" and "quantkit"
     library_name: str | None = None
     featured: tuple[str, ...] = ()  # variants the usage snippet shows first, when built
+    # The shell command that runs a downloaded variant, for the card's "Run" section: {repo_id}, {local_dir},
+    # {filename} and {variant} are filled in, shell-quoted. Empty: a transformers snippet (usage()).
+    command: str = ""
 
     def label(self, variant: str) -> str:
         """How tables name a variant: "GPTQ 4bit-g32"."""
@@ -88,25 +93,28 @@ class Card:
         """The card's "Use case" cell."""
         return "low-bit; check the KL-divergence before use" if 0 < bits_per_weight < 4 else ""
 
-    def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
+    def notes(self, artifacts: list[Judged]) -> dict[str, list[str]]:
         """Sections (title -> paragraphs) the report and the card add about this format's artifacts (GGUF: the
         importance matrix, the tensors that fell back to other types)."""
         return {}
 
-    def fallback_summary(self, artifact: dict) -> str:
+    def fallback_summary(self, artifact: Built) -> str:
         """One line on the tensors the quantizer stored in another type than asked ("" when none did)."""
-        moves = Counter(f"{f['wanted']}→{f['used']}" for f in artifact.get("fallbacks") or [])
+        moves = Counter(f"{f['wanted']}→{f['used']}" for f in artifact.fallbacks)
         return f"{sum(moves.values())} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common()) if moves else ""
 
-    def explain_inversion(self, big: dict, small: dict, source: dict) -> str:
-        """What the format knows of why `big` measures worse than the smaller `small` of the same format; `source`
-        is the report's source entry. "" when it knows nothing more than the tensor types."""
+    def explain_inversion(self, big: Measured, small: Measured, source: ReportSource) -> str:
+        """What the format knows of why `big` measures worse than the smaller `small` of the same format, from
+        where the model came. "" when it knows nothing more than the tensor types."""
         return ""
 
-    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+    def usage(self, repo_id: str, local_dir: str, artifact: Judged) -> list[str]:
         """The card's "Run" section (markdown lines) for one published variant; `local_dir`: where the Download
-        section put it. By default: transformers, from the variant's branch."""
-        revision = f', revision="{artifact["variant"]}"' if self.layout == "branches" else ""
+        section put it. By default: `command`, or else transformers, from the variant's branch."""
+        if self.command:
+            names = {"repo_id": repo_id, "local_dir": local_dir, "filename": artifact.filename, "variant": artifact.variant}
+            return ["```bash", self.command.format(**{k: quote(v) for k, v in names.items()}), "```"]
+        revision = f', revision="{artifact.variant}"' if self.layout == "branches" else ""
         return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{revision})',
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision})', "```"]
@@ -155,6 +163,14 @@ class Requirement:
     available: bool
     hint: str = ""  # how to get it
     gpu: bool = False  # a GPU on this machine: a Ray cluster with GPU nodes meets it instead
+
+
+def weight_facts(path: Path, facts: dict[str, Any]) -> dict[str, Any]:
+    """size_bytes (every file of the artifact) and bits_per_weight (a folder's .safetensors bytes × 8 over the
+    source's parameters: facts["source_params"], which build() returns; 0 without it) of a Description."""
+    weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else 0
+    params = facts.get("source_params") or 0
+    return {"size_bytes": tree_size(path), "bits_per_weight": round(weights * 8 / params, 3) if params else 0.0}
 
 
 def versions(*dists: str) -> dict[str, str]:
@@ -239,10 +255,12 @@ class Format(ABC):
     def build(self, item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
         """Write `item.filename` under context.out_dir (atomically); return facts only the build saw."""
 
-    @abstractmethod
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
         """What the format reads from a built artifact (size, types, bits per weight), given build()'s facts; the
-        build adds its plan, its hash and the step's memory (results.Built.make)."""
+        build adds its plan, its hash and the step's memory (results.Built.make). By default its size, and for a
+        folder of safetensors its bits per parameter when build() gave the source's parameter count
+        (weight_facts)."""
+        return Description(**weight_facts(path, facts))
 
     # What makes an artifact's bytes besides its plan (options, inputs, the source): both go into its resume key,
     # so a new tool version or an edited calibration text remakes it, and only it and what is made from it.
@@ -277,10 +295,10 @@ class Format(ABC):
         return folder_facts(path)
 
     # Reports and cards: everything else they say is the Card's.
-    def parity(self, artifact: dict) -> Parity | None:
-        """This runtime's run of the unquantized model against the reference, if `artifact` (a report entry)
-        carries one: by default a preflight the build kept in its details (exl2's, with its measurement)."""
-        found = (artifact.get("details") or {}).get("parity")
+    def parity(self, artifact: Measured) -> Parity | None:
+        """This runtime's run of the unquantized model against the reference, if `artifact` carries one: by
+        default a preflight the build kept in its details (exl2's, with its measurement)."""
+        found = artifact.details.get("parity")
         return Parity.from_dict(found) if found else None
 
 

@@ -9,16 +9,14 @@ its answer was lost, the next attempt finds nothing to change and makes no commi
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from .. import network
 from ..errors import QuantkitError
-from ..results import Judged, check_report_schema
+from ..results import Judged, Report, models
 from ..fsutil import folder_digest, human_size, sha256_file, write_text_atomic
-from ..plan import MODEL_ROLES
 from ..progress import Reporter
 from .. import formats
 from .card import PLOT, model_card
@@ -85,70 +83,60 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     report_path = build_dir / "report.json"
     if not report_path.is_file():
         raise PublishError(f"{build_dir} has no report.json", "run quantkit build first, and pass its build folder")
-    try:
-        report = json.loads(report_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PublishError(f"{report_path} is not valid JSON ({e})", "re-run the same quantkit build command, which "
-                           "writes the report again") from e
-    check_report_schema(report, str(report_path))
-    if not isinstance(report.get("artifacts"), list) or not all(
-            isinstance(a, dict) and Judged.from_dict(a) is not None for a in report["artifacts"]):
-        raise PublishError(f"{report_path} does not list its artifacts as quantkit writes them",
-                           "re-run the same quantkit build command, which writes the report again")
+    report = Report.read(report_path)  # BuildFolderError: written by a newer quantkit, or damaged
     _check_names(report)
-    if not report["evaluation"].get("reference_result"):
+    if not report.evaluation.reference_result:
         raise PublishError(f"{build_dir.name} was built with evaluation off, so none of its files was measured",
                            "quantkit publishes only measured files: build it again with evaluation on, on a machine "
                            "large enough for the reference (quantkit plan shows what each step needs)")
-    if (failed := [a for a in report["artifacts"] if a.get("failures")]) and not allow_failed:
+    if (failed := report.failed) and not allow_failed:
         raise PublishError(f"{len(failed)} file(s) of {build_dir.name} failed their checks: "
-                           + "; ".join(f"{a['filename']}: {a['failures'][0]}" for a in failed),
+                           + "; ".join(f"{a.filename}: {a.failures[0]}" for a in failed),
                            "fix the build (see report.md, Failed checks), or pass --allow-failed to publish them "
                            "marked as failed in the card")
     # Every file checked against the report before anything else (the owner's lookup included): the card states
     # these hashes, and only these bytes may go up.
-    verified = {a["filename"]: _artifact_files(build_dir, a) for a in report["artifacts"]}
-    opts = report.get("publish") or {}
-    owner = owner or opts.get("owner")
+    verified = {a.filename: _artifact_files(build_dir, a) for a in report.artifacts}
+    opts = report.publish
+    owner = owner or opts.owner
     if not owner:
         if offline:
             raise PublishError("--dry-run needs to know the owner without asking the Hub", "pass --owner NAME")
         owner = _whoami(token)
-    private = bool(opts.get("private"))
+    quantized_by = opts.quantized_by or owner
     commits = []
-    for name in dict.fromkeys(a["backend"] for a in report["artifacts"]):
+    for name in dict.fromkeys(a.backend for a in report.artifacts):
         fmt = formats.get(name)
-        arts = [a for a in report["artifacts"] if a["backend"] == name]
-        sub = {**report, "quantized_by": opts.get("quantized_by") or owner}
-        pattern = opts.get("repo", "{owner}/{model}-{format}")
-        message = f"quantkit: {report['model']} {fmt.card.display}"
+        arts = [a for a in report.artifacts if a.backend == name]
+        pattern = opts.repo
+        message = f"quantkit: {report.model} {fmt.card.display}"
         if fmt.card.layout == "repos":  # a repo per variant, its folder on main (mlx-community's way)
             if "{variant}" not in pattern:
                 pattern += "-{variant}"
-            for a in (a for a in arts if a.get("role", "model") in MODEL_ROLES):
-                repo_id = _repo_id(pattern, owner, report, fmt, a["variant"])
-                card = _stage(build_dir, f"{name}-{a['variant']}", {**sub, "artifacts": [a]}, repo_id, fmt)
-                commits.append(RepoCommit(repo_id, "main", private, card + verified[a["filename"]],
-                                          f"{message} {a['variant']}"))
+            for a in models(arts):
+                repo_id = _repo_id(pattern, owner, report, fmt, a.variant)
+                card = _stage(build_dir, f"{name}-{a.variant}", replace(report, artifacts=[a]), repo_id, fmt,
+                              quantized_by)
+                commits.append(RepoCommit(repo_id, "main", opts.private, card + verified[a.filename],
+                                          f"{message} {a.variant}"))
             continue
         repo_id = _repo_id(pattern, owner, report, fmt)
-        card = _stage(build_dir, name, {**sub, "artifacts": arts}, repo_id, fmt)
+        card = _stage(build_dir, name, replace(report, artifacts=arts), repo_id, fmt, quantized_by)
         if fmt.card.layout == "files":
             files = list(card)
             for a in arts:  # a file, or a folder of shards that keeps its name in the repo
-                files += _named(build_dir, a, verified[a["filename"]])
-            commits.append(RepoCommit(repo_id, "main", private, files, message))
+                files += _named(build_dir, a, verified[a.filename])
+            commits.append(RepoCommit(repo_id, "main", opts.private, files, message))
         else:  # main: the card and auxiliary files (exl2's measurement); a branch per variant
-            aux = [f for a in arts if a.get("role", "model") not in MODEL_ROLES
-                   for f in _named(build_dir, a, verified[a["filename"]])]
-            commits.append(RepoCommit(repo_id, "main", private, card + aux, message + " (card)"))
-            commits += [RepoCommit(repo_id, a["variant"], private, verified[a["filename"]],
-                                   f"{message} {a['variant']}") for a in arts if a.get("role", "model") in MODEL_ROLES]
+            aux = [f for a in arts if not a.is_model for f in _named(build_dir, a, verified[a.filename])]
+            commits.append(RepoCommit(repo_id, "main", opts.private, card + aux, message + " (card)"))
+            commits += [RepoCommit(repo_id, a.variant, opts.private, verified[a.filename],
+                                   f"{message} {a.variant}") for a in models(arts)]
     return commits
 
 
-def _repo_id(pattern: str, owner: str, report: dict, fmt, variant: str = "") -> str:
-    repo_id = pattern.format(owner=owner, model=report["model"], format=fmt.card.display, variant=variant)
+def _repo_id(pattern: str, owner: str, report: Report, fmt, variant: str = "") -> str:
+    repo_id = pattern.format(owner=owner, model=report.model, format=fmt.card.display, variant=variant)
     _check_repo_id(repo_id)
     return repo_id
 
@@ -158,10 +146,10 @@ def _repo_id(pattern: str, owner: str, report: dict, fmt, variant: str = "") -> 
 _NAMED = ("filename", "variant", "backend")
 
 
-def _check_names(report: dict) -> None:
-    for i, a in enumerate(report.get("artifacts") or []):
+def _check_names(report: Report) -> None:
+    for i, a in enumerate(report.artifacts):
         for key in _NAMED:
-            value = a.get(key) if isinstance(a, dict) else None
+            value = getattr(a, key)
             if not _plain_name(value):
                 raise PublishError(f"report.json's artifacts[{i}].{key} is {str(value)[:120]!r}, which is not a plain "
                                    "file name in the build folder",
@@ -176,32 +164,32 @@ def _plain_name(name: object) -> bool:
             and not any(ord(c) < 32 or ord(c) == 127 for c in name))
 
 
-def _artifact_files(build_dir: Path, a: dict) -> list[UploadFile]:
+def _artifact_files(build_dir: Path, a: Judged) -> list[UploadFile]:
     """The files of one artifact (names relative to a folder artifact), each hashed once here, checked against the
     report; publish hands these hashes to huggingface_hub, which therefore does not read the files again to hash
     them."""
-    path = build_dir / a["filename"]
+    path = build_dir / a.filename
     stale = "re-run the same quantkit build command: it remakes what changed and writes the report anew"
     if not path.exists():
-        raise PublishError(f"{a['filename']} is missing since the report was written", stale)
-    _inside(build_dir, path, a["filename"])
-    if path.is_file() and path.stat().st_size != a.get("size_bytes"):
-        raise PublishError(f"{a['filename']} changed since the report was written: its size is {path.stat().st_size}, "
-                           f"the report's {a.get('size_bytes')}", stale)
+        raise PublishError(f"{a.filename} is missing since the report was written", stale)
+    _inside(build_dir, path, a.filename)
+    if path.is_file() and path.stat().st_size != a.size_bytes:
+        raise PublishError(f"{a.filename} changed since the report was written: its size is {path.stat().st_size}, "
+                           f"the report's {a.size_bytes}", stale)
     if path.is_dir():
         files = folder_files(path)
         for f in files:
-            _inside(build_dir, f.local_path, f"{a['filename']}/{f.path_in_repo}")
+            _inside(build_dir, f.local_path, f"{a.filename}/{f.path_in_repo}")
         # A folder has no single file hash: the report's sha256 of it is the build's hash of its files' relative
         # names and sha256s (fsutil.HashCache.sha256), remade here from the hashes just taken. It checks every file's
         # bytes, and that no file was added, removed or renamed.
         digest = folder_digest((f.path_in_repo, f.sha256) for f in files)  # in folder_files's order, as HashCache
     else:
         digest = sha256_file(path)
-        files = [UploadFile(a["filename"], path, path.stat().st_size, digest)]
-    if digest != a.get("sha256"):
-        raise PublishError(f"{a['filename']} changed since the report was written: its sha256 is {digest[:16]}…, "
-                           f"the report's {str(a.get('sha256'))[:16]}…", stale)
+        files = [UploadFile(a.filename, path, path.stat().st_size, digest)]
+    if digest != a.sha256:
+        raise PublishError(f"{a.filename} changed since the report was written: its sha256 is {digest[:16]}…, "
+                           f"the report's {str(a.sha256)[:16]}…", stale)
     return files
 
 
@@ -212,21 +200,21 @@ def _inside(build_dir: Path, path: Path, name: str) -> None:
                            "replace the link by the file itself, or re-run the same quantkit build command")
 
 
-def _named(build_dir: Path, a: dict, files: list[UploadFile]) -> list[UploadFile]:
+def _named(build_dir: Path, a: Judged, files: list[UploadFile]) -> list[UploadFile]:
     """An artifact's files as they go into a repo beside other artifacts: a folder keeps its name there."""
-    if [f.local_path for f in files] == [build_dir / a["filename"]]:  # a file
+    if [f.local_path for f in files] == [build_dir / a.filename]:  # a file
         return files
-    return [replace(f, path_in_repo=f"{a['filename']}/{f.path_in_repo}") for f in files]
+    return [replace(f, path_in_repo=f"{a.filename}/{f.path_in_repo}") for f in files]
 
 
-def _stage(build_dir: Path, name: str, report: dict, repo_id: str, fmt) -> list[UploadFile]:
+def _stage(build_dir: Path, name: str, report: Report, repo_id: str, fmt, quantized_by: str) -> list[UploadFile]:
     """The card and plot of one repo, written into BUILD/publish/<name>/: only those two files are uploaded, never
     anything else found there."""
     stage = build_dir / "publish" / name
     _inside(build_dir, stage, f"publish/{name}")
     stage.mkdir(parents=True, exist_ok=True)
     card, plot = stage / "README.md", stage / PLOT
-    write_text_atomic(card, str(model_card(report, repo_id, fmt)))
+    write_text_atomic(card, str(model_card(report, repo_id, fmt, quantized_by)))
     plot.unlink(missing_ok=True)  # the plot is written in place: never through a link left there
     size_vs_kld(report, plot)
     return [UploadFile(p.name, p, p.stat().st_size, sha256_file(p)) for p in (card, plot)]

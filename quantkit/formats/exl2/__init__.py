@@ -15,12 +15,12 @@ from ...errors import ProfileError, ToolError
 from ...evaluate.text import calibration_identity, calibration_text
 from ...fsutil import atomic_dir, atomic_path, drop_local_paths, write_text_atomic
 from ...plan import ArtifactPlan
-from ...results import Description
+from ...results import Description, Judged
 from ...procs import Finished, run_python
 from ...source import Source, param_count, tensor_stats
 from ...gpus import cuda_devices
 from ...memory import scored_logits
-from ..base import BuildContext, Card, Evaluation, Format, Requirement, package, versions
+from ..base import BuildContext, Card, Evaluation, Format, Requirement, package, versions, weight_facts
 from ...evaluate.parity import Parity
 from ...config_view import source_view
 
@@ -38,7 +38,7 @@ EXL2_EVAL_FIXED = 1_500_000_000
 
 
 class EXL2Card(Card):
-    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+    def usage(self, repo_id: str, local_dir: str, artifact: Judged) -> list[str]:
         return ["With TabbyAPI, put the downloaded folder in its `models/` folder; with exllamav2:", "",
                 "```python", "from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config", "",
                 f'config = ExLlamaV2Config("{local_dir}")',
@@ -209,14 +209,9 @@ class EXL2Format(Format, name="exl2"):
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
         if item.role == "measurement":
             return Description(size_bytes=path.stat().st_size, details={"parity": facts["parity"]} if "parity" in facts else {})
-        files = [p for p in path.rglob("*") if p.is_file()]
-        weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-        params = facts.get("source_params") or 0
         cfg = json.loads((path / "config.json").read_text()).get("quantization_config", {})
         return Description(
-            size_bytes=sum(p.stat().st_size for p in files),
-            bits_per_weight=round(weights * 8 / params, 3) if params else 0.0,
-            tensor_types={"exl2": 1}, details={k: cfg[k] for k in ("bits", "head_bits") if k in cfg},
+            **weight_facts(path, facts), tensor_types={"exl2": 1}, details={k: cfg[k] for k in ("bits", "head_bits") if k in cfg},
             stated_bits=float(cfg.get("bits") or item.options["bits"]),
         )
 

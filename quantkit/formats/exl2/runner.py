@@ -17,14 +17,14 @@ from ...evaluate.metrics import scored_range
 from ...evaluate.protocol import EvalOutput, EvalSpec, run, runner_main
 
 
-def _load(folder: str, ctx: int):
+def _load(folder: str, window: int):
     """exllamav2's model of `folder` (an EXL2 folder, or the fp16 source through its view) and its forward:
     token ids -> float32 logits of every position."""
     import torch
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 
     config = ExLlamaV2Config(folder)
-    config.max_seq_len = max(ctx, 2048)
+    config.max_seq_len = max(window, 2048)
     model = ExLlamaV2(config)
     cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
     model.load_autosplit(cache)
@@ -49,9 +49,9 @@ class ExLlamaRuntime:
 
         from ...evaluate.hf_runner import template_render
 
-        _, config, self.logits = _load(folder, spec.ctx)
+        _, config, self.logits = _load(folder, spec.window)
         self.vocab_size = config.vocab_size
-        self.first, self.last = scored_range(spec.ctx)
+        self.first, self.last = scored_range(spec.window)
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.render = template_render(self.tok)
         gen = Path(folder) / "generation_config.json"
@@ -95,10 +95,10 @@ def preflight(view: str, spec_file: str, out_file: str) -> None:
     from ...evaluate.parity import Parity
 
     spec = EvalSpec.from_json(json.loads(Path(spec_file).read_text()))
-    first, last = scored_range(spec.ctx)
+    first, last = scored_range(spec.window)
     text = spec.window_ids()
     batches = [text[i] for i in range(min(spec.windows or 4, len(text)))]
-    model, _, logits = _load(view, spec.ctx)
+    model, _, logits = _load(view, spec.window)
     ours = [log_softmax(logits(w)[first:last].cpu().numpy()).astype(np.float16) for w in batches]
     model.unload()  # both models on one GPU at once would double what the check needs
     del model, logits

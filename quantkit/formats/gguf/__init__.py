@@ -16,7 +16,7 @@ from ...evaluate.text import calibration_identity
 from ...fsutil import atomic_dir, atomic_path, human_size
 from .llamacpp import bindings_version, find_tool, find_tree, tool_version
 from ...plan import ArtifactPlan
-from ...results import Description
+from ...results import Description, Measured
 from ...procs import run_python
 from ...source import Source
 from ...memory import chat_kv_bytes, scored_logits
@@ -53,6 +53,7 @@ class GGUFFormat(Format, name="gguf"):
     evaluation = Evaluation("quantkit.formats.gguf.runner", fixed_bytes=GGUF_EVAL_FIXED,
                             windows_per_pass=WINDOWS_PER_DECODE)
     card = GGUFCard(display="GGUF", layout="files", tags=("llama.cpp",), featured=("Q4_K_M",),
+                    command="llama-cli -m {filename} -cnv",
                     loads_in="They load in llama.cpp, LM Studio, Ollama and anything else built on llama.cpp.")
 
     def requirements(self) -> list[Requirement]:
@@ -227,9 +228,9 @@ class GGUFFormat(Format, name="gguf"):
 
         return gguf_facts(path)
 
-    def parity(self, artifact: dict) -> Parity | None:
+    def parity(self, artifact: Measured) -> Parity | None:
         # llama.cpp on the unquantized (F16/BF16) file, which every build evaluates anyway.
-        e = artifact.get("evaluation") or {}
-        if artifact.get("role") != "intermediate" or artifact["variant"] not in ("F16", "BF16") or e.get("kld_mean") is None:
+        e = artifact.evaluation
+        if artifact.role != "intermediate" or artifact.variant not in ("F16", "BF16") or e is None or e.kld_mean is None:
             return None
-        return Parity.of(f"llama.cpp, {artifact['variant']} GGUF", e)
+        return Parity.of(f"llama.cpp, {artifact.variant} GGUF", vars(e))

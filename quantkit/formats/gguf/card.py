@@ -8,6 +8,7 @@ from collections import Counter
 from ...fsutil import human_size
 from ..base import Card
 from ...report import public_text_name
+from ...results import Built, Judged, Measured, ReportSource
 from .imatrix import describe_idle
 
 # What a report must know of the sample's weights: they sit on Q4_1's grid (docs/evaluation.md, Inversions).
@@ -40,13 +41,13 @@ USE_HINTS = {
 }
 
 
-def imatrix_lines(artifacts: list[dict]) -> list[str]:
+def imatrix_lines(artifacts: list[Judged]) -> list[str]:
     """What the importance matrix is, how it was made, and which files used it."""
     lines = []
-    for im in (a for a in artifacts if a.get("role") == "imatrix"):
-        d = im.get("details") or {}
-        users = [a["variant"] for a in artifacts if im["filename"] in (a.get("uses") or [])]
-        lines.append(f"`{im['filename']}` ({human_size(im['size_bytes'])}) is the importance matrix, computed by "
+    for im in (a for a in artifacts if a.role == "imatrix"):
+        d = im.details
+        users = [a.variant for a in artifacts if im.filename in a.uses]
+        lines.append(f"`{im.filename}` ({human_size(im.size_bytes)}) is the importance matrix, computed by "
                      f"llama.cpp's llama-imatrix on {d.get('chunks', '?')} chunks of {d.get('chunk_tokens', '?')} "
                      f"tokens of `{public_text_name(d.get('text', '?'))}` (calibration text, disjoint from the evaluation "
                      f"text). Quantized with it: {', '.join(users) or 'none'}; the others without."
@@ -66,13 +67,13 @@ class GGUFCard(Card):
     def use_hint(self, variant: str, bits_per_weight: float) -> str:
         return USE_HINTS.get(variant) or super().use_hint(variant, bits_per_weight)
 
-    def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
+    def notes(self, artifacts: list[Judged]) -> dict[str, list[str]]:
         sections = {"Importance matrix": imatrix_lines(artifacts), "Tensors in other types": self._fallback_lines(artifacts)}
         return {title: lines for title, lines in sections.items() if lines}
 
-    def fallback_summary(self, artifact: dict) -> str:
+    def fallback_summary(self, artifact: Built) -> str:
         """'180 tensors: q4_K→q5_0 ×150, q6_K→q8_0 ×30 (rows of 576 are not a multiple of 256)'."""
-        fallbacks = artifact.get("fallbacks") or []
+        fallbacks = artifact.fallbacks
         if not fallbacks:
             return ""
         moves = Counter(f"{f['wanted']}→{f['used']}" for f in fallbacks)
@@ -81,25 +82,23 @@ class GGUFCard(Card):
         return (f"{len(fallbacks)} tensors: " + ", ".join(f"{k} ×{v}" for k, v in moves.most_common())
                 + f" (rows of {', '.join(map(str, cols))} are not a multiple of {', '.join(map(str, blocks))})")
 
-    def _fallback_lines(self, artifacts: list[dict]) -> list[str]:
+    def _fallback_lines(self, artifacts: list[Judged]) -> list[str]:
         """The report's and the card's paragraph on fallbacks, with one line per file that had any."""
-        found = [(a["variant"], s) for a in artifacts if (s := self.fallback_summary(a))]
+        found = [(a.variant, s) for a in artifacts if (s := self.fallback_summary(a))]
         if not found:
             return []
         return ["Some tensors could not take the asked type, because k-quants and i-quants pack rows in blocks of 256 "
                 "values; llama.cpp stored them in the nearest type that fits:\n\n"
                 + "\n".join(f"- **{variant}**: {summary}" for variant, summary in found)]
 
-    def explain_inversion(self, big: dict, small: dict, source: dict) -> str:
+    def explain_inversion(self, big: Measured, small: Measured, source: ReportSource) -> str:
         """What the fallbacks show: llama.cpp stored k-quant tensors whose rows are not a multiple of 256 in legacy
         types, quantized with no error search, so the fallback types (not the names) decide the quality."""
-        moves = lambda a: sorted({f"{f['wanted']}→{f['used']}" for f in a.get("fallbacks") or []})  # noqa: E731
+        moves = lambda a: sorted({f"{f['wanted']}→{f['used']}" for f in a.fallbacks})  # noqa: E731
         if not (mb := moves(big)) or not (ms := moves(small)):
             return ""
-        why = f": {SAMPLE_PROVENANCE}." if source.get("sample") and any("q5_1" in m for m in mb) \
+        why = f": {SAMPLE_PROVENANCE}." if source.sample and any("q5_1" in m for m in mb) \
             else " (docs/evaluation.md, Inversions)."
-        return (f"Both fell back from k-quants (rows not a multiple of 256): {big['variant']} {', '.join(mb)}; "
-                f"{small['variant']} {', '.join(ms)}. The fallback types decide the quality here, not the names" + why)
+        return (f"Both fell back from k-quants (rows not a multiple of 256): {big.variant} {', '.join(mb)}; "
+                f"{small.variant} {', '.join(ms)}. The fallback types decide the quality here, not the names" + why)
 
-    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
-        return ["```bash", f"llama-cli -m {artifact['filename']} -cnv", "```"]

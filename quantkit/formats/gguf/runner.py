@@ -25,7 +25,7 @@ from ...evaluate.protocol import EvalOutput, EvalSpec, run, runner_main
 WINDOWS_PER_DECODE = 4  # llama-perplexity's default: n_batch 2048 over windows of 512
 
 
-def _load(model: str, ctx: int, threads: int):
+def _load(model: str, window: int, threads: int):
     from pathlib import Path
 
     from llama_cpp import Llama, llama_supports_gpu_offload
@@ -34,8 +34,8 @@ def _load(model: str, ctx: int, threads: int):
 
     # With a CUDA build of llama.cpp (setup.sh makes one where there are a GPU and nvcc), every layer goes to the GPU.
     gpu_layers = -1 if llama_supports_gpu_offload() else 0
-    n_ctx = max(ctx, CHAT_CTX)
-    return Llama(model_path=str(model_file(Path(model))), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=ctx, n_gpu_layers=gpu_layers,
+    n_ctx = max(window, CHAT_CTX)
+    return Llama(model_path=str(model_file(Path(model))), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=window, n_gpu_layers=gpu_layers,
                  n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
 
 
@@ -57,18 +57,18 @@ class Decoder:
         return cls(llm._ctx.ctx, llm.n_vocab(), llm.n_ctx())
 
     @classmethod
-    def for_windows(cls, llm, ctx: int, n_seq: int) -> "Decoder":
-        """A context of its own on the same model, for scoring: n_seq sequences of ctx tokens, decoded in one
+    def for_windows(cls, llm, window: int, n_seq: int) -> "Decoder":
+        """A context of its own on the same model, for scoring: n_seq windows of `window` tokens, decoded in one
         micro-batch (the Llama object's context serves the chat turns)."""
         import llama_cpp
 
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-        params.n_ctx = params.n_batch = params.n_ubatch = n_seq * ctx
+        params.n_ctx = params.n_batch = params.n_ubatch = n_seq * window
         params.n_seq_max = n_seq
         raw = llama_cpp.llama_init_from_model(llm.model, params)
         if not raw:
-            raise RuntimeError(f"llama.cpp could not make a context for {n_seq} windows of {ctx} tokens")
-        return cls(raw, llm.n_vocab(), n_seq * ctx, own=True)
+            raise RuntimeError(f"llama.cpp could not make a context for {n_seq} windows of {window} tokens")
+        return cls(raw, llm.n_vocab(), n_seq * window, own=True)
 
     def reset(self) -> None:
         self._c.llama_memory_clear(self.memory, True)
@@ -139,11 +139,11 @@ class LlamaRuntime:
     def __init__(self, model: str, spec: EvalSpec) -> None:
         import llama_cpp
 
-        first, last = scored_range(spec.ctx)
-        self.llm = llm = _load(model, spec.ctx, spec.threads)
+        first, last = scored_range(spec.window)
+        self.llm = llm = _load(model, spec.window, spec.threads)
         self.vocab_size = llm.n_vocab()
         n_seq = int(spec.windows_per_decode or WINDOWS_PER_DECODE)
-        self.scoring = Decoder.for_windows(llm, spec.ctx, n_seq)
+        self.scoring = Decoder.for_windows(llm, spec.window, n_seq)
         groups = WindowGroups(self.scoring, n_seq, first, last)
         self.prepare, self.forward = groups.prepare, groups.forward
         self.vocab = llama_cpp.llama_model_get_vocab(llm.model)

@@ -15,10 +15,10 @@ from ...evaluate.experts import is_moe
 from ...evaluate.text import CALIBRATION, calibration_identity, calibration_text
 from ...fsutil import atomic_dir, write_text_atomic
 from ...plan import ArtifactPlan
-from ...results import Description
+from ...results import Description, Judged
 from ...procs import run_python
 from ...source import Source, param_count, safetensors_header, tensor_stats
-from ..base import BuildContext, Card, Evaluation, Format, Requirement, package, versions
+from ..base import BuildContext, Card, Evaluation, Format, Requirement, package, versions, weight_facts
 
 INSTALL_HINT = "install the gptq extra: QUANTKIT_EXTRAS=test,gptq ./scripts/setup.sh (or pip install 'quantkit[gptq]')"
 
@@ -65,13 +65,13 @@ class Options:
 
 
 class GPTQCard(Card):
-    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
-        experts = (artifact.get("details") or {}).get("experts")
+    def usage(self, repo_id: str, local_dir: str, artifact: Judged) -> list[str]:
+        experts = artifact.details.get("experts")
         if not experts:
             return super().usage(repo_id, local_dir, artifact)
         # GPTQModel writes a MoE one module per expert; transformers 5 fuses experts on load and would leave these
         # unset (scored KLD 0.77 that way), so the card says how each runtime reads the folder as it is.
-        revision = f', revision="{artifact["variant"]}"'
+        revision = f', revision="{artifact.variant}"'
         return [
             "This is a mixture of experts, stored one module per expert as GPTQModel writes it. vLLM and GPTQModel "
             "read it as it is. transformers 5 fuses a MoE's experts when it loads them and would leave these weights "
@@ -80,7 +80,7 @@ class GPTQCard(Card):
             f'replace_fused_blocks("{experts["model_type"]}")  # keep the experts one module each, as stored',
             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{revision})',
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision})', "```", "",
-            "```bash", f"vllm serve {repo_id} --revision {artifact['variant']}", "```", "",
+            "```bash", f"vllm serve {repo_id} --revision {artifact.variant}", "```", "",
             "```python", "from gptqmodel import GPTQModel", "", f'model = GPTQModel.load("{local_dir}")', "```"]
 
 
@@ -174,19 +174,14 @@ class GPTQModelFormat(Format):
         return calibration_identity(item.options["calibration"]["text"], context.evaluation_text)
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
-        files = [p for p in path.rglob("*") if p.is_file()]
         dtypes: Counter[str] = Counter()
-        weight_bytes = 0
         for f in path.glob("*.safetensors"):
-            weight_bytes += f.stat().st_size
             dtypes.update(t["dtype"] for k, t in safetensors_header(f).items() if k != "__metadata__")
-        params = facts.get("source_params") or 0
         config = json.loads((path / "config.json").read_text())
         experts = {"model_type": config["model_type"]} if is_moe(config) else {}
         return Description(
-            size_bytes=sum(p.stat().st_size for p in files),
-            bits_per_weight=round(weight_bytes * 8 / params, 3) if params else 0.0,
-            tensor_types=dict(sorted(dtypes.items())), stated_bits=float(item.options.get("bits") or 0),
+            **weight_facts(path, facts), tensor_types=dict(sorted(dtypes.items())),
+            stated_bits=float(item.options.get("bits") or 0),
             details={"experts": experts} if experts else {},
         )
 

@@ -21,10 +21,10 @@ from ...config_view import source_view
 from ...fsutil import atomic_dir, drop_local_paths
 from ...memory import scored_logits
 from ...plan import ArtifactPlan
-from ...results import Description
+from ...results import Description, Judged
 from ...procs import run_python
 from ...source import Source, param_count, safetensors_header, tensor_stats
-from ..base import BuildContext, Card, Evaluation, Format, Requirement, package, versions
+from ..base import BuildContext, Card, Evaluation, Format, Requirement, package, versions, weight_facts
 
 INSTALL_HINT = "install the mlx extra: ./scripts/setup.sh installs it by default (or pip install 'quantkit[mlx]')"
 BITS = (2, 3, 4, 5, 6, 8)  # mlx's affine quantization
@@ -93,11 +93,11 @@ class MLXCard(Card):
         version = tools.get("mlx-lm")
         return "mlx-lm's converter" + (f" (mlx-lm {version})" if version else "")
 
-    def notes(self, artifacts: list[dict]) -> dict[str, list[str]]:
-        models = [a for a in artifacts if a.get("role", "model") == "model"]
+    def notes(self, artifacts: list[Judged]) -> dict[str, list[str]]:
+        models = [a for a in artifacts if a.role == "model"]
         if not models:
             return {}
-        tied = any((a.get("details") or {}).get("tied_head") for a in models)
+        tied = any(a.details.get("tied_head") for a in models)
         text = ("mlx-lm quantizes every linear layer and the token embedding, not only the transformer blocks"
                 + ("; this model ties its output head to the embedding, so the head is quantized with it. "
                    if tied else ". ")
@@ -111,7 +111,7 @@ class MLXCard(Card):
                   "stops: that check catches a runtime that misreads the model's config.")
         return {"MLX": [text]}
 
-    def usage(self, repo_id: str, local_dir: str, artifact: dict) -> list[str]:
+    def usage(self, repo_id: str, local_dir: str, artifact: Judged) -> list[str]:
         return ["```python", "from mlx_lm import load, generate", "",
                 f'model, tokenizer = load("{repo_id}")',
                 'messages = [{"role": "user", "content": "What is the capital of France?"}]',
@@ -194,9 +194,6 @@ class MLXFormat(Format, name="mlx"):
         return versions("mlx", "mlx-lm")
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
-        files = [p for p in path.rglob("*") if p.is_file()]
-        weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-        params = facts.get("source_params") or 0
         config = json.loads((path / "config.json").read_text())
         q = config.get("quantization") or {}
         # Every quantized tensor has .scales beside it; its bits are the config's own entry for it, or the default.
@@ -204,9 +201,8 @@ class MLXFormat(Format, name="mlx"):
                      if k.endswith(".scales")]
         types = Counter(f"{(q.get(k) if isinstance(q.get(k), dict) else q).get('bits')}-bit" for k in quantized)
         return Description(
-            size_bytes=sum(p.stat().st_size for p in files),
-            bits_per_weight=round(weights * 8 / params, 3) if params else 0.0,
-            tensor_types=dict(sorted(types.items())), stated_bits=float(facts.get("mlx_bpw") or 0.0),
+            **weight_facts(path, facts), tensor_types=dict(sorted(types.items())),
+            stated_bits=float(facts.get("mlx_bpw") or 0.0),
             details={"group_size": q.get("group_size"), "recipe": item.options.get("recipe"),
                      "tied_head": bool(config.get("tie_word_embeddings"))},
         )
