@@ -4,15 +4,22 @@ The build hands an executor one wave of steps at a time (steps whose inputs are 
 the GGUF quantizations of a model, and its GPTQ, AWQ and EXL2 variants, can run at once on a
 cluster. Either way the same Backend.build writes the same files; only the place differs. Ray does
 the scheduling (CPUs, memory and GPUs per task); quantkit only states each step's needs.
+
+The Hub token: a build task may read the Hub on its node (the source, when that node lacks its folder, and
+`hf:` calibration and evaluation texts), so it gets this process's token as an argument, set in its environment
+only while it runs (with_hub_token). Not through the task's runtime_env env_vars, as Ray's docs suggest for
+environment variables: Ray 2.60 writes those in plain text into each node's runtime_env_agent.log and lists them in
+its state API. Helper tasks (evaluations) get none: their runners read local files only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -46,6 +53,64 @@ class Executor(Protocol):
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         """Run each helper; yield each as it finishes."""
+
+
+@dataclass(frozen=True)
+class HubToken:
+    """The Hub token, as an argument of a Ray task; never in a repr, so no message or log line shows it."""
+
+    value: str = field(repr=False)
+
+    @classmethod
+    def here(cls) -> "HubToken | None":
+        """The token this process would use (HF_TOKEN, or the login `hf auth login` stored); None without one."""
+        from huggingface_hub import get_token
+
+        token = get_token()
+        return cls(token) if token else None
+
+
+def reads_hub(item: ArtifactPlan, context: BuildContext) -> bool:
+    """Whether the build task of `item` may read the Hub on its node: a source from the Hub (downloaded again
+    where its folder is missing), or a text given as hf:ORG/DATASET (calibration, and the evaluation text a
+    calibration is checked against)."""
+    return bool(context.source.repo_id) or context.evaluation_text.startswith("hf:") or any(
+        s.startswith("hf:") for s in _strings(item.options))
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+@contextlib.contextmanager
+def _hub_token(token: HubToken | None) -> Iterator[None]:
+    """HF_TOKEN set while the task runs, and the previous value back after: Ray runs later tasks, which may not need
+    it, in the same worker process. Helpers the task starts get no token all the same (procs.child_env)."""
+    if token is None:
+        yield
+        return
+    before = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token.value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = before
+
+
+def with_hub_token(token: HubToken | None, fn, *args) -> Any:
+    """fn(*args) with `token` as HF_TOKEN (None: the worker's environment as it is); what Ray runs as a task."""
+    with _hub_token(token):
+        return fn(*args)
 
 
 def timed_build(item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
@@ -115,7 +180,7 @@ class RayExecutor:
         self.max_cpus = max((int(r.get("CPU", 0)) for r in nodes), default=0)
         self.max_memory = max((int(r.get("memory", 0)) for r in nodes), default=0)
         self.max_gpus = max((int(r.get("GPU", 0)) for r in nodes), default=0)
-        self._build = ray.remote(build_step)
+        self._build = ray.remote(with_hub_token)
         self._helper = ray.remote(helper_step)
 
     def needs(self, item: ArtifactPlan, threads: int) -> dict[str, Any]:
@@ -135,7 +200,9 @@ class RayExecutor:
 
     def build(self, steps: list[ArtifactPlan], context: BuildContext) -> StepFacts:
         portable = replace(context, reporter=None)
-        tasks = {self._build.options(**self.needs(item, context.threads)).remote(item, portable): item for item in steps}
+        token = HubToken.here()
+        tasks = {self._build.options(**self.needs(item, context.threads)).remote(
+                     token if reads_hub(item, context) else None, build_step, item, portable): item for item in steps}
         yield from self._gather(tasks, context.reporter, lambda item: item.filename)
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:

@@ -56,11 +56,32 @@ def _resolve_prctl() -> Callable[[], object] | None:
 _SET_PDEATHSIG = _resolve_prctl()
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the kernel kills this child when its parent dies (even by kill -9), so a killed build
-    or worker leaves no orphan still writing into the build folder. Linux only; elsewhere a no-op."""
-    if _SET_PDEATHSIG is not None:
-        _SET_PDEATHSIG()
+def die_with_parent() -> Callable[[], None] | None:
+    """Popen's preexec_fn, made now, in the parent: the kernel kills the child when its parent dies (even by
+    kill -9), so a killed build or worker leaves no orphan still writing into the build folder. Linux only;
+    elsewhere None (no preexec_fn).
+
+    The contract: start the child and wait for it in the same thread. PR_SET_PDEATHSIG fires when the *thread*
+    that forked the child exits, not the process, so a thread that started a child and then ended would kill it.
+    run_program starts, reads and reaps its child in one call; jobs.worker.Worker starts and polls its builds in
+    the thread that runs Worker.run, which stops them all before it returns."""
+    return preexec_for(os.getpid()) if _SET_PDEATHSIG is not None else None
+
+
+def preexec_for(parent: int) -> Callable[[], None]:
+    """The preexec_fn of die_with_parent for a child of process `parent`. A parent that dies between the fork
+    and the prctl leaves a child the signal never reaches (it was already reparented); the child sees that in
+    its new parent's pid and exits before it runs anything. Only names bound here run in the child: no import,
+    no lookup that could dlopen."""
+    set_pdeathsig, getppid, exit_now = _SET_PDEATHSIG, os.getppid, os._exit
+
+    def preexec() -> None:
+        if set_pdeathsig is not None:
+            set_pdeathsig()
+        if getppid() != parent:
+            exit_now(1)
+
+    return preexec
 
 
 @dataclass(frozen=True)
@@ -85,7 +106,8 @@ def run_program(program: str | Path, args: Sequence[str], *, on_line: Callable[[
                 cwd: Path | None = None, env: dict[str, str] | None = None, what: str = "helper",
                 hub: bool = False) -> Finished:
     """Run `program args...`, merging stdout and stderr; raise ToolError on failure. `hub`: the child talks to
-    the Hub, and gets the Hub token (child_env); by default it gets none."""
+    the Hub, and gets the Hub token (child_env); by default it gets none. The child is started, read and reaped
+    in this one call, in the caller's thread, as die_with_parent requires (whatever thread calls it)."""
     # Children import the same quantkit as this process, whatever their working directory.
     here = str(Path(__file__).resolve().parent.parent)
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
@@ -94,7 +116,7 @@ def run_program(program: str | Path, args: Sequence[str], *, on_line: Callable[[
     tail: collections.deque[str] = collections.deque(maxlen=15)
     proc = subprocess.Popen([str(program), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             cwd=cwd, env=full_env, text=True, errors="replace", bufsize=1,
-                            preexec_fn=die_with_parent)
+                            preexec_fn=die_with_parent())
     assert proc.stdout is not None
     with MemoryWatch(proc.pid) as watch:
         try:

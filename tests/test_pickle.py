@@ -6,16 +6,21 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 from gguf import GGUFReader
 from safetensors.torch import load_file
 
-from conftest import PROFILES, TOKEN, run_cli
+from conftest import PROFILES, REPO, TOKEN, run_cli
+from quantkit.fsutil import parse_bytes
 from quantkit.paths import cache_dir
+from quantkit.pickled import CONVERT_FIXED, ORIGINS, _origin, _retire_older, conversion_memory
 
 TIED = ("lm_head.weight", "model.embed_tokens.weight")
 
@@ -87,6 +92,11 @@ def pickled_build(sample_model, module_dir, made):
 def test_pickled_weights_build_through_an_exact_safetensors_copy(sample_model, pickled_build, files_seed):
     b = pickled_build
     assert "converting the pickled weights of SmolLM2-135M-Instruct to safetensors (once)" in b["proc"].stderr
+    # The conversion's memory, predicted before it ran and measured: the prediction is not below the peak.
+    m = re.search(r"peak memory ([\d.]+ [KMG]B) \(predicted ([\d.]+ [KMG]B)\)", b["proc"].stderr)
+    assert m, b["proc"].stderr[-3000:]
+    measured, predicted = parse_bytes(m[1].replace(" ", "")), parse_bytes(m[2].replace(" ", ""))
+    assert 0 < measured <= predicted < measured * 1.5, m[0]
     assert _listing(b["src"]) == b["before"]  # the user's folder as it was: nothing added, nothing touched
     converted = b["converted"]
     assert converted.parent == cache_dir() / "pickled"
@@ -179,6 +189,61 @@ def test_a_pickle_that_would_run_code_is_refused(sample_model, tmp_path):
     assert "safetensors release" in lines[1]
     assert not marker.exists()
     assert not list((cache_dir() / "pickled").glob("*.partial"))
+
+
+def test_a_conversion_that_cannot_fit_is_refused_before_it_runs(sample_model, tmp_path):
+    src = _pickled_copy(sample_model, tmp_path / "small-machine")
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, src / "pytorch_model.bin")
+    proc = run_cli("plan", src, "--allow-pickle", "--profile", PROFILES / "files.yaml", env={"QUANTKIT_MEMORY": "500M"})
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith(("error:", "  fix:"))]
+    assert len(lines) == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith("error: converting the pickled weights of small-machine needs about 1.0 GB of memory "), lines[0]
+    assert "this machine has 500.0 MB" in lines[0] and "safetensors release" in lines[1]
+    assert "converting the pickled weights" not in proc.stderr.replace(lines[0], "")  # it never started
+
+
+def test_the_predicted_conversion_memory_follows_the_shard_format(tmp_path):
+    """torch.load maps a zip-format shard (the kernel may drop its pages), and reads a legacy one into memory."""
+    state = {"w": torch.zeros(256, 1024)}
+    torch.save(state, tmp_path / "zip.bin")
+    torch.save(state, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    zipped, legacy = conversion_memory([tmp_path / "zip.bin"]), conversion_memory([tmp_path / "legacy.bin"])
+    size, legacy_size = (tmp_path / "zip.bin").stat().st_size, (tmp_path / "legacy.bin").stat().st_size
+    # safetensors before 0.8 copies the shard into bytes to save it; 0.8 writes from the tensors.
+    copies = int(safetensors.__version__.split(".")[1]) < 8 and safetensors.__version__.startswith("0.")
+    assert zipped.mapped_bytes == size and zipped.anonymous_bytes == CONVERT_FIXED + copies * size
+    assert legacy.mapped_bytes == 0 and legacy.anonymous_bytes == CONVERT_FIXED + (1 + copies) * legacy_size
+    # Of several shards, the one that needs the most decides.
+    assert conversion_memory([tmp_path / "zip.bin", tmp_path / "legacy.bin"]) == legacy
+
+
+def test_a_new_copy_replaces_older_copies_of_its_source_except_those_in_use(tmp_path):
+    """Two snapshots of one Hub repo are versions of one source; another folder is another source. A copy that a
+    running process holds is kept, and goes at the next conversion once that process has ended."""
+    root = tmp_path / "pickled"
+    hub = tmp_path / "hub" / "models--alice--m" / "snapshots"
+    old, held, new = (_origin(hub / c) for c in ("a" * 40, "b" * 40, "c" * 40))
+    assert old == held == new == str(hub.parent) != _origin(tmp_path / "elsewhere")
+    for name in ("old", "held", "other", "new"):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.safetensors").write_bytes(b"x")
+    (root / ORIGINS).write_text(json.dumps({"old": old, "held": held, "other": _origin(tmp_path / "elsewhere")}))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from quantkit.pickled import _hold; assert _hold(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(root / "held")],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _retire_older(root, root / "new", new)
+        assert sorted(p.name for p in root.iterdir()) == ["held", "new", "origins.json", "other"]
+        assert json.loads((root / ORIGINS).read_text()) == {"held": held, "other": _origin(tmp_path / "elsewhere"),
+                                                              "new": new}
+    finally:
+        holder.kill()
+        holder.wait()
+    _retire_older(root, root / "new", new)
+    assert sorted(p.name for p in root.iterdir()) == ["new", "origins.json", "other"]
 
 
 def test_pickles_outside_transformers_layout_are_refused(sample_model, tmp_path):

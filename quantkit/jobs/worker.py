@@ -112,9 +112,11 @@ class Worker:
         status.unlink(missing_ok=True)
         # hub=True: the build downloads its source (and any Hub dataset it calibrates or evaluates on), and
         # publishes when the profile says publish.auto; its own helpers get no token (procs.run_program).
+        # die_with_parent's contract holds: this thread (run's, the main one, as its signal handlers require)
+        # polls the child and stops it before run returns, so the forking thread outlives it.
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=child_env({"PYTHONUNBUFFERED": "1", STATUS_ENV: str(status)}, hub=True),
-                                preexec_fn=die_with_parent)
+                                preexec_fn=die_with_parent())
         self.running[job.id] = _Running(job, proc, log, time.monotonic())
         self.log(f"#{job.id} {job.repo_id}@{job.revision[:12]}: started (attempt {job.attempts}/{job.max_attempts}), "
                  f"log {log_path}")
