@@ -20,6 +20,7 @@ from ...errors import ProfileError, SourceError
 from ...config_view import source_view
 from ...fsutil import atomic_dir, drop_local_paths
 from ...memory import scored_logits
+from ...evaluate.parity import MAX_KLD, MIN_TOP1
 from ...plan import ArtifactPlan
 from ...results import Description, Judged
 from ...procs import run_python
@@ -106,9 +107,9 @@ class MLXCard(Card):
                   "values its kernels compute with) and transformers scores those weights on the same token ids, against "
                   "the same fp16 reference as every other format, and writes the tool-call and JSON-mode replies. "
                   "mlx-lm itself runs the smoke test (mlx-lm's generate, on the folder as published, with float32 "
-                  "activations), and must give the same next-token "
-                  "distributions as transformers on the same weights (KLD at most 0.01 and top-1 at least 97% over 64 tokens, the parity bounds of every runtime) or the build "
-                  "stops: that check catches a runtime that misreads the model's config.")
+                  "activations), and must give the same next-token distributions as transformers on the same weights "
+                  f"(KLD at most {MAX_KLD:g} and top-1 at least {MIN_TOP1:.0%} over 64 tokens, the parity bounds of "
+                  "every runtime) or the build stops: that check catches a runtime that misreads the model's config.")
         return {"MLX": [text]}
 
     def usage(self, repo_id: str, local_dir: str, artifact: Judged) -> list[str]:
