@@ -18,8 +18,14 @@ from typing import Any
 
 
 def transformers4_config(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` with the keys transformers 4 wrote added (the transformers 5 ones are kept)."""
+    """`config` with the keys transformers 4 wrote added (the transformers 5 ones are kept), in the shapes
+    exllamav2 0.3.2's ExLlamaV2Config asserts (config.py): `partial_rotary_factor` at the top level; a
+    `rope_scaling` with `rope_type` or `type`, never both; yarn's and llama3's `original_max_position_embeddings`
+    inside `rope_scaling` (longrope's at the top level); `bos_token_id` and `pad_token_id` single ids, not lists;
+    and the same for a multimodal model's `text_config`, where its rope fields are read too."""
     out = dict(config)
+    if isinstance(config.get("text_config"), dict):
+        out["text_config"] = transformers4_config(config["text_config"])
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and rope and "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values()):
         # One entry per attention type (Gemma 3): the runtimes take the sliding layers' base from their own tables.
@@ -27,11 +33,24 @@ def transformers4_config(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(rope, dict):
         if "rope_theta" in rope:
             out.setdefault("rope_theta", rope["rope_theta"])
+        if "partial_rotary_factor" in rope:
+            out.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
         kind = rope.get("rope_type") or rope.get("type") or "default"
         if kind != "default" and not config.get("rope_scaling"):
-            out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-            if "original_max_position_embeddings" in rope:  # longrope: read at the top level
-                out.setdefault("original_max_position_embeddings", rope["original_max_position_embeddings"])
+            out["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if isinstance(out.get("rope_scaling"), dict):
+        scaling = dict(out["rope_scaling"])
+        if "type" in scaling and "rope_type" in scaling:
+            del scaling["type"]  # exllamav2 asserts that only one of them is given
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind in ("yarn", "llama3") and "original_max_position_embeddings" in config:
+            scaling.setdefault("original_max_position_embeddings", config["original_max_position_embeddings"])
+        if kind in ("longrope", "su") and "original_max_position_embeddings" in scaling:
+            out.setdefault("original_max_position_embeddings", scaling["original_max_position_embeddings"])
+        out["rope_scaling"] = scaling
+    for key in ("bos_token_id", "pad_token_id"):  # exllamav2 reads an int, and refuses a list
+        if isinstance(out.get(key), list):
+            out[key] = out[key][0] if out[key] else None
     if "dtype" in config and "torch_dtype" not in config:
         out["torch_dtype"] = config["dtype"]
     return out

@@ -44,6 +44,7 @@ class HelperRun:
     cpus: int = 1
     gpus: int = 0
     memory: int = 0  # predicted peak bytes (0: unknown)
+    env: tuple[tuple[str, str], ...] = ()  # variables set for it (a format's Evaluation.env); hashable, as runs key dicts
 
 
 class Executor(Protocol):
@@ -132,13 +133,13 @@ class LocalExecutor:
                     if m := _PROGRESS.search(line):
                         bar.update(int(m.group(1)), int(m.group(2)))
 
-                run_python(run.args, on_line=on_line, cwd=run.cwd, what=run.label)
+                run_python(run.args, on_line=on_line, cwd=run.cwd, env=dict(run.env), what=run.label)
             yield run
 
 
 def helper_step(run: HelperRun) -> None:
     """One helper, in a Ray worker process."""
-    run_python(run.args, cwd=run.cwd, what=run.label)
+    run_python(run.args, cwd=run.cwd, env=dict(run.env), what=run.label)
 
 
 def build_step(item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:

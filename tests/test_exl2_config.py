@@ -76,3 +76,123 @@ def test_a_rate_can_carry_its_own_head_bits(sample_model):
     # The 8-bit head costs what its 2 more bits do on the sample's tied 28M-value head.
     assert items[3].predicted_bytes - exl2.plan(source, exl2.read_options({"bits": [8.0]}))[1].predicted_bytes \
         == 49152 * 576 * 2 // 8
+
+
+def test_the_view_gives_exllamav2_its_shapes_of_the_transformers_5_fields():
+    """exllamav2 0.3.2 (config.py) reads partial_rotary_factor only at the top level, asserts that rope_scaling has
+    `type` or `rope_type` but not both, reads yarn's and llama3's original_max_position_embeddings inside
+    rope_scaling, reads the rope fields of a text_config too, and refuses a list for bos/pad."""
+    phi = transformers4_config({"rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.4}})
+    assert phi["partial_rotary_factor"] == 0.4 and "rope_scaling" not in phi
+    both = transformers4_config({"rope_scaling": {"type": "yarn", "rope_type": "yarn", "factor": 4.0},
+                                 "original_max_position_embeddings": 4096})
+    assert both["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    llama3 = transformers4_config({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0}, "original_max_position_embeddings": 8192})
+    assert llama3["rope_scaling"]["original_max_position_embeddings"] == 8192
+    longrope = transformers4_config({"rope_parameters": {"rope_theta": 1e4, "rope_type": "longrope", "long_factor": [1.0],
+                                                         "short_factor": [1.0], "original_max_position_embeddings": 4096}})
+    assert longrope["original_max_position_embeddings"] == 4096
+    multimodal = transformers4_config({"bos_token_id": [1, 2], "pad_token_id": [], "eos_token_id": [2, 3], "text_config": {
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 2.0}, "bos_token_id": [1]}})
+    assert multimodal["bos_token_id"] == 1 and multimodal["pad_token_id"] is None and multimodal["eos_token_id"] == [2, 3]
+    assert multimodal["text_config"]["rope_theta"] == 1e6 and multimodal["text_config"]["bos_token_id"] == 1
+    assert multimodal["text_config"]["rope_scaling"] == {"rope_type": "yarn", "factor": 2.0}
+
+
+# exllamav2 compiles its CUDA extension on import; a stand-in module lets its config and attention modules import
+# on a CPU (../shared/gpu/README.md), so what it reads, and which attention it would run, show here.
+EXLLAMA_READS = '''
+import json, sys, types
+sys.modules["exllamav2_ext"] = types.ModuleType("exllamav2_ext")
+from exllamav2.config import ExLlamaV2Config
+from quantkit.formats.exl2.runner import attention_backend
+for folder in sys.argv[1:]:
+    c = ExLlamaV2Config()
+    c.model_dir = folder
+    c.prepare(no_tensors=True)
+    print(json.dumps({"base": c.rotary_embedding_base, "head_dim": c.head_dim, "norm_eps": c.norm_eps,
+                      "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "vocab": c.vocab_size,
+                      "bos": c.bos_token_id, "partial_rotary_factor": c.partial_rotary_factor,
+                      "scaling": c.alt_rope_method, "yarn": [getattr(c, "yarn_rope_factor", None),
+                                                             getattr(c, "yarn_rope_original_max_position_embeddings", None)],
+                      "head": c.arch.lm.keys["lm_head"], "no_sdpa": c.no_sdpa, "attention": attention_backend(c)}))
+'''
+
+
+def _exllamav2_reads(*folders, env=None) -> list[dict]:
+    """What ExLlamaV2Config reads from each folder, in one child process with `env` (exllamav2 reads its
+    EXLLAMA_* variables there)."""
+    from quantkit.procs import run_python
+
+    done = run_python(["-c", EXLLAMA_READS, *map(str, folders)], env=env, what="exllamav2's config")
+    return [json.loads(line) for line in done.lines if line.startswith("{")]
+
+
+def test_exllamav2_reads_the_view_as_transformers_does_and_runs_causal_attention_in_quantkits_children(sample_model, tmp_path):
+    from quantkit.formats.exl2 import CHILD_ENV, EXL2Format
+
+    view = source_view(sample_model, tmp_path / "view")
+    config = json.loads((sample_model / "config.json").read_text())
+    # A yarn-scaled copy with a partial rotary factor and a list of BOS ids, as transformers 5 may write one.
+    yarn = dict(config, bos_token_id=[config["bos_token_id"], 7], rope_parameters={
+        "rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+        "partial_rotary_factor": 0.5})
+    source = tmp_path / "yarn"
+    source.mkdir()
+    for f in sample_model.iterdir():
+        if f.is_file() and f.name != "config.json":
+            os.symlink(f, source / f.name)
+    (source / "config.json").write_text(json.dumps(yarn))
+    seen, scaled, raw = _exllamav2_reads(view, source_view(source, tmp_path / "yarn-view"), sample_model, env=CHILD_ENV)
+    assert seen["base"] == config["rope_parameters"]["rope_theta"] == 100000.0
+    assert (seen["head_dim"], seen["norm_eps"], seen["heads"], seen["kv_heads"], seen["vocab"]) == (
+        config["hidden_size"] // config["num_attention_heads"], config["rms_norm_eps"], config["num_attention_heads"],
+        config["num_key_value_heads"], config["vocab_size"])
+    assert seen["head"] == "model.embed_tokens"  # the tied head is read from the embedding
+    assert scaled["base"] == 1e6 and scaled["scaling"] == "yarn" and scaled["yarn"] == [4.0, 2048]
+    assert scaled["partial_rotary_factor"] == 0.5 and scaled["bos"] == config["bos_token_id"]
+    # The sample as transformers 5 wrote it: the base exllamav2 falls back to (issue 14's perplexity 202).
+    assert raw["base"] == 10000.0
+    # What every exllamav2 process quantkit starts (converter, preflight, evaluation) gets, as exllamav2 reads it.
+    assert EXL2Format.evaluation.env == CHILD_ENV == {"EXLLAMA_NO_SDPA": "1"}
+    assert seen["no_sdpa"] is True and seen["attention"] == "torch matmul (causal mask)"
+    # Without it, exllamav2 0.3.2 picks torch's SDPA path, whose decoder mask is None outside packed batches.
+    [plain] = _exllamav2_reads(view)
+    assert plain["no_sdpa"] is False and plain["attention"] == "torch SDPA (no causal mask)"
+
+
+def test_the_attention_setting_is_in_every_exl2_key(sample_model, tmp_path, monkeypatch):
+    """Measurements and folders made before exllamav2 ran with causal attention (and their evaluations) are made
+    again: the setting is part of each resume key and each evaluation key."""
+    from quantkit import formats
+    from quantkit.build import _artifact_key
+    from quantkit.formats import exl2
+    from quantkit.manifest import Manifest
+    from quantkit.progress import Reporter
+    from quantkit.source import resolve
+
+    fmt = formats.get("exl2")
+    source = resolve(str(sample_model))
+    items = fmt.plan(source, fmt.read_options({"bits": [4.0]}))
+    context = formats.BuildContext(source=source, out_dir=tmp_path, reporter=Reporter(quiet=True), threads=1)
+    assert [fmt.inputs(i, context)["attention"] for i in items] == ["EXLLAMA_NO_SDPA=1"] * 2
+
+    def key(item):
+        return _artifact_key(item, context, {}, Manifest(tmp_path), "source", {})
+
+    now = key(items[0])
+    monkeypatch.setitem(exl2.CHILD_ENV, "EXLLAMA_NO_SDPA", "0")
+    assert key(items[0]) != now
+
+
+def test_an_evaluation_runner_gets_its_formats_environment(tmp_path):
+    """The evaluator hands a format's Evaluation.env to its runner's process (HelperRun.env), locally and on Ray."""
+    from quantkit.executors import HelperRun, LocalExecutor
+    from quantkit.formats.exl2 import EXL2Format
+    from quantkit.progress import Reporter
+
+    seen = "import os, pathlib; pathlib.Path('env.txt').write_text(os.environ.get('EXLLAMA_NO_SDPA', 'unset'))"
+    run = HelperRun("env", ("-c", seen), tmp_path, env=tuple(sorted(EXL2Format.evaluation.env.items())))
+    assert list(LocalExecutor().run_helpers([run], Reporter(quiet=True))) == [run]
+    assert (tmp_path / "env.txt").read_text() == "1"

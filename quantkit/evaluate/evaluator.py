@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..errors import ProfileError, ToolError
 from ..executors import Executor, HelperRun, LocalExecutor
-from ..formats.base import HF_RUNNER
+from ..formats.base import HF_RUNNER, Evaluation
 from ..fsutil import atomic_path, sha256_text
 from ..manifest import Manifest
 from ..memory import REFERENCE
@@ -156,31 +157,34 @@ class Evaluator:
         """The reference as far as the evaluations needed it (all of the text, without a precision target)."""
         return self.last_reference or self.reference(FIRST_ROUND if self.precision else None)
 
-    def evaluate(self, artifacts: list[tuple[Path, str, int]]) -> list[EvalResult]:
-        """Score each (artifact, runner module, GPUs it needs) against the reference; the runs the manifest does not
+    def evaluate(self, artifacts: list[tuple[Path, Evaluation]]) -> list[EvalResult]:
+        """Score each (artifact, its format's Evaluation) against the reference; the runs the manifest does not
         already hold go to the executor together (on Ray, at once). With evaluation.precision, in rounds: a few
         windows each, then as many more as the least precise artifact needs (the reference grows with them)."""
         _, _, base_key, spec = self._keys()
         results: dict[Path, EvalResult] = {}
-        todo: dict[Path, tuple[str, int, str]] = {}
-        for artifact, runner, gpus in artifacts:
-            key = sha256_text("eval", runner, self.m.sha256(artifact), base_key)
+        todo: dict[Path, tuple[Evaluation, str]] = {}
+        for artifact, evaluation in artifacts:
+            # The runner's environment is keyed with it: what it sets changes how the runtime computes.
+            key = sha256_text("eval", evaluation.runner, *(f"{k}={v}" for k, v in sorted(evaluation.env.items())),
+                              self.m.sha256(artifact), base_key)
             if rec := self._done(f"eval:{artifact.name}", key):
                 results[artifact] = from_record(EvalResult, rec["result"])
             else:
-                todo[artifact] = (runner, gpus, key)
-        self._drop_scratch(keep={key for _, _, key in todo.values()})
+                todo[artifact] = (evaluation, key)
+        self._drop_scratch(keep={key for _, key in todo.values()})
         total = self.total_windows
         n = min(FIRST_ROUND, total) if self.precision else total
         first: dict[Path, dict] = {}  # each artifact's first run: its chat replies and memory
         while todo:
             ref = self.reference(n)
             runs = {}
-            for artifact, (runner, gpus, key) in todo.items():
+            for artifact, (evaluation, key) in todo.items():
                 run_spec = replace(spec, ref_read=str(self.state / "reference-logprobs.npy"), windows=n,
                                    state=str(runs_state(self.state, key)), scratch=str(runs_scratch(self.state, key)),
                                    chat=artifact not in first)
-                runs[self._helper(runner, artifact, run_spec, artifact.name, gpus)] = artifact
+                runs[self._helper(evaluation.runner, artifact, run_spec, artifact.name, evaluation.gpus,
+                                  env=evaluation.env)] = artifact
             need = n
             for run in self.executor.run_helpers(list(runs), self.reporter):
                 artifact = runs[run]
@@ -189,14 +193,14 @@ class Evaluator:
                     raw = merge_runs(first[artifact], raw)
                 first[artifact] = raw
                 if raw.get("precise") or raw["windows"] >= total or not self.precision:
-                    runner, gpus, key = todo.pop(artifact)
+                    _, key = todo.pop(artifact)
                     runs_state(self.state, key).unlink(missing_ok=True)
                     shutil.rmtree(runs_scratch(self.state, key), ignore_errors=True)
                     results[artifact] = self._record(f"eval:{artifact.name}", key, raw, ref, artifact.name)
                 else:
                     need = max(need, self.precision.windows_needed(raw["kld_mean"], raw["kld_se"], raw["windows"]))
             n = min(total, max(need, n + 1))
-        return [results[a] for a, _, _ in artifacts]
+        return [results[a] for a, _ in artifacts]
 
     def _drop_scratch(self, keep: set[str]) -> None:
         """Remove the scratch folders no evaluation of this run will use: an interrupted build's, of an artifact
@@ -214,12 +218,13 @@ class Evaluator:
         return rec if ok else None
 
     def _helper(self, runner: str, target: Path, spec: EvalSpec, label: str, gpus: int = 0,
-                memory_key: str | None = None) -> HelperRun:
+                memory_key: str | None = None, env: Mapping[str, str] | None = None) -> HelperRun:
         name = re.sub(r"[^\w.-]", "_", target.name)
         spec_file, result_file = self.state / f"eval-{name}.spec.json", self.state / f"eval-{name}.result.json"
         spec_file.write_text(json.dumps(spec.to_json()))
         return HelperRun(f"evaluate {label}", ("-m", runner, "evaluate", str(target), str(spec_file), str(result_file)),
-                         self.state, cpus=self.threads, gpus=gpus, memory=self.memory.get(memory_key or target.name, 0))
+                         self.state, cpus=self.threads, gpus=gpus, memory=self.memory.get(memory_key or target.name, 0),
+                         env=tuple(sorted((env or {}).items())))
 
     def _result(self, run: HelperRun) -> dict:
         """The runner's EvalOutput, as the JSON the manifest keeps."""

@@ -140,6 +140,7 @@ def evaluate(folder: str, spec: EvalSpec, load=load_model) -> EvalOutput:
 class TransformersRuntime:
     """protocol.Runtime: a folder as transformers runs it, loaded by `load(folder, spec)` -> (model, device, note)."""
 
+    name = "transformers"
     no_template = "the checkpoint has no chat template"
 
     def __init__(self, folder: str, spec: EvalSpec, load=load_model) -> None:

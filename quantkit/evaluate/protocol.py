@@ -38,7 +38,9 @@ from typing import Any, Callable, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 
+from ..errors import QuantkitError
 from ..memwatch import MemoryWatch
+from . import causality
 from .chat import chat_turns
 from .metrics import Accumulator, ReferenceRows, Windows, log_softmax, scored_range
 from .stats import Precision
@@ -219,6 +221,7 @@ class EvalOutput(_JSONMapping):
     note: str = ""  # what the report must say of how it was measured (another loader, another runtime)
     streamed: bool = False  # the streamed reference ran
     parity: dict[str, Any] | None = None  # a runtime check the runner made (parity.Parity.to_dict(): MLX's)
+    causality: dict[str, Any] | None = None  # the causality probe of the first round (causality.Causality.to_dict())
     score_seconds: float | None = None  # the scoring's wall time
     chat_stats: dict[str, Any] | None = None  # prompt and generated tokens and their seconds (transformers runners)
     peak_gpu_bytes: int = 0  # torch on CUDA
@@ -256,6 +259,7 @@ class Runtime(Protocol):
         computes several at once: llama.cpp's groups of windows, the streamed reference's layers);
       scored(): the scoring is done, free what only it needed before the chat turns;
       no_template: the smoke test's reason when `render` is None (default NO_TEMPLATE);
+      name: how errors name the runtime ("llama.cpp"; default: its class name);
       facts(out): entries to add to the output, or replace in it, given the output so far (scores and chat turns):
         note, peak_gpu_bytes, chat_stats, a smoke verdict's reason only the runtime can give;
       close(): the end."""
@@ -293,13 +297,23 @@ def score(runtime: Runtime, spec: EvalSpec) -> dict[str, Any]:
     elif spec.ref_read:
         ref = ReferenceRows(spec.ref_read, "r")
     done = precision is not None and precision.reached(acc.values("kld"))
+    # The first round first scores the first window's changed twin (causality.py): the loop's own run of that
+    # window is the probe's other half, so the probe costs one window.
+    probe = causality.probe_windows(text[0], first, last, runtime.vocab_size) if start == 0 < stop and not done else None
     if (prepare := getattr(runtime, "prepare", None)) is not None and not done:
-        prepare([text[i] for i in range(start, stop)])
+        prepare(([probe[1]] if probe else []) + [text[i] for i in range(start, stop)])
+    twin = runtime.forward(probe[1]) if probe else None
+    found = None
     for i in range(start, stop):
         if done:
             break
         ids = text[i]
-        lp = log_softmax(runtime.forward(ids))
+        logits = runtime.forward(ids)
+        if i == 0 and probe:
+            found = causality.compare(getattr(runtime, "name", type(runtime).__name__), logits, twin, first,
+                                      probe[2]).check()
+            twin = None
+        lp = log_softmax(logits)
         if spec.ref_write:
             ref.write(i * per_window, lp)
             acc.add(lp, ids[first + 1:])
@@ -311,7 +325,8 @@ def score(runtime: Runtime, spec: EvalSpec) -> dict[str, Any]:
         ref.close()
     if state:
         acc.save(state)
-    return acc.summary() | {"windows": acc.windows(per_window), "precise": done}
+    return acc.summary() | {"windows": acc.windows(per_window), "precise": done} | (
+        {"causality": found.to_dict()} if found else {})
 
 
 def run(runtime: Runtime, spec: EvalSpec) -> EvalOutput:
@@ -342,14 +357,22 @@ def runner_main(argv: list[str], commands: dict[str, Callable]) -> int:
             print(f"error: {argv[2]}: {e}", file=sys.stderr)
             return 2
         with MemoryWatch() as watch:
-            result = EvalOutput.of(commands["evaluate"](argv[1], spec))
+            try:
+                result = EvalOutput.of(commands["evaluate"](argv[1], spec))
+            except QuantkitError as e:  # a verdict on the runtime (causality), for the build to show as it is
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         # Measured here rather than by the parent, so they travel with the result from a Ray task too.
         result = replace(result, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                          **watch.facts(), seconds=round(time.monotonic() - start, 2))
         Path(argv[3]).write_text(json.dumps(result.to_json(), indent=1))
         return 0
     if argv and argv[0] in commands and argv[0] != "evaluate":
-        commands[argv[0]](*argv[1:])
+        try:
+            commands[argv[0]](*argv[1:])
+        except QuantkitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     print(f"usage: evaluate TARGET SPEC.json OUT.json | {' | '.join(c for c in commands if c != 'evaluate')}",
           file=sys.stderr)

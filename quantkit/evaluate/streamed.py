@@ -56,6 +56,7 @@ class StreamedModel:
     """A transformers model whose decoder layers are read from the checkpoint only while they run; a
     protocol.Runtime that scores and does not generate."""
 
+    name = "transformers (streamed)"
     render = None  # no chat turns (above)
 
     def __init__(self, folder: str, spec: EvalSpec, device: str) -> None:

@@ -35,7 +35,8 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from shlex import quote
@@ -131,6 +132,9 @@ class Evaluation:
     gpus: int = 0  # GPUs one evaluation needs: Ray places it on a GPU node, a job worker without one leaves it
     # Windows the runner scores in one pass over the weights (the plan's re-read estimate counts passes).
     windows_per_pass: int = 1
+    # Environment variables the runner process gets (exl2: EXLLAMA_NO_SDPA, for causal attention); they are part of
+    # each evaluation's key, so changing them scores the artifacts again.
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

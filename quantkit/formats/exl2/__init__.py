@@ -32,6 +32,12 @@ INSTALL_HINT = "install the exl2 extra: QUANTKIT_EXTRAS=test,gptq,exl2 ./scripts
 _LAYER_OVERHEAD_BITS = 0.07
 
 
+# Every process that runs exllamav2 (its converter, the preflight, the evaluation) gets this: exllamav2 0.3.2 without
+# flash-attn or xformers takes torch's SDPA path, which has no causal mask outside packed batches (attn.py,
+# _attn_torch), so a position sees the later tokens of its window; the matmul path it selects masks them. Part of
+# every EXL2 resume key (inputs) and evaluation key (Evaluation.env): files made or scored without it are remade.
+CHILD_ENV = {"EXLLAMA_NO_SDPA": "1"}
+
 # EXL2 runs on the GPU; the host holds exllamav2, torch and the file it reads from. Not measured yet (no
 # GPU machine): an allowance, not a fit.
 EXL2_EVAL_FIXED = 1_500_000_000
@@ -85,7 +91,7 @@ class Options:
 
 class EXL2Format(Format, name="exl2"):
     Options = Options
-    evaluation = Evaluation("quantkit.formats.exl2.runner", fixed_bytes=EXL2_EVAL_FIXED, gpus=1)
+    evaluation = Evaluation("quantkit.formats.exl2.runner", fixed_bytes=EXL2_EVAL_FIXED, gpus=1, env=CHILD_ENV)
     gpus = 1
     card = EXL2Card(display="exl2", made_with="exllamav2's converter", featured=("4.0bpw-h6",),
                     loads_in="They load in exllamav2 and TabbyAPI.")
@@ -154,10 +160,11 @@ class EXL2Format(Format, name="exl2"):
         facts: dict[str, Any] = {}
         with context.reporter.step(f"exl2 {item.variant} (exllamav2)") as step:
             if item.role == "measurement":
-                facts["parity"] = self._preflight(view, context).to_dict()
+                facts["parity"] = self._preflight(view, context)
                 with atomic_path(out) as tmp:
                     done = run_python(args + ["-om", str(tmp), "-mr", str(item.options["rows"]),
-                                              "-ml", str(item.options["length"])], what="exllamav2 (measurement)")
+                                              "-ml", str(item.options["length"])], env=CHILD_ENV,
+                                      what="exllamav2 (measurement)")
                     _check(done, tmp)
                     drop_local_paths(tmp)
             else:
@@ -166,31 +173,33 @@ class EXL2Format(Format, name="exl2"):
                     done = run_python(args + ["-m", str(context.out_dir / item.depends_on), "-cf", str(tmp),
                                               "-b", str(item.options["bits"]), "-hb", str(item.options["head_bits"]),
                                               "-r", str(cal["rows"]), "-l", str(cal["length"])],
-                                      what=f"exllamav2 ({item.variant})")
+                                      env=CHILD_ENV, what=f"exllamav2 ({item.variant})")
                     _check(done, tmp / "config.json")
                     drop_local_paths(tmp / "config.json")  # quantization_config names the calibration file
             step.update(1, 1)
         return {**facts, **done.memory(), "source_params": param_count(context.source.path)}
 
-    def _preflight(self, view: Path, context: BuildContext) -> Parity:
+    def _preflight(self, view: Path, context: BuildContext) -> dict[str, Any]:
         """exllamav2 must reproduce the fp16 source before it quantizes it: a runtime that misreads the model
-        (issue 14: transformers 5's rope_parameters, read as the default base) makes every EXL2 file garbage."""
+        (issue 14: transformers 5's rope_parameters, read as the default base) or sees later tokens (the causality
+        probe runs first) makes every EXL2 file garbage. Its Parity.to_dict(), with the attention backend and the
+        causality probe, as the measurement's details keep them."""
         if not context.evaluation:
             raise ProfileError("EXL2 needs the evaluation (its parity preflight compares exllamav2 with the reference)",
                                "set evaluation.enabled: true, or leave exl2 out of the profile")
         spec_file, result_file = view.parent / "exl2-preflight.spec.json", view.parent / "exl2-preflight.json"
         spec_file.write_text(json.dumps(replace(context.evaluation, windows=4).to_json()))
         run_python(["-m", "quantkit.formats.exl2.runner", "preflight", str(view), str(spec_file), str(result_file)],
-                   what="exllamav2 parity preflight")
+                   env=CHILD_ENV, what="exllamav2 parity preflight")
         raw = json.loads(result_file.read_text())
         parity = Parity.from_dict(raw)
-        context.reporter.info(parity.render())
+        context.reporter.info(f"{parity.render()}; attention: {raw.get('attention')}")
         if not parity.passed:
             raise ToolError(f"exllamav2 does not reproduce {context.source.name} in fp16 ({parity.problems()}), so its EXL2 "
                             "files would be measured and published wrong",
                             "check the model's config.json against what exllamav2 reads (quantkit/config_view.py); "
                             "or leave exl2 out of the profile")
-        return parity
+        return parity.to_dict() | {k: raw[k] for k in ("attention", "causality") if k in raw}
 
     def _calibration_parquet(self, text_spec: str, context: BuildContext) -> Path:
         """exllamav2 reads calibration rows from a parquet file; ours, so it never sees the evaluation text."""
@@ -204,7 +213,10 @@ class EXL2Format(Format, name="exl2"):
         return versions("exllamav2", "torch")
 
     def inputs(self, item: ArtifactPlan, context: BuildContext) -> dict[str, str]:
-        return calibration_identity(item.options["calibration"]["text"], context.evaluation_text)
+        # The attention the converter's forward passes ran with: measurements and files from before CHILD_ENV
+        # were calibrated on hidden states computed with bidirectional attention, and are remade.
+        return calibration_identity(item.options["calibration"]["text"], context.evaluation_text) | {
+            "attention": " ".join(f"{k}={v}" for k, v in sorted(CHILD_ENV.items()))}
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
         if item.role == "measurement":

@@ -3,6 +3,9 @@
   evaluate:   python -m quantkit.formats.exl2.runner evaluate FOLDER SPEC.json OUT.json
   preflight:  python -m quantkit.formats.exl2.runner preflight SOURCE_VIEW SPEC.json OUT.json
 
+Both run with CHILD_ENV (EXLLAMA_NO_SDPA=1), as exllamav2's converter does: exllamav2 0.3.2 without flash-attn
+or xformers otherwise attends to future tokens (attention_backend).
+
 The forward pass is exllamav2's; the chat template and decoding come from the folder's own
 tokenizer files through transformers, as for the other formats. The loop is evaluate/protocol.py's.
 """
@@ -13,8 +16,24 @@ import sys
 
 import numpy as np
 
+from ...evaluate import causality
 from ...evaluate.metrics import scored_range
 from ...evaluate.protocol import EvalOutput, EvalSpec, run, runner_main
+
+
+def attention_backend(config) -> str:
+    """The attention exllamav2 runs with, in this process, for `config` (an ExLlamaV2Config): its own order of
+    preference, flash-attn, xformers, torch's SDPA, torch's matmul. Its SDPA path has no causal mask outside packed
+    batches (attn.py, _attn_torch: get_block_diag_mask is None without cu_seqlens), so quantkit turns it off."""
+    import exllamav2.attn as attn
+
+    if attn.has_flash_attn and not config.no_flash_attn:
+        return "flash-attn"
+    if attn.has_xformers and not config.no_xformers:
+        return "xformers"
+    if attn.has_lower_right_sdpa and not config.no_sdpa:
+        return "torch SDPA (no causal mask)"
+    return "torch matmul (causal mask)"
 
 
 def _load(folder: str, window: int):
@@ -24,6 +43,7 @@ def _load(folder: str, window: int):
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 
     config = ExLlamaV2Config(folder)
+    config.no_sdpa = True  # as EXLLAMA_NO_SDPA (CHILD_ENV) says, should this process have been started without it
     config.max_seq_len = max(window, 2048)
     model = ExLlamaV2(config)
     cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
@@ -39,6 +59,7 @@ def _load(folder: str, window: int):
 class ExLlamaRuntime:
     """protocol.Runtime: exllamav2's forward; the folder's tokenizer files through transformers for the chat turns."""
 
+    name = "exllamav2"
     no_template = "the folder has no chat template"
 
     def __init__(self, folder: str, spec: EvalSpec) -> None:
@@ -80,6 +101,11 @@ def evaluate(folder: str, spec: EvalSpec) -> EvalOutput:
     return run(ExLlamaRuntime(folder, spec), spec)
 
 
+def _scored_rows(logits, first: int, last: int):
+    """window -> the float32 logits of its scored positions, as numpy (a Runtime's forward)."""
+    return lambda window: logits(window)[first:last].cpu().numpy()
+
+
 def preflight(view: str, spec_file: str, out_file: str) -> None:
     """The fp16 source through exllamav2 and through the reference (transformers: weights as stored,
     float32 compute) on the first `windows` windows (4 by default) of the evaluation tokens: its Parity
@@ -98,10 +124,15 @@ def preflight(view: str, spec_file: str, out_file: str) -> None:
     first, last = scored_range(spec.window)
     text = spec.window_ids()
     batches = [text[i] for i in range(min(spec.windows or 4, len(text)))]
-    model, _, logits = _load(view, spec.window)
-    ours = [log_softmax(logits(w)[first:last].cpu().numpy()).astype(np.float16) for w in batches]
+    model, config, logits = _load(view, spec.window)
+    attention = attention_backend(config)
+
+    scored = _scored_rows(logits, first, last)
+    # Before anything is compared: a runtime that sees later tokens must stop the build (causality.py).
+    causal = causality.measure(f"exllamav2 ({attention})", scored, batches[0], first, last, config.vocab_size).check()
+    ours = [log_softmax(scored(w)).astype(np.float16) for w in batches]
     model.unload()  # both models on one GPU at once would double what the check needs
-    del model, logits
+    del model, logits, scored
     gc.collect()
     torch.cuda.empty_cache()
     reference, device, _ = load_model(view, {"reference": True})
@@ -114,7 +145,8 @@ def preflight(view: str, spec_file: str, out_file: str) -> None:
                 yield log_softmax(reference(ids, logits_to_keep=keep).logits[0].float().cpu().numpy())
 
     parity = Parity.measure("exllamav2, fp16 source", reference_rows(), ours)
-    Path(out_file).write_text(json.dumps(parity.to_dict() | {"windows": len(batches)}))
+    Path(out_file).write_text(json.dumps(parity.to_dict() | {"windows": len(batches), "attention": attention,
+                                                             "causality": causal.to_dict()}))
 
 
 if __name__ == "__main__":

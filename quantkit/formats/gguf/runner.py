@@ -134,6 +134,7 @@ class LlamaRuntime:
     """protocol.Runtime: a GGUF as llama.cpp runs it. Scoring has a context of its own (windows_per_decode
     sequences); the chat turns run on the Llama object's, after the scoring's is freed."""
 
+    name = "llama.cpp"
     no_template = "the GGUF has no tokenizer.chat_template"
 
     def __init__(self, model: str, spec: EvalSpec) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...evaluate import hf_runner
+from ...evaluate import causality, hf_runner
 from ...evaluate.chat import chat_turns
 from ...evaluate.metrics import log_softmax
 from ...evaluate.parity import Parity
@@ -197,7 +197,14 @@ def evaluate(folder: str, spec: EvalSpec) -> EvalOutput:
         if parity is None or chat:
             model, tok = _runtime(folder)
             if parity is None:
-                ours = log_softmax(np.array(model(mx.array(ids)[None])[0].astype(mx.float32)))
+                def mlx_logits(window: np.ndarray) -> np.ndarray:
+                    return np.array(model(mx.array(window)[None])[0].astype(mx.float32))
+
+                raw = mlx_logits(ids)
+                ours = log_softmax(raw)
+                # mlx-lm must not see later tokens either (causality.py); its run of `ids` is the probe's first half.
+                _, twin, cut = causality.probe_windows(ids, 0, len(ids), raw.shape[-1])
+                prepared["causality"] = causality.compare("mlx-lm", raw, mlx_logits(twin), 0, cut).check().to_dict()
             if chat:
                 smoke = mlx_smoke(model, tok, spec)
             del model, tok
