@@ -270,13 +270,13 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
 
     # Measured: the chat integrity of every model a runner can load, and its evaluation (the runs go out together).
     integrity: dict[str, list[str]] = {}
-    scored = []  # (file name, (file, its format's Evaluation)) for every model artifact
+    scored = []  # (file name, (file, its format's Evaluation, a parity run)) for every model artifact
     for item in plan.artifacts:
         fmt = formats.get(item.backend)
         if fmt.evaluation and item.is_model:
             integrity[item.filename] = [m.render() for m in mismatches(source_chat, fmt.chat_facts(out / item.filename))]
             if evaluating:
-                scored.append((item.filename, (out / item.filename, fmt.evaluation)))
+                scored.append((item.filename, (out / item.filename, fmt.evaluation, item.role == "intermediate")))
     evaluations = dict(zip([name for name, _ in scored], evaluator.evaluate([target for _, target in scored])))
     reference = evaluator.reference_result() if evaluating else None
     measured = [made[i.filename].measured(integrity.get(i.filename, []), evaluations.get(i.filename)) for i in plan.artifacts]

@@ -57,9 +57,9 @@ class LeakyRuntime(ToyRuntime):
         return super().forward(window) + 0.5 * np.eye(VOCAB, dtype=np.float32)[window[-1]]
 
 
-def test_every_runners_loop_probes_its_runtime_on_the_first_round_only(tmp_path):
+def test_a_parity_runs_loop_probes_its_runtime_on_the_first_round_only(tmp_path):
     np.save(tmp_path / "tokens.npy", np.arange(5 * CTX + 3, dtype=np.int32) % VOCAB)
-    spec = EvalSpec(tokens=str(tmp_path / "tokens.npy"), window=CTX, bos=6, threads=1, smoke=SMOKE)
+    spec = EvalSpec(tokens=str(tmp_path / "tokens.npy"), window=CTX, bos=6, threads=1, smoke=SMOKE, causality=True)
     toy = ToyRuntime()
     out = run(toy, replace(spec, reference=True, windows=3, state=str(tmp_path / "state.npz")))
     assert out.causality == {"runtime": "ToyRuntime", "max_delta": 0.0, "cut": 11, "positions": 3, "passed": True,

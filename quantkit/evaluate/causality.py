@@ -7,8 +7,9 @@ future tokens moves them by whole nats. exllamav2 0.3.2 on torch's SDPA without 
 decoder mask is None outside packed batches), and nothing else quantkit measured would have shown it: its KLD
 against the reference only looked bad.
 
-Every evaluation runs it on its first round (protocol.score, through the runtime's own forward), and so do the
-runtimes' own parity checks (exllamav2's preflight, mlx-lm's check against transformers).
+Each runtime's parity run runs it first (protocol.score, through the runtime's own forward, when the spec asks:
+the reference through transformers, an unquantized intermediate such as llama.cpp's F16), and so do the runtimes'
+own parity checks (exllamav2's preflight, mlx-lm's check against transformers).
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class Evaluator:
         # No chat turns for more windows of a finished reference (its replies are known), nor for a streamed one
         # (a generated token would read every layer again: evaluate/streamed.py).
         spec = replace(spec, reference=True, ref_write=str(ref_path), windows=want, state=str(state),
-                       chat=not ((rec and have) or self.streamed))
+                       chat=not ((rec and have) or self.streamed), causality=True)
         [run] = self.executor.run_helpers([self._helper(HF_RUNNER, self.source, spec, "the fp16 source (reference)",
                                                         memory_key=REFERENCE)], self.reporter)
         raw = self._result(run)
@@ -157,32 +157,33 @@ class Evaluator:
         """The reference as far as the evaluations needed it (all of the text, without a precision target)."""
         return self.last_reference or self.reference(FIRST_ROUND if self.precision else None)
 
-    def evaluate(self, artifacts: list[tuple[Path, Evaluation]]) -> list[EvalResult]:
-        """Score each (artifact, its format's Evaluation) against the reference; the runs the manifest does not
+    def evaluate(self, artifacts: list[tuple[Path, Evaluation, bool]]) -> list[EvalResult]:
+        """Score each (artifact, its format's Evaluation, whether it is its runtime's parity run: an unquantized
+        intermediate, which also gets the causality probe) against the reference; the runs the manifest does not
         already hold go to the executor together (on Ray, at once). With evaluation.precision, in rounds: a few
         windows each, then as many more as the least precise artifact needs (the reference grows with them)."""
         _, _, base_key, spec = self._keys()
         results: dict[Path, EvalResult] = {}
-        todo: dict[Path, tuple[Evaluation, str]] = {}
-        for artifact, evaluation in artifacts:
+        todo: dict[Path, tuple[Evaluation, bool, str]] = {}
+        for artifact, evaluation, parity_run in artifacts:
             # The runner's environment is keyed with it: what it sets changes how the runtime computes.
             key = sha256_text("eval", evaluation.runner, *(f"{k}={v}" for k, v in sorted(evaluation.env.items())),
                               self.m.sha256(artifact), base_key)
             if rec := self._done(f"eval:{artifact.name}", key):
                 results[artifact] = from_record(EvalResult, rec["result"])
             else:
-                todo[artifact] = (evaluation, key)
-        self._drop_scratch(keep={key for _, key in todo.values()})
+                todo[artifact] = (evaluation, parity_run, key)
+        self._drop_scratch(keep={key for _, _, key in todo.values()})
         total = self.total_windows
         n = min(FIRST_ROUND, total) if self.precision else total
         first: dict[Path, dict] = {}  # each artifact's first run: its chat replies and memory
         while todo:
             ref = self.reference(n)
             runs = {}
-            for artifact, (evaluation, key) in todo.items():
+            for artifact, (evaluation, parity_run, key) in todo.items():
                 run_spec = replace(spec, ref_read=str(self.state / "reference-logprobs.npy"), windows=n,
                                    state=str(runs_state(self.state, key)), scratch=str(runs_scratch(self.state, key)),
-                                   chat=artifact not in first)
+                                   chat=artifact not in first, causality=parity_run)
                 runs[self._helper(evaluation.runner, artifact, run_spec, artifact.name, evaluation.gpus,
                                   env=evaluation.env)] = artifact
             need = n
@@ -193,14 +194,14 @@ class Evaluator:
                     raw = merge_runs(first[artifact], raw)
                 first[artifact] = raw
                 if raw.get("precise") or raw["windows"] >= total or not self.precision:
-                    _, key = todo.pop(artifact)
+                    _, _, key = todo.pop(artifact)
                     runs_state(self.state, key).unlink(missing_ok=True)
                     shutil.rmtree(runs_scratch(self.state, key), ignore_errors=True)
                     results[artifact] = self._record(f"eval:{artifact.name}", key, raw, ref, artifact.name)
                 else:
                     need = max(need, self.precision.windows_needed(raw["kld_mean"], raw["kld_se"], raw["windows"]))
             n = min(total, max(need, n + 1))
-        return [results[a] for a, _ in artifacts]
+        return [results[a] for a, _, _ in artifacts]
 
     def _drop_scratch(self, keep: set[str]) -> None:
         """Remove the scratch folders no evaluation of this run will use: an interrupted build's, of an artifact

@@ -153,6 +153,9 @@ class EvalSpec(_JSONMapping):
     windows: int | None = None  # score at most this many windows (None: all of the text)
     state: str | None = None  # keep the per-position values here (.npz); a later run with more windows goes on from it
     chat: bool = True  # False: no smoke test and no probes (a later round; the first one's replies stand)
+    # Probe the runtime's causality first (causality.py): the parity runs ask it, the reference and an unquantized
+    # intermediate (llama.cpp's F16), whose runtimes then score every other file.
+    causality: bool = False
     # A folder of this evaluation's own (Evaluator: the build's state folder, named by the evaluation's key, so by the
     # artifact's content), for what a runner prepares from the artifact once and keeps between rounds (MLX: the
     # dequantized checkpoint). quantkit removes it after the evaluation's last round. None: keep nothing.
@@ -297,12 +300,13 @@ def score(runtime: Runtime, spec: EvalSpec) -> dict[str, Any]:
     elif spec.ref_read:
         ref = ReferenceRows(spec.ref_read, "r")
     done = precision is not None and precision.reached(acc.values("kld"))
-    # The first round first scores the first window's changed twin (causality.py): the loop's own run of that
-    # window is the probe's other half, so the probe costs one window.
-    probe = causality.probe_windows(text[0], first, last, runtime.vocab_size) if start == 0 < stop and not done else None
+    # A parity run's first round first scores the first window's changed twin (causality.py): the loop's own run of
+    # that window is the probe's other half, so the probe costs one window.
+    probe = (causality.probe_windows(text[0], first, last, runtime.vocab_size)
+             if spec.causality and start == 0 < stop and not done else None)
     if (prepare := getattr(runtime, "prepare", None)) is not None and not done:
         prepare(([probe[1]] if probe else []) + [text[i] for i in range(start, stop)])
-    twin = runtime.forward(probe[1]) if probe else None
+    twin = np.array(runtime.forward(probe[1])[:probe[2] - first]) if probe else None  # only the rows it compares
     found = None
     for i in range(start, stop):
         if done:
