@@ -2,7 +2,8 @@
 
 The build hands an executor one wave of steps at a time (steps whose inputs are all built), so
 the GGUF quantizations of a model, and its GPTQ, AWQ and EXL2 variants, can run at once on a
-cluster. Either way the same Backend.build writes the same files; only the place differs. Ray does
+cluster; a format that builds its steps together (EXL2's ladder) gets them as one run, one process, one Ray
+task (runs_of). Either way the same Format.build_many writes the same files; only the place differs. Ray does
 the scheduling (CPUs, memory and GPUs per task); quantkit only states each step's needs.
 
 The Hub token: a build task may read the Hub on its node (the source, when that node lacks its folder, and
@@ -114,17 +115,35 @@ def with_hub_token(token: HubToken | None, fn, *args) -> Any:
         return fn(*args)
 
 
-def timed_build(item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
-    """Backend.build, with its wall time among the facts the report keeps."""
+def runs_of(steps: list[ArtifactPlan]) -> list[list[ArtifactPlan]]:
+    """A wave's steps as the runs that make them: a run of its own for each, except that the steps of a format
+    that builds_together share one (EXL2's ladder), where the first of them stands in the wave."""
+    runs: list[list[ArtifactPlan]] = []
+    together: dict[str, list[ArtifactPlan]] = {}
+    for item in steps:
+        if not get(item.backend).builds_together:
+            runs.append([item])
+        elif item.backend in together:
+            together[item.backend].append(item)
+        else:
+            runs.append(together.setdefault(item.backend, [item]))
+    return runs
+
+
+def timed_builds(items: list[ArtifactPlan], context: BuildContext) -> StepFacts:
+    """Format.build_many, each item with its wall time among the facts the report keeps (the time since the one
+    before it, unless the format measured its own)."""
     start = time.monotonic()
-    facts = get(item.backend).build(item, context)
-    return {**facts, "seconds": round(time.monotonic() - start, 2)}
+    for item, facts in get(items[0].backend).build_many(items, context):
+        now = time.monotonic()
+        yield item, {"seconds": round(now - start, 2), **facts}
+        start = now
 
 
 class LocalExecutor:
     def build(self, steps: list[ArtifactPlan], context: BuildContext) -> StepFacts:
-        for item in steps:
-            yield item, timed_build(item, context)
+        for run in runs_of(steps):
+            yield from timed_builds(run, context)
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         for run in runs:
@@ -142,8 +161,9 @@ def helper_step(run: HelperRun) -> None:
     run_python(run.args, cwd=run.cwd, env=dict(run.env), what=run.label)
 
 
-def build_step(item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
-    """One artifact, in a Ray worker process; the reporter is rebuilt there (a console does not travel)."""
+def build_step(items: list[ArtifactPlan], context: BuildContext) -> list[dict[str, Any]]:
+    """One run's artifacts (runs_of), in a Ray worker process; each one's facts, in order. The reporter is rebuilt
+    there (a console does not travel)."""
     source = context.source
     if not source.path.exists() and source.repo_id:
         # Another node: fetch the same commit into this node's Hugging Face cache.
@@ -151,7 +171,7 @@ def build_step(item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
 
         source = replace(resolve(source.repo_id, revision=source.revision, allow_pickle=source.converted is not None),
                          name=source.name)
-    return timed_build(item, replace(context, source=source, reporter=Reporter(quiet=False)))
+    return [facts for _, facts in timed_builds(items, replace(context, source=source, reporter=Reporter(quiet=False)))]
 
 
 class RayExecutor:
@@ -184,8 +204,10 @@ class RayExecutor:
         self._build = ray.remote(with_hub_token)
         self._helper = ray.remote(helper_step)
 
-    def needs(self, item: ArtifactPlan, threads: int) -> dict[str, Any]:
-        """The step's Ray resources; refused up front if no node could ever run it (Ray would wait forever)."""
+    def needs(self, run: list[ArtifactPlan], threads: int) -> dict[str, Any]:
+        """A run's Ray resources (its steps run one after another: the largest step's memory); refused up front if
+        no node could ever run it (Ray would wait forever)."""
+        item = max(run, key=lambda i: i.predicted_peak_bytes)
         gpus = get(item.backend).gpus
         if gpus > self.max_gpus:
             raise QuantkitError(f"{item.filename} needs {gpus} GPU(s) and no node of the Ray cluster has that many",
@@ -193,8 +215,9 @@ class RayExecutor:
         if item.predicted_peak_bytes > self.max_memory:
             raise QuantkitError(f"{item.filename} needs about {human_size(item.predicted_peak_bytes)} of memory and the "
                                 f"largest Ray node offers {human_size(self.max_memory)}", "add a larger node to the cluster")
+        name = item.filename if len(run) == 1 else f"{run[0].filename} and {len(run) - 1} more"
         return {"num_cpus": self._cpus(threads), "num_gpus": gpus,
-                "memory": item.predicted_peak_bytes or None, "name": f"quantkit build {item.filename}"}
+                "memory": item.predicted_peak_bytes or None, "name": f"quantkit build {name}"}
 
     def _cpus(self, wanted: int) -> int:
         return max(1, min(wanted, self.max_cpus))
@@ -202,9 +225,11 @@ class RayExecutor:
     def build(self, steps: list[ArtifactPlan], context: BuildContext) -> StepFacts:
         portable = replace(context, reporter=None)
         token = HubToken.here()
-        tasks = {self._build.options(**self.needs(item, context.threads)).remote(
-                     token if reads_hub(item, context) else None, build_step, item, portable): item for item in steps}
-        yield from self._gather(tasks, context.reporter, lambda item: item.filename)
+        tasks = {self._build.options(**self.needs(run, context.threads)).remote(
+                     token if any(reads_hub(item, context) for item in run) else None, build_step, run, portable): run
+                 for run in runs_of(steps)}
+        for run, facts in self._gather(tasks, context.reporter, lambda run: ", ".join(i.filename for i in run)):
+            yield from zip(run, facts)
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         if any(run.gpus > self.max_gpus for run in runs):

@@ -80,11 +80,16 @@ def file_identity(path: Path, small: int = 16 << 20) -> str:
     return f"{path.name}:{st.st_size}:mtime {st.st_mtime_ns}"
 
 
+def partial_path(final: Path) -> Path:
+    """The name `final` is written under until it is complete; remove_partials deletes what a killed run left."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it to `final` only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + PARTIAL_SUFFIX)
+    tmp = partial_path(final)
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
@@ -96,7 +101,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Like atomic_path, for a folder: it appears under its final name only when complete."""
-    tmp = final.with_name(final.name + PARTIAL_SUFFIX)
+    tmp = partial_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -107,3 +107,43 @@ def test_calibration_parquet_is_what_exllamav2_reads(tmp_path):
     text = CALIBRATION["botchan"].read_text(encoding="utf-8")
     assert list(df.columns) == ["text"] and len(df) > 50
     assert df["text"].iloc[0] in text and df["text"].iloc[-1] in text
+
+
+def test_a_waves_exl2_bitrates_share_one_run_and_other_steps_keep_their_own():
+    """The ladder in one exllamav2 process (issue 26): the executors hand EXL2's bitrates of a wave to one
+    build_many, in one run (one Ray task), where the first of them stood; every other step keeps a run of its own."""
+    from quantkit.executors import runs_of
+    from quantkit.plan import ArtifactPlan
+
+    def step(backend, variant):
+        return ArtifactPlan(backend=backend, variant=variant, filename=f"m-{backend}-{variant}", predicted_bytes=1)
+
+    wave = [step("gguf", "Q4_K_M"), step("exl2", "3.0bpw-h6"), step("gguf", "Q8_0"), step("exl2", "4.0bpw-h6"),
+            step("gptq", "4bit-g128"), step("exl2", "8.0bpw-h8")]
+    assert [[i.filename for i in run] for run in runs_of(wave)] == [
+        ["m-gguf-Q4_K_M"], ["m-exl2-3.0bpw-h6", "m-exl2-4.0bpw-h6", "m-exl2-8.0bpw-h8"], ["m-gguf-Q8_0"],
+        ["m-gptq-4bit-g128"]]
+
+
+@no_cuda_only
+def test_the_ladder_without_cuda_stops_with_its_cause_and_leaves_no_folder(sample_model, tmp_path):
+    """EXL2Format.build_many's side of the one-process ladder, as far as a machine without CUDA takes it: the real
+    child refuses, and the build says which bitrates were not made and why, with nothing half-written left."""
+    from quantkit import formats
+    from quantkit.errors import ToolError
+    from quantkit.progress import Reporter
+    from quantkit.source import resolve
+
+    fmt = formats.get("exl2")
+    source = resolve(str(sample_model))
+    _, *rates = fmt.plan(source, fmt.read_options({"bits": [3.0, 4.0]}))
+    context = formats.BuildContext(source=source, out_dir=tmp_path, reporter=Reporter(quiet=True), threads=1)
+    with pytest.raises(ToolError) as e:
+        list(fmt.build_many(rates, context))
+    assert str(e.value) == ("exllamav2 did not make 3.0bpw-h6, 4.0bpw-h6 (exllamav2 (the EXL2 ladder) failed (exit "
+                            "code 3): error: exllamav2's converter needs a CUDA GPU and torch sees none)")
+    assert "  fix: run the EXL2 steps on a machine with one" in e.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".quantkit"]
+    spec = json.loads((tmp_path / ".quantkit" / "exl2-ladder.json").read_text())
+    assert [r["variant"] for r in spec["rates"]] == ["3.0bpw-h6", "4.0bpw-h6"]
+    assert spec["rates"][1]["args"][-8:] == ["-b", "4.0", "-hb", "6", "-r", "100", "-l", "2048"]

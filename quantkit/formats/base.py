@@ -20,8 +20,9 @@ Lifecycle, in order, and which process runs each member:
      evaluation steps.
   2. Build (one step per artifact, in dependency waves: in this process, or as a Ray task on another machine).
      tools() and inputs() go into the artifact's resume key; build() writes the artifact atomically, running
-     the format's tools in child processes of its own, and returns facts only it saw; describe() reads the
-     finished file back into a results.Description (in the build process).
+     the format's tools in child processes of its own, and returns facts only it saw (a format that
+     `builds_together` gets a wave's steps at once, in build_many: EXL2's ladder in one exllamav2 process);
+     describe() reads the finished file back into a results.Description (in the build process).
   3. Evaluate (a child process per artifact: `python -m EVALUATION.runner evaluate TARGET SPEC OUT`, the
      protocol of evaluate/protocol.py). chat_facts() reads the template and stop tokens as the runtime does.
   4. Report and publish (the quantkit process): `card` (a Card, or a subclass of it) says everything a table,
@@ -35,7 +36,7 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -205,6 +206,9 @@ class Format(ABC):
     evaluation: ClassVar[Evaluation | None] = None
     # GPUs one build step needs: a job worker without one does not take the job, Ray places the step on a GPU node.
     gpus: ClassVar[int] = 0
+    # Whether the executor hands all of this format's steps of a wave to one build_many (one Ray task), rather
+    # than each step to a run of its own.
+    builds_together: ClassVar[bool] = False
     card: ClassVar[Card] = Card(display="")
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
@@ -258,6 +262,14 @@ class Format(ABC):
     @abstractmethod
     def build(self, item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
         """Write `item.filename` under context.out_dir (atomically); return facts only the build saw."""
+
+    def build_many(self, items: list[ArtifactPlan], context: BuildContext) -> Iterator[tuple[ArtifactPlan, dict[str, Any]]]:
+        """Build `items` (this format's steps of one wave, when `builds_together`), yielding each with its facts as
+        it is finished, so the build records each even when a later one fails. By default one build() after
+        another; a format whose steps share a costly start (EXL2: exllamav2's extension, loaded once for the whole
+        ladder) runs them in one process. Facts may give each item's own "seconds"."""
+        for item in items:
+            yield item, self.build(item, context)
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
         """What the format reads from a built artifact (size, types, bits per weight), given build()'s facts; the

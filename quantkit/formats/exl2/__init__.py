@@ -7,13 +7,17 @@ compiles its CUDA extension); its work runs in child processes."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ...errors import ProfileError, ToolError
 from ...evaluate.text import calibration_identity, calibration_text
-from ...fsutil import atomic_dir, atomic_path, drop_local_paths, write_text_atomic
+from ...fsutil import atomic_path, drop_local_paths, partial_path, write_text_atomic
 from ...plan import ArtifactPlan
 from ...results import Description, Judged
 from ...procs import Finished, run_python
@@ -91,6 +95,7 @@ class Options:
 
 class EXL2Format(Format, name="exl2"):
     Options = Options
+    builds_together = True  # the ladder's bitrates in one exllamav2 process (ladder.py)
     evaluation = Evaluation("quantkit.formats.exl2.runner", fixed_bytes=EXL2_EVAL_FIXED, gpus=1, env=CHILD_ENV)
     gpus = 1
     card = EXL2Card(display="exl2", made_with="exllamav2's converter", featured=("4.0bpw-h6",),
@@ -150,34 +155,87 @@ class EXL2Format(Format, name="exl2"):
         return items
 
     def build(self, item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
+        [(_, facts)] = self.build_many([item], context)
+        return facts
+
+    def build_many(self, items: list[ArtifactPlan], context: BuildContext) -> Iterator[tuple[ArtifactPlan, dict[str, Any]]]:
+        """The measurement (its own wave: every bitrate reads it), or the bitrates of the ladder in one process
+        (ladder.py), each folder renamed into place as soon as the process is done, the finished ones even when
+        another failed."""
         state = context.out_dir / ".quantkit"
-        out = context.out_dir / item.filename
-        parquet = self._calibration_parquet(item.options["calibration"]["text"], context)
-        work = state / f"exl2-work-{item.variant}"
-        view = source_view(context.source.path, state / f"exl2-source-{item.variant}")  # config.json as exllamav2 reads it
-        args = ["-m", "exllamav2.conversion.convert_exl2", "-i", str(view), "-o", str(work), "-nr",
-                "-c", str(parquet)]
-        facts: dict[str, Any] = {}
+        view = source_view(context.source.path, state / "exl2-source")  # config.json as exllamav2 reads it
+        parquet = self._calibration_parquet(items[0].options["calibration"]["text"], context)
+        common = ["-i", str(view), "-nr", "-c", str(parquet)]
+        for item in (i for i in items if i.role == "measurement"):
+            yield item, self._measure(item, view, common, context)
+        rates = [i for i in items if i.role != "measurement"]
+        if rates:
+            yield from self._ladder(rates, common, context)
+
+    def _measure(self, item: ArtifactPlan, view: Path, common: list[str], context: BuildContext) -> dict[str, Any]:
         with context.reporter.step(f"exl2 {item.variant} (exllamav2)") as step:
-            if item.role == "measurement":
-                facts["parity"] = self._preflight(view, context)
-                with atomic_path(out) as tmp:
-                    done = run_python(args + ["-om", str(tmp), "-mr", str(item.options["rows"]),
-                                              "-ml", str(item.options["length"])], env=CHILD_ENV,
-                                      what="exllamav2 (measurement)")
-                    _check(done, tmp)
-                    drop_local_paths(tmp)
-            else:
-                cal = item.options["calibration"]
-                with atomic_dir(out) as tmp:
-                    done = run_python(args + ["-m", str(context.out_dir / item.depends_on), "-cf", str(tmp),
-                                              "-b", str(item.options["bits"]), "-hb", str(item.options["head_bits"]),
-                                              "-r", str(cal["rows"]), "-l", str(cal["length"])],
-                                      env=CHILD_ENV, what=f"exllamav2 ({item.variant})")
-                    _check(done, tmp / "config.json")
-                    drop_local_paths(tmp / "config.json")  # quantization_config names the calibration file
+            parity = self._preflight(view, context)
+            with atomic_path(context.out_dir / item.filename) as tmp:
+                done = run_python(["-m", "exllamav2.conversion.convert_exl2", *common,
+                                   "-o", str(context.out_dir / ".quantkit" / "exl2-work-measurement"),
+                                   "-om", str(tmp), "-mr", str(item.options["rows"]), "-ml", str(item.options["length"])],
+                                  env=CHILD_ENV, what="exllamav2 (measurement)")
+                _check(done, tmp)
+                drop_local_paths(tmp)
             step.update(1, 1)
-        return {**facts, **done.memory(), "source_params": param_count(context.source.path)}
+        return {"parity": parity, **done.memory(), "source_params": param_count(context.source.path)}
+
+    def _ladder(self, items: list[ArtifactPlan], common: list[str],
+                context: BuildContext) -> Iterator[tuple[ArtifactPlan, dict[str, Any]]]:
+        state = context.out_dir / ".quantkit"
+        folders = {i.variant: partial_path(context.out_dir / i.filename) for i in items}
+        rates = []
+        for item in items:
+            cal, folder = item.options["calibration"], folders[item.variant]
+            shutil.rmtree(folder, ignore_errors=True)
+            rates.append({"variant": item.variant, "folder": str(folder), "args": [
+                *common, "-o", str(state / f"exl2-work-{item.variant}"), "-m", str(context.out_dir / item.depends_on),
+                "-cf", str(folder), "-b", str(item.options["bits"]), "-hb", str(item.options["head_bits"]),
+                "-r", str(cal["rows"]), "-l", str(cal["length"])]})
+        spec = state / "exl2-ladder.json"
+        write_text_atomic(spec, json.dumps({"rates": rates}, indent=1))
+        seconds: dict[str, float] = {}
+        failures: dict[str, str] = {}
+        label = f"exl2 {', '.join(i.variant for i in items)} (exllamav2, one process)"
+        with context.reporter.step(label) as step:
+            def on_line(line: str) -> None:
+                if m := _LADDER_LINE.match(line):
+                    variant, outcome = m.group(1), m.group(2)
+                    if variant == "loaded":
+                        context.reporter.info(f"exllamav2 loaded in {outcome.split()[-2]} s")
+                    elif outcome.startswith("done in"):
+                        seconds[variant] = float(outcome.split()[-2])
+                    else:
+                        failures[variant] = outcome.removeprefix("failed: ")
+                    step.update(len(seconds) + len(failures), len(items))
+
+            error, memory = None, {}
+            try:
+                memory = run_python(["-m", "quantkit.formats.exl2.ladder", str(spec)], on_line=on_line, env=CHILD_ENV,
+                                    what="exllamav2 (the EXL2 ladder)").memory()
+            except ToolError as e:  # the bitrates that finished before it are kept all the same
+                error = e
+        for item in items:
+            folder = folders[item.variant]
+            if item.variant in seconds and (folder / "config.json").exists():
+                drop_local_paths(folder / "config.json")  # quantization_config names the calibration file
+                final = context.out_dir / item.filename
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(folder, final)
+                # One process made them all: its peak memory stands for each (the heaviest bitrate's).
+                yield item, {**memory, "seconds": seconds[item.variant], "source_params": param_count(context.source.path)}
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+        missing = [i.variant for i in items if i.variant not in seconds]
+        if missing:
+            why = "; ".join(f"{v}: {failures[v]}" for v in missing if v in failures) or str(error or "no reason given")
+            raise ToolError(f"exllamav2 did not make {', '.join(missing)} ({why})",
+                            error.hint if error else "see exllamav2's output above")
 
     def _preflight(self, view: Path, context: BuildContext) -> dict[str, Any]:
         """exllamav2 must reproduce the fp16 source before it quantizes it: a runtime that misreads the model
@@ -235,6 +293,10 @@ class EXL2Format(Format, name="exl2"):
 def _other_files(source: Source) -> int:
     """config, tokenizer and chat template: the converter copies them into every folder."""
     return sum(p.stat().st_size for p in source.path.iterdir() if p.is_file() and p.suffix != ".safetensors")
+
+
+# ladder.py's lines: "quantkit-ladder: loaded in S s", "quantkit-ladder: VARIANT done in S s" or "... failed: CAUSE".
+_LADDER_LINE = re.compile(r"quantkit-ladder: (\S+) (.*)$")
 
 
 def _check(done: Finished, expected: Path) -> None:
