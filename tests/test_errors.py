@@ -1,6 +1,7 @@
 """Bad input: one clear line, the fix, a non-zero exit, and nothing half-written."""
 
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -50,6 +51,25 @@ def test_unsupported_architecture(sample_model, tmp_path):
     err, _ = _error_lines(proc)
     assert "FrobnicatorForCausalLM is not supported by llama.cpp's converter" in err
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_a_pre_tokenizer_the_converter_does_not_know_is_refused_at_plan_time(sample_model, tmp_path):
+    """A new model family's BPE pre-tokenizer (issue 27): here the sample's byte-level one with punctuation split
+    off first, which changes how the converter's fixed text tokenizes, so its hash, to one llama.cpp does not list
+    (splitting digits first instead gives SmolLM's own, which it does)."""
+    src = _copy_sample(sample_model, tmp_path / "m")
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Punctuation", "behavior": "Isolated"}, tok["pre_tokenizer"]]}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    proc = run_cli("build", src, "--profile", PROFILES / "tiny.yaml", "--out", tmp_path / "out")  # it plans first
+    assert proc.returncode == 3, proc.stderr
+    err, fix = _error_lines(proc)
+    assert re.fullmatch(r"error: llama\.cpp's converter \(llama-cpp-python [\d.]+\) does not know m's BPE "
+                        r"pre-tokenizer \(hash [0-9a-f]{64}\), so a GGUF of it would split text as no runtime "
+                        r"expects", err), err
+    assert fix.startswith("  fix: build with a newer llama.cpp") and "--llama-cpp PATH" in fix
+    assert not (tmp_path / "out").exists()  # refused before the build made its folder
 
 
 def test_pickle_only_checkpoint_is_refused(sample_model, tmp_path):

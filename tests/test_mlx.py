@@ -53,7 +53,7 @@ def test_mlx_folders_are_built_load_and_are_measured(mlx_build):
 
 def test_one_report_says_how_mlx_was_measured(mlx_build):
     md = (mlx_build["dir"] / "report.md").read_text()
-    assert "| MLX 4bit |" in md and "| MLX 8bit |" in md and "| Q4_K_M |" in md
+    assert "| MLX 4bit |" in md and "| MLX 8bit |" in md and "| Q8_0 |" in md
     assert "## MLX" in md and "the token embedding" in md and "the head is quantized with it" in md
     assert "MLX dequantizes each folder's layers" in md and "mlx-lm vs transformers on the same weights: KLD 0.000" in md
 

@@ -1,7 +1,7 @@
 """What a GGUF build will write, before it runs: exact file sizes and how many tensors fall back.
 
 The converter writes a skeleton of the intermediate file (gguf_skeleton: real metadata and tensor
-list, no data), and the quantizer's dry run picks every tensor's type for each variant, overrides
+list, no data; its vocabulary stage is also the plan's check of the tokenizer: pretokenizer.py), and the quantizer's dry run picks every tensor's type for each variant, overrides
 included. The result is cached per source files (by content: fsutil.file_identity, so a fresh download of
 the same commit reuses it), options and llama.cpp version, so re-planning a build is instant.
 """
@@ -14,12 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...errors import ToolError
 from ...fsutil import file_identity, sha256_text, write_json_atomic
 from .llamacpp import LlamaCppTree
 from ...paths import cache_dir
 from ...procs import run_python
 from ...source import Source
 from .options import GGUFOptions
+from .pretokenizer import PreTokenizerWatch
 from .sizes import SizePrediction, predict_from_dry_run
 from .types import INTERMEDIATES, ftypes, ggml_types
 
@@ -100,9 +102,15 @@ def _predict(source: Source, tree: LlamaCppTree, opts: GGUFOptions) -> SizePlan:
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".skeleton-") as tmp:
         skeleton = Path(tmp) / "skeleton.gguf"
-        run_python(["-m", "quantkit.formats.gguf.skeleton", str(tree.root), str(source.path),
-                    "--outtype", INTERMEDIATES[opts.intermediate], "--outfile", str(skeleton)],
-                   what="llama.cpp converter (planning sizes)")
+        watch = PreTokenizerWatch()
+        try:
+            run_python(["-m", "quantkit.formats.gguf.skeleton", str(tree.root), str(source.path),
+                        "--outtype", INTERMEDIATES[opts.intermediate], "--outfile", str(skeleton)],
+                       on_line=watch, what="llama.cpp converter (planning sizes)")
+        except ToolError as e:  # the converter's vocabulary stage ran: an unknown tokenizer is refused here
+            if (refusal := watch.error(source.name, tree)) is None:
+                raise
+            raise refusal from e
         tensors = list(GGUFReader(skeleton).tensors)
         plan = SizePlan(files={opts.intermediate: SizePrediction(skeleton.stat().st_size)})
         if opts.variants:
