@@ -354,31 +354,31 @@ def run(runtime: Runtime, spec: EvalSpec) -> EvalOutput:
 def runner_main(argv: list[str], commands: dict[str, Callable]) -> int:
     """The command line of a runner: `evaluate TARGET SPEC.json OUT.json`, plus its own commands (run with their
     arguments as given). commands["evaluate"](target, spec: EvalSpec) returns an EvalOutput, or a dict that is one."""
-    if argv and argv[0] == "evaluate" and len(argv) == 4:
-        start = time.monotonic()
-        try:
-            spec = EvalSpec.from_json(json.loads(Path(argv[2]).read_text()))
-        except ValueError as e:
-            print(f"error: {argv[2]}: {e}", file=sys.stderr)
-            return 2
-        with MemoryWatch() as watch:
-            try:
-                result = EvalOutput.of(commands["evaluate"](argv[1], spec))
-            except QuantkitError as e:  # a verdict on the runtime (causality), for the build to show as it is
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-        # Measured here rather than by the parent, so they travel with the result from a Ray task too.
-        result = replace(result, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                         **watch.facts(), seconds=round(time.monotonic() - start, 2))
-        Path(argv[3]).write_text(json.dumps(result.to_json(), indent=1))
-        return 0
-    if argv and argv[0] in commands and argv[0] != "evaluate":
-        try:
+    try:
+        if argv and argv[0] == "evaluate" and len(argv) == 4:
+            return _evaluate(commands["evaluate"], *argv[1:])
+        if argv and argv[0] in commands and argv[0] != "evaluate":
             commands[argv[0]](*argv[1:])
-        except QuantkitError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
+            return 0
+    except QuantkitError as e:  # a verdict on the runtime (causality), for the build to show as it is
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"usage: evaluate TARGET SPEC.json OUT.json | {' | '.join(c for c in commands if c != 'evaluate')}",
           file=sys.stderr)
     return 2
+
+
+def _evaluate(evaluate: Callable, target: str, spec_file: str, out_file: str) -> int:
+    start = time.monotonic()
+    try:
+        spec = EvalSpec.from_json(json.loads(Path(spec_file).read_text()))
+    except ValueError as e:
+        print(f"error: {spec_file}: {e}", file=sys.stderr)
+        return 2
+    with MemoryWatch() as watch:
+        result = EvalOutput.of(evaluate(target, spec))
+    # Measured here rather than by the parent, so they travel with the result from a Ray task too.
+    result = replace(result, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                     **watch.facts(), seconds=round(time.monotonic() - start, 2))
+    Path(out_file).write_text(json.dumps(result.to_json(), indent=1))
+    return 0

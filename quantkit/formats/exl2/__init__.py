@@ -201,9 +201,12 @@ class EXL2Format(Format, name="exl2"):
         write_text_atomic(spec, json.dumps({"rates": rates}, indent=1))
         seconds: dict[str, float] = {}
         failures: dict[str, str] = {}
+        said: list[str] = []  # exllamav2's " ## Error" lines since the last bitrate ended (it exits 0 after them)
         label = f"exl2 {', '.join(i.variant for i in items)} (exllamav2, one process)"
         with context.reporter.step(label) as step:
             def on_line(line: str) -> None:
+                if line.lstrip().startswith("##"):
+                    said.append(line.strip())
                 if m := _LADDER_LINE.match(line):
                     variant, outcome = m.group(1), m.group(2)
                     if variant == "loaded":
@@ -211,7 +214,8 @@ class EXL2Format(Format, name="exl2"):
                     elif outcome.startswith("done in"):
                         seconds[variant] = float(outcome.split()[-2])
                     else:
-                        failures[variant] = outcome.removeprefix("failed: ")
+                        failures[variant] = outcome.removeprefix("failed: ") + (f" ({said[-1]})" if said else "")
+                    said.clear()
                     step.update(len(seconds) + len(failures), len(items))
 
             error, memory = None, {}

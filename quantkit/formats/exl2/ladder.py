@@ -49,7 +49,7 @@ def run_rate(rate: dict) -> str | None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if not (Path(rate["folder"]) / "config.json").exists():
-        return "it wrote no config.json (see its \" ## Error\" lines above)"
+        return "it wrote no config.json"
     return None
 
 
