@@ -45,13 +45,17 @@ def _load(folder: str, window: int):
     config = ExLlamaV2Config(folder)
     config.no_sdpa = True  # as EXLLAMA_NO_SDPA (CHILD_ENV) says, should this process have been started without it
     config.max_seq_len = max(window, 2048)
+    # A forward without a cache asserts q_len <= max_input_len (model.py, 2048 by default): a whole window must fit.
+    config.max_input_len = config.max_seq_len
+    config.max_attention_size = max(config.max_attention_size, config.max_seq_len ** 2)
     model = ExLlamaV2(config)
     cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
     model.load_autosplit(cache)
+    vocab = config.vocab_size  # the head's rows are padded to a multiple of 32 (linear.py, pad32): not tokens
 
     def logits(ids: list[int] | np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
-            return model.forward(torch.tensor(np.asarray(ids, dtype=np.int64))[None]).float()[0]
+            return model.forward(torch.tensor(np.asarray(ids, dtype=np.int64))[None]).float()[0, :, :vocab]
 
     return model, config, logits
 
