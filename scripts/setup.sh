@@ -108,11 +108,15 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 
 # llama.cpp's own programs, from the same source and flags as the bindings: llama-imatrix (importance
-# matrices), llama-gguf-split (shards) and llama-perplexity (the benchmark's baseline). Static, so
-# they need nothing from the build folder; linked into the environment, where quantkit looks first.
-tools="$CACHE/llama-tools/$LLAMA_VERSION-$(echo "$cmake_args" | sha256sum | cut -c1-12)"
+# matrices), llama-gguf-split (shards), llama-perplexity (the benchmark's baseline) and llama-server
+# (chat templates and tool calls checked in the engine the apps use). One cmake build, so the code
+# they share compiles once. Static, so they need nothing from the build folder; linked into the
+# environment, where quantkit looks first. The server is built without its web UI: the UI's assets
+# come from npm or the Hub, and quantkit only speaks to its HTTP API.
+llama_tools=(llama-imatrix llama-gguf-split llama-perplexity llama-server)
+tools="$CACHE/llama-tools/$LLAMA_VERSION-$(echo "$cmake_args ${llama_tools[*]}" | sha256sum | cut -c1-12)"
 if [ ! -f "$tools/.complete" ]; then
-  say "building llama.cpp's tools (llama-imatrix, llama-gguf-split, llama-perplexity): about 5 minutes on 2 cores"
+  say "building llama.cpp's tools (${llama_tools[*]}): about 15 minutes on 2 cores"
   ensure_sdist
   mkdir -p "$CACHE/llama-tools"
   work=$(mktemp -d "$CACHE/llama-tools/.build.XXXXXX")
@@ -123,12 +127,13 @@ if [ ! -f "$tools/.complete" ]; then
   # shellcheck disable=SC2086  # cmake_args is a list of flags
   cmake -S "$work/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" -B "$work/build" "${gen[@]}" \
     -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF $cmake_args >"$work/cmake.log" 2>&1 \
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF $cmake_args >"$work/cmake.log" 2>&1 \
     || { cat "$work/cmake.log" >&2; exit 1; }
-  cmake --build "$work/build" --target llama-imatrix llama-gguf-split llama-perplexity -j "$(nproc)" >"$work/build.log" 2>&1 \
+  cmake --build "$work/build" --target "${llama_tools[@]}" -j "$(nproc)" >"$work/build.log" 2>&1 \
     || { tail -30 "$work/build.log" >&2; exit 1; }
   rm -rf "$tools" && mkdir -p "$tools"
-  cp "$work"/build/bin/llama-{imatrix,gguf-split,perplexity} "$tools"/
+  for t in "${llama_tools[@]}"; do cp "$work/build/bin/$t" "$tools"/; done
   touch "$tools/.complete"
   rm -rf "$work"
 fi
