@@ -6,14 +6,14 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import formats
 from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
 from .evaluate.chat import smoke_messages
 from .evaluate.experts import is_moe, keeps_experts_mapped
-from .evaluate.integrity import check_source_template, folder_facts, mismatches
+from .evaluate.integrity import CONVERSATIONS, ChatFacts, EngineVerdict, check_source_template, folder_facts, mismatches
 from .evaluate.placement import refuse_unplaced
 from .evaluate.probes import prompts as probe_prompts
 from .evaluate.protocol import EvalSpec
@@ -24,7 +24,7 @@ from .fsutil import check_free_space, remove_partials, sha256_text
 from .manifest import SCHEMA, Manifest
 from .memory import (REFERENCE, StepMemory, machine_memory, reference_peak, streamed_reference_mapped,
                      streamed_reference_peak)
-from .plan import ArtifactPlan, BuildPlan
+from .plan import ArtifactPlan, BuildPlan, EvalResult, from_record
 from .results import Built, Judged
 from .profiles import Profile, load_profile
 from .progress import Reporter
@@ -232,6 +232,9 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     executor = executor or LocalExecutor()
     evaluating = plan.profile.evaluation.enabled
     source_chat = folder_facts(plan.source.path)
+    if plan.profile.chat_checks.engine:  # an engine that is not installed stops the build now, not after it
+        for name in dict.fromkeys(i.backend for i in plan.artifacts):
+            formats.get(name).engine_identity()
     evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads, executor,
                           memory={e.target: e.peak_bytes for e in plan.evaluations}, source_chat=source_chat,
                           streamed=plan.reference_streamed)
@@ -279,7 +282,12 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
                 scored.append((item.filename, (out / item.filename, fmt.evaluation, item.role == "intermediate")))
     evaluations = dict(zip([name for name, _ in scored], evaluator.evaluate([target for _, target in scored])))
     reference = evaluator.reference_result() if evaluating else None
-    measured = [made[i.filename].measured(integrity.get(i.filename, []), evaluations.get(i.filename)) for i in plan.artifacts]
+    engines = (engine_verdicts(plan.artifacts, out, manifest, source_chat, source_call(reference), reporter, threads)
+               if plan.profile.chat_checks.engine else {})
+    for name, verdict in engines.items():
+        integrity[name] += verdict.template
+    measured = [made[i.filename].measured(integrity.get(i.filename, []), evaluations.get(i.filename),
+                                          engines.get(i.filename)) for i in plan.artifacts]
     results = [m.judged(bound_failures(m, plan.profile.bounds)) for m in measured]
 
     report_json, report_md = write_reports(plan, results, reference, manifest)
@@ -292,6 +300,36 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     for r in result.failed:
         reporter.warn(f"{r.filename} failed: {'; '.join(r.failures)}")
     return result
+
+
+def source_call(reference: EvalResult | None) -> dict | None:
+    """The fp16 source's tool call ({name, arguments}) from its tool-call probe, when it made a valid one."""
+    probe = (reference.probes or {}).get("tool_call") if reference else None
+    value = probe.get("value") if isinstance(probe, dict) and probe.get("valid") else None
+    return {"name": value["name"], "arguments": value["arguments"]} if isinstance(value, dict) and "name" in value else None
+
+
+def engine_verdicts(items: list[ArtifactPlan] | list[Judged], out: Path, manifest: Manifest, source: ChatFacts,
+                    call: dict | None, reporter: Reporter, threads: int) -> dict[str, EngineVerdict]:
+    """Each model artifact's chat setup in its runtime's own engine (Format.engine_check). A verdict is kept in the
+    manifest under everything it depends on (the file's content, the engine, the source's renderings, the call), so
+    a resumed build asks the engine again only about what changed. `items`: a plan's artifacts, or a report's."""
+    renders = json.dumps([source.render(name) for name in CONVERSATIONS])
+    verdicts = {}
+    for item in items:
+        fmt = formats.get(item.backend)
+        if not (fmt.evaluation and item.is_model) or not (engine := fmt.engine_identity()):
+            continue
+        path = out / item.filename
+        key = sha256_text("engine", manifest.sha256(path), engine, renders, json.dumps(call, sort_keys=True))
+        rec = manifest.done(f"engine:{item.filename}", key)
+        if rec and (verdict := from_record(EngineVerdict, rec.get("verdict") or {})):
+            verdicts[item.filename] = verdict
+            continue
+        reporter.info(f"checking {item.filename} in {engine.split()[0]}: template and tool calls")
+        verdicts[item.filename] = verdict = fmt.engine_check(path, source, call, threads)
+        manifest.record(f"engine:{item.filename}", key, verdict=asdict(verdict))
+    return verdicts
 
 
 def _waves(items: list[ArtifactPlan]) -> list[list[ArtifactPlan]]:
@@ -312,7 +350,7 @@ def _artifact_key(item: ArtifactPlan, context: formats.BuildContext, keys: dict[
     files its options name). Never a path: a moved build folder keeps its keys."""
     fmt = formats.get(item.backend)
     tools[item.filename] = fmt.tools(item, context)
-    parent_sha = manifest.sha256(context.out_dir / item.depends_on) if item.depends_on else source_key
+    parent_sha = manifest.made_sha256(context.out_dir / item.depends_on) if item.depends_on else source_key
     made_by = json.dumps({"tools": tools[item.filename], "inputs": fmt.inputs(item, context)}, sort_keys=True)
     return sha256_text("artifact", item.backend, item.variant, repr(sorted(item.options.items())),
                        keys.get(item.depends_on, ""), parent_sha, *(keys[u] for u in item.uses), made_by)

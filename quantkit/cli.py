@@ -147,6 +147,40 @@ def _publish(build_dir: Path, *, owner: Optional[str], dry_run: bool, reporter, 
         typer.echo(f"{r.repo_id}@{r.branch}: {state}")
 
 
+@app.command()
+def retemplate(build_dir: Path = typer.Argument(..., help="A build folder (OUT/<Model>) with report.json."),
+               from_: Optional[str] = typer.Option(None, "--from", help="Take the chat template and tokenizer files of "
+                                                   "a source revision: a folder, or ORG/MODEL, or ORG/MODEL@REVISION (tokenizer "
+                                                   "files only; never weights)."),
+               chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Take this Jinja chat "
+                                                            "template file."),
+               threads: int = typer.Option(2, "--threads", help="CPU threads for the runtime checks."),
+               publish_: bool = typer.Option(False, "--publish", help="Publish the build afterwards (as `quantkit "
+                                             "publish`): one commit of the changed files.")) -> None:
+    """Replace the chat template (and EOS/EOT) of every built file without quantizing again, re-run the chat
+    checks, and update the reports; `quantkit publish` then uploads only the changed files."""
+    from .progress import Reporter
+    from .retemplate import chat_from_file, chat_from_source, current_chat, retemplate as run_retemplate
+    from .results import Report
+
+    if (from_ is None) == (chat_template is None):
+        raise QuantkitError("give exactly one of --from and --chat-template",
+                            "e.g. quantkit retemplate builds/MODEL --chat-template fixed.jinja")
+    if from_ is not None:
+        new = chat_from_source(from_)
+    else:
+        new = chat_from_file(chat_template, current_chat(build_dir, Report.read(build_dir / "report.json")))
+    result = run_retemplate(build_dir, new, reporter=Reporter(), threads=threads)
+    typer.echo(f"retemplated {len(result.rewritten)} file(s) in {result.seconds:.1f}s -> {result.report_md}")
+    if result.failed:
+        from .errors import QualityGateFailed
+
+        raise QualityGateFailed(f"{len(result.failed)} file(s) fail their chat checks with the new template: "
+                                f"{', '.join(result.failed)}", f"see {result.report_md}")
+    if publish_:
+        _publish(build_dir, owner=None, dry_run=False, reporter=Reporter())
+
+
 QueueOpt = typer.Option(None, "--queue", help="The job queue's SQLite file (default: $QUANTKIT_QUEUE, else "
                         "~/.local/state/quantkit/queue.db).", show_default=False)
 

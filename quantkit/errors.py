@@ -21,6 +21,12 @@ class SourceError(QuantkitError):
     exit_code = 3
 
 
+class ChatTemplateError(QuantkitError):
+    """A chat template given to `quantkit retemplate` (a file, or a source revision's) cannot be used."""
+
+    exit_code = 4
+
+
 class ProfileError(QuantkitError):
     """A profile names something quantkit cannot build."""
 

@@ -45,6 +45,9 @@ class Manifest:
             raise BuildFolderError(f"{out_dir} was built by a newer quantkit (manifest schema {self.schema}; this one "
                                 f"reads up to {SCHEMA})", "upgrade quantkit, or build into another --out")
         self.steps: dict[str, dict[str, Any]] = data.get("steps", {})
+        # sha256 of a file whose metadata `quantkit retemplate` rewrote -> the sha256 it was made with (its tensors,
+        # which is what anything quantized from it depends on, are unchanged).
+        self.retemplated: dict[str, str] = data.get("retemplated", {})
         # Schema 1 cached hashes by absolute path: none of its entries can match, so none are kept.
         self.hashes = HashCache(data.get("hashes") if self.schema == SCHEMA else None, root=out_dir)
         self._lock = None
@@ -83,6 +86,23 @@ class Manifest:
     def sha256(self, path: Path) -> str:
         return self.hashes.sha256(path)
 
+    def made_sha256(self, path: Path) -> str:
+        """The hash a file had when it was made: its own, or for a file retemplate rewrote, the one before (what
+        was quantized from it stays current)."""
+        sha = self.sha256(path)
+        return self.retemplated.get(sha, sha)
+
+    def rewrote(self, step: str, path: Path, before: str) -> str:
+        """Record that `step`'s output at `path` (sha256 `before`) got new metadata, with its tensors as they were:
+        the step stays done with the new hash, and made_sha256 maps the new hash back. Returns the new hash."""
+        after = self.sha256(path)
+        self.retemplated[after] = self.retemplated.get(before, before)
+        if step in self.steps:
+            self.steps[step]["sha256"] = after
+        self.save()
+        return after
+
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, {"version": SCHEMA, "steps": self.steps, "hashes": self.hashes.entries})
+        write_json_atomic(self.path, {"version": SCHEMA, "steps": self.steps, "hashes": self.hashes.entries,
+                                      **({"retemplated": self.retemplated} if self.retemplated else {})})

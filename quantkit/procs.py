@@ -84,6 +84,16 @@ def preexec_for(parent: int) -> Callable[[], None]:
     return preexec
 
 
+def stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if the child has not exited after `grace_s` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass(frozen=True)
 class Finished:
     lines: list[str]  # stdout and stderr, merged, one entry per line (or per tqdm redraw)

@@ -45,6 +45,9 @@ class ChatChecks:
     json_question: str = "Name the country France and its capital, as JSON."
     json_schema: dict = field(default_factory=lambda: dict(CAPITAL_SCHEMA))
     max_tokens: int = 96
+    # Each artifact's template and tool-call parsing checked in its runtime's own engine (GGUF: llama-server),
+    # whether or not the probes above run (`enabled`).
+    engine: bool = True
 
 
 @dataclass(frozen=True)

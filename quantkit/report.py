@@ -23,9 +23,12 @@ from .sample import SAMPLE_MARKER
 def write_reports(plan: BuildPlan, results: list[Judged], reference: EvalResult | None,
                   manifest: Manifest) -> tuple[Path, Path]:
     """report.json and report.md in the build folder, from one Report."""
-    report = make_report(plan, results, reference, manifest)
-    json_path = plan.out_dir / "report.json"
-    md_path = plan.out_dir / "report.md"
+    return save_report(make_report(plan, results, reference, manifest), plan.out_dir)
+
+
+def save_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
+    """report.json and report.md of `report`, each written whole (temporary name, then rename)."""
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
     write_json_atomic(json_path, report_json(report))
     write_text_atomic(md_path, render_markdown(report))
     return json_path, md_path
@@ -191,6 +194,7 @@ COLUMNS = {
     "smoke": ("Smoke test", "---", lambda a, e: ("pass" if e.smoke_passed else "FAIL") if e else "—"),
     "tool": ("Tool call", "---", lambda a, e: _probe_cell(e, "tool_call")),
     "json": ("JSON mode", "---", lambda a, e: _probe_cell(e, "json_mode")),
+    "engine": ("Runtime engine", "---", lambda a, e: a.engine.summary() if a.engine else "—"),
     "checks": ("Checks", "---", lambda a, e: "FAILED" if a.failures else "pass" if e else "—"),
 }
 
@@ -255,6 +259,25 @@ def chat_lines(report: Report) -> list[str]:
     return lines
 
 
+def engine_lines(artifacts: list[Judged]) -> list[str]:
+    """Each artifact's chat setup as its runtime's engine sees it (Format.engine_check)."""
+    checked = [a for a in artifacts if a.engine]
+    if not checked:
+        return []
+    lines = ["Each file was loaded in its runtime's own engine (for GGUF, llama-server from the same llama.cpp as "
+             "the quantizer). Four fixed conversations (system + user, multi-turn, tools, an assistant tool call then a tool "
+             "response) went through its template engine (`/apply-template`) "
+             "and had to match the source's transformers rendering byte for byte; a tool call, sent as the "
+             "assistant's turn with `tools=[...]` (`/v1/chat/completions`), had to come back from its own parser "
+             "as `tool_calls` with the same name and arguments.", ""]
+    for a in checked:
+        v = a.engine
+        template = "renders like the source" if not v.template else "; ".join(v.template)
+        lines.append(f"- **{label(a)}**: template {template}; parses tool calls: "
+                     f"{'yes' if v.tool_calls else 'no'} ({v.tool_call_detail}; {v.call_source}); {v.seconds:.1f} s")
+    return lines
+
+
 def render_markdown(report: Report) -> str:
     ev = report.evaluation
     ref = ev.reference_result
@@ -276,7 +299,7 @@ def render_markdown(report: Report) -> str:
          if ref else "Evaluation: off (`evaluation.enabled: false`); the files below were built but not measured."),
         "",
         *artifact_table(report.models, ["file", "type", "size", "bpw", "stated", "ppl", "dppl", "kld", "kld99",
-                                        "top1", "smoke", "tool", "json", "checks"]),
+                                        "top1", "smoke", "tool", "json", "engine", "checks"]),
         "",
         BITS_LEGEND + PM_LEGEND,
     ]
@@ -294,6 +317,8 @@ def render_markdown(report: Report) -> str:
     if report.inversions:
         lines += ["", "## Inversions", "", "A bigger file of the same format that is worse beyond the error bars:", ""]
         lines += [f"- {i}" for i in report.inversions]
+    if engine := engine_lines(report.models):
+        lines += ["", "## In the runtime's own engine", "", *engine]
     if ref and (chat := chat_lines(report)):
         lines += ["", "## Chat template, tool calls and JSON mode", "", *chat]
     if report.parity:
@@ -310,10 +335,10 @@ def render_markdown(report: Report) -> str:
               f"passes when the turn ends with the end-of-turn token and the reply contains {smoke.expect!r}.", ""]
     lines += [f"- **{label(a)}**: {'pass' if a.evaluation.smoke_passed else 'FAIL'} ({a.evaluation.smoke_reason}): "
               f"{a.evaluation.smoke_reply!r}" for a in report.artifacts if a.evaluation]
-    lines += ["", "## Build", "", "| File | Planned size | Size | Planned peak memory | Peak memory (measured) | "
-              "Anonymous / file-backed | Time |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {a.filename} | {human_size(a.predicted_bytes)} | {human_size(a.size_bytes)} | " + _memory_cells(a)
-              for a in report.artifacts]
+    lines += ["", "## Build", "", "| File | Made from | Planned size | Size | Planned peak memory | Peak memory (measured) | "
+              "Anonymous / file-backed | Time |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {a.filename} | {a.made_from or f'the source ({report.source.dtype})'} | {human_size(a.predicted_bytes)} | "
+              f"{human_size(a.size_bytes)} | " + _memory_cells(a) for a in report.artifacts]
     if ref:
         lines += ["", "| Evaluation of | Planned peak memory | Peak memory (measured) | Anonymous / file-backed | Time |",
                   "|---|---:|---:|---:|---:|"]
@@ -323,6 +348,8 @@ def render_markdown(report: Report) -> str:
               "inputs, which the system can reclaim. The next column splits it (sampled every 0.1 s, each its own "
               "peak): anonymous memory, which must fit, and file-backed pages, which the system can drop and read "
               "again. It is measured only when the step runs, not on a resumed run."]
+    if report.changelog:
+        lines += ["", "## Changelog", "", *[f"- {line}" for line in report.changelog]]
     lines += ["", "## Tensor types", ""]
     lines += [f"- {label(a)}: " + ", ".join(f"{k} ×{v}" for k, v in a.tensor_types.items()) for a in report.models]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,8 @@
 - Format.describe reads the finished artifact into a Description: the format's facts of the file, nothing else.
 - Built.make joins the plan, that description, the artifact's content hash and what the build step measured (its
   memory, its seconds, the tools that made it). The manifest keeps it: a resumed build never describes again.
-- Measured (Built.measured) adds the chat-integrity mismatches and the evaluation (None: not evaluated).
+- Measured (Built.measured) adds the chat-integrity mismatches, the evaluation (None: not evaluated) and the
+  runtime engine's verdict on its chat setup (None: not checked; GGUF: llama-server).
 - Judged (Measured.judged) adds what failed (gates.bound_failures): what report.json lists, and what the report, the
   card and publish read.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import BuildFolderError
+from .evaluate.integrity import EngineVerdict
 from .evaluate.parity import Parity
 from .plan import MODEL_ROLES, ArtifactPlan, EvalResult, from_record
 from .profiles import ChatChecks, PublishOptions, SmokeOptions
@@ -71,6 +73,7 @@ class Built:
     fallbacks: list[dict[str, str]]
     role: str = "model"  # as in ArtifactPlan: reports and cards list models, and name auxiliary artifacts apart
     uses: list[str] = field(default_factory=list)  # as in ArtifactPlan
+    made_from: str = ""  # ArtifactPlan.depends_on: the file it was quantized from ("": the source itself)
     details: dict[str, Any] = field(default_factory=dict)
     stated_bits: float = 0.0
     predicted_bytes: int = 0
@@ -86,8 +89,8 @@ class Built:
              tools: dict[str, str]) -> "Built":
         """`facts`: what Format.build returned (its peak_* memory and seconds are the step's own)."""
         return cls(backend=item.backend, variant=item.variant, filename=item.filename, sha256=sha256,
-                   role=item.role, uses=list(item.uses), predicted_bytes=item.predicted_bytes,
-                   predicted_peak_bytes=item.predicted_peak_bytes, tools=dict(tools),
+                   role=item.role, uses=list(item.uses), made_from=item.depends_on or "",
+                   predicted_bytes=item.predicted_bytes, predicted_peak_bytes=item.predicted_peak_bytes, tools=dict(tools),
                    peak_rss_bytes=int(facts.get("peak_rss_bytes", 0)), peak_anon_bytes=int(facts.get("peak_anon_bytes", 0)),
                    peak_file_bytes=int(facts.get("peak_file_bytes", 0)), seconds=float(facts.get("seconds", 0.0)),
                    **asdict(described))
@@ -95,15 +98,16 @@ class Built:
     def planned_as(self, item: ArtifactPlan) -> "Built":
         """This result with the current plan's facts (a resumed artifact keeps its build, takes the new plan's
         prediction and role)."""
-        return replace(self, role=item.role, uses=list(item.uses), predicted_bytes=item.predicted_bytes,
-                        predicted_peak_bytes=item.predicted_peak_bytes)
+        return replace(self, role=item.role, uses=list(item.uses), made_from=item.depends_on or "",
+                       predicted_bytes=item.predicted_bytes, predicted_peak_bytes=item.predicted_peak_bytes)
 
     @property
     def is_model(self) -> bool:
         return self.role in MODEL_ROLES
 
-    def measured(self, integrity: list[str], evaluation: EvalResult | None) -> "Measured":
-        return Measured(**_own(self), integrity=list(integrity), evaluation=evaluation)
+    def measured(self, integrity: list[str], evaluation: EvalResult | None,
+                 engine: EngineVerdict | None = None) -> "Measured":
+        return Measured(**_own(self), integrity=list(integrity), evaluation=evaluation, engine=engine)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +117,8 @@ class Built:
         values = dict(data)
         if isinstance(values.get("evaluation"), dict):
             values["evaluation"] = from_record(EvalResult, values["evaluation"])
+        if isinstance(values.get("engine"), dict):
+            values["engine"] = from_record(EngineVerdict, values["engine"])
         return from_record(cls, values)
 
 
@@ -120,6 +126,7 @@ class Built:
 class Measured(Built):
     integrity: list[str] = field(default_factory=list)  # chat template / stop-token mismatches with the source
     evaluation: EvalResult | None = None
+    engine: EngineVerdict | None = None  # its chat setup in its runtime's own engine (None: not checked)
 
     def judged(self, failures: list[str]) -> "Judged":
         return Judged(**_own(self), failures=list(failures))
@@ -192,6 +199,7 @@ class Report:
     publish: PublishOptions = PublishOptions()
     parity: list[Parity] = field(default_factory=list)  # each runtime's run of the unquantized model
     inversions: list[str] = field(default_factory=list)
+    changelog: list[str] = field(default_factory=list)  # what changed since the build (quantkit retemplate), dated
     schema: int = REPORT_SCHEMA
 
     @property

@@ -26,6 +26,23 @@ def test_all_artifacts_and_both_reports(sample_build):
     assert not any(folder.glob("*.partial"))
 
 
+def test_every_file_passes_the_llama_server_checks(sample_build):
+    """Each GGUF in llama-server (the same llama.cpp): the four conversations render byte for byte as the source's
+    transformers rendering, and the tool call is parsed. The sample's template has no tool-call format (it renders
+    no tools), so llama-server's parser hands the call back as plain text: "no", reported, not failed."""
+    folder = sample_build["dir"]
+    md = (folder / "report.md").read_text()
+    for a in sample_build["report"]["artifacts"]:
+        engine = a["engine"]
+        assert engine["engine"].startswith("llama-server ") and engine["template"] == [], (a["variant"], engine)
+        assert engine["tool_calls"] is False and engine["tool_call_detail"].startswith(
+            'no tool_calls; the turn came back as content \'<tool_call>\\n{"name": "get_weather"'), engine
+        assert 0 < engine["seconds"] < 30 and not a["integrity"]
+        assert f"- **{a['variant']}**: template renders like the source; parses tool calls: no" in md
+        assert f"| {a['filename']} | {a['variant']} |" in md
+    assert md.count("| template ok, tool calls: no |") == len(TYPES)
+
+
 def test_quality_orders_sensibly(sample_build):
     by = {a["variant"]: a for a in sample_build["report"]["artifacts"]}
     # The reference is the fp16 source run by transformers; llama.cpp's F16 file computes the same model.
@@ -98,6 +115,7 @@ def test_second_identical_build_rebuilds_nothing(sample_build, sample_model):
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.gguf")}
     proc = run_cli("build", sample_model, "--profile", PROFILES / "fast.yaml", "--out", sample_build["out"], check=True)
     assert "built 0, evaluated 0" in proc.stdout
+    assert "in llama-server" not in proc.stderr + proc.stdout  # its verdicts are kept, as the files are
     assert before == {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.gguf")}
     assert json.loads((folder / "report.json").read_text())["artifacts"] == sample_build["report"]["artifacts"]
 

@@ -68,6 +68,19 @@ def test_split_q8_0_is_llama_cpp_shards(depth_build):
     shards = sorted((depth_build["dir"] / f"{MODEL}-Q8_0").glob("*.gguf"))
     assert [s.name for s in shards] == [f"{MODEL}-Q8_0-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert all(_field(s, "split.count") == 3 for s in shards)
+    # The card marks it: Ollama cannot pull a split file (ollama#5245); its Run lines merge it first.
+    from quantkit import formats
+    from quantkit.publish.card import model_card
+    from quantkit.results import Report
+
+    report = Report.read(depth_build["dir"] / "report.json")
+    q8 = next(a for a in report.models if a.variant == "Q8_0")
+    assert q8.details["shards"] == [s.name for s in shards]
+    card = str(model_card(report, "alice/M-GGUF", formats.get("gguf")))
+    assert "split in 3 files: llama.cpp and LM Studio load it from the first; Ollama cannot (ollama#5245)" in card
+    run = "\n".join(formats.get("gguf").card.usage("alice/M-GGUF", ".", q8))
+    assert f"llama-cli -m {MODEL}-Q8_0/{shards[0].name} -cnv" in run and "ollama run" not in run
+    assert f"llama-gguf-split --merge {MODEL}-Q8_0/{shards[0].name} {MODEL}-Q8_0.gguf" in run
     # The limit applies to tensor data, as in llama-gguf-split; the first shard also holds the metadata.
     assert all(sum(int(t.n_bytes) for t in GGUFReader(s).tensors) <= 60_000_000 for s in shards)
     assert depth_build["by"]["Q8_0"]["evaluation"]["kld_mean"] < 0.01
@@ -134,25 +147,3 @@ def test_bad_gguf_options(sample_model, tmp_path, backend_yaml, message):
     assert proc.returncode == 4 and message in proc.stderr, proc.stderr
 
 
-def test_bf16_source_gets_a_bf16_intermediate(sample_model, tmp_path):
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    src = tmp_path / "bf16"
-    src.mkdir()
-    for p in sample_model.iterdir():
-        if p.suffix == ".safetensors":
-            save_file({k: v.to(torch.bfloat16) for k, v in load_file(p).items()}, src / p.name, metadata={"format": "pt"})
-        elif p.is_file():
-            config = json.loads(p.read_text()) if p.name == "config.json" else None
-            if config is not None:
-                config["torch_dtype"] = "bfloat16"
-                (src / p.name).write_text(json.dumps(config))
-            else:
-                (src / p.name).write_bytes(p.read_bytes())
-    profile = tmp_path / "auto.yaml"
-    profile.write_text("formats:\n  gguf: {intermediate: auto, types: [Q8_0]}\n")
-    plan = make_plan(str(src), str(profile), tmp_path / "out")
-    inter = plan.artifacts[0]
-    assert (inter.variant, inter.filename, inter.role) == ("BF16", "bf16-BF16.gguf", "intermediate")
-    assert abs(inter.predicted_bytes - 270_886_272) < 1_000_000  # 2 bytes a weight, as f16

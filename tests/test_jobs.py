@@ -145,6 +145,40 @@ def test_a_new_commit_is_a_new_job_and_filters_apply(hub, built_by_worker, tmp_p
     assert "1 cancelled, 1 done" in listed
 
 
+def test_a_template_only_commit_is_a_retemplate_job(hub, built_by_worker, sample_model):
+    """A commit that changes only the chat template (and docs) after a finished build is queued as a metadata-only
+    job: the worker retemplates the built files from that revision, quantizes nothing, and publishes them."""
+    from gguf import GGUFReader
+
+    from quantkit.formats.gguf.chat_facts import gguf_facts
+
+    queue, out = built_by_worker["queue"], built_by_worker["out"]
+    folder = out / "SmolLM2-135M-Instruct"
+    q4 = folder / "SmolLM2-135M-Instruct-Q4_K_M.gguf"
+    tensors = [t.data.tobytes() for t in GGUFReader(q4).tensors]
+    fixed = (sample_model / "chat_template.jinja").read_text().replace("named SmolLM, trained", "named SmolLM2, trained")
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    commit = api.upload_file(path_or_fileobj=fixed.encode(), path_in_repo="chat_template.jinja", repo_id=SOURCE).oid
+
+    watch = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
+    assert "1 new job(s)" in watch.stdout and f"{SOURCE}@{commit[:12]}  (template and tokenizer only)" in watch.stdout
+    [job] = JobQueue(queue).list("queued")
+    assert (job.kind, job.revision, job.out, job.memory_bytes) == ("retemplate", commit, str(out.absolute()), 0)
+
+    work = _cli(hub, queue, "worker", "--once", "--poll", "0.2", check=True)
+    assert "1 job(s) done, 0 failed" in work.stdout
+    log = JobQueue(queue).log_path(job.id).read_text()
+    assert "retemplated 3 file(s)" in log and "quantize" not in log
+    assert [t.data.tobytes() for t in GGUFReader(q4).tensors] == tensors
+    assert gguf_facts(q4).template == fixed
+    report = json.loads((folder / "report.json").read_text())
+    assert f"from {SOURCE}@{commit[:12]} in 3 file(s)" in report["changelog"][-1]
+    published = api.model_info("alice/SmolLM2-135M-Instruct-GGUF", files_metadata=True)
+    lfs = {s.rfilename: s.lfs.sha256 for s in published.siblings if s.rfilename.endswith(".gguf")}
+    assert lfs == {a["filename"]: a["sha256"] for a in report["artifacts"]} == {
+        p.name: _sha(p) for p in folder.glob("*.gguf")}
+
+
 def test_a_killed_workers_job_is_taken_over_after_its_lease(hub, tmp_path):
     queue, out = tmp_path / "queue.db", tmp_path / "out"
     # Leases and resume, not scores: the files-only profile.

@@ -4,10 +4,11 @@ huggingface_hub client in quantkit's own child process; and building from a Hub 
 import hashlib
 import json
 import re
+import time
 
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 
-from conftest import OTHER, PROFILES, SAMPLE_REPO, TOKEN, run_cli
+from conftest import OTHER, PROFILES, SAMPLE_REPO, TOKEN, run_cli, seed
 
 
 def _api(hub):
@@ -50,6 +51,11 @@ def test_build_publish_round_trip_card_and_idempotence(sample_build, hub, tmp_pa
     assert meta["pipeline_tag"] == "text-generation" and "gguf" in meta["tags"]
     assert "<|im_start|>system\n{system_prompt}<|im_end|>" in card.text  # ChatML, from the model's own template
     assert "(size-vs-kld.png)" in card.text
+    # What users of Ollama, LM Studio and llama.cpp paste, and what llama-server made of each file
+    assert f"ollama run hf.co/{repo}:Q4_K_M" in card.text and f"lms get {repo}" in card.text
+    assert "llama-cli -m SmolLM2-135M-Instruct-Q4_K_M.gguf -cnv" in card.text
+    assert "## In the runtime's own engine" in card.text and "- **Q4_K_M**: template renders like the source" in card.text
+    assert "`SmolLM2-135M-Instruct-F16.gguf` is llama.cpp's conversion of the source checkpoint" in card.text
     for a in sample_build["report"]["artifacts"]:
         assert f"| [{a['filename']}](./{a['filename']}) | {a['variant']} |" in card.text
     with open(tmp_path / got / "size-vs-kld.png", "rb") as f:
@@ -185,3 +191,63 @@ def test_folder_variant_goes_to_its_own_branch(hub, tmp_path):
         assert _sha(tmp_path / got / f.path_in_repo) == f.sha256
     again = publish([commit], token=TOKEN, reporter=Reporter(quiet=True), backoff_s=0.01, api=api)[0]
     assert again.commit is None and again.head == first.commit
+
+
+def _tensor_digest(path):
+    from gguf import GGUFReader
+
+    h = hashlib.sha256()
+    for t in GGUFReader(path).tensors:
+        h.update(t.name.encode() + t.data.tobytes())
+    return h.hexdigest()
+
+
+def test_retemplate_rewrites_every_file_without_quantizing_and_publish_sends_only_what_changed(
+        sample_build, sample_model, hub, tmp_path):
+    """A template fix after release: every GGUF gets the new template through gguf-py's metadata writer (tensors
+    untouched), the checks run again, and publish makes one commit of the changed files, the card saying why."""
+    from quantkit.formats.gguf.chat_facts import gguf_facts
+
+    folder = seed(sample_build["dir"], tmp_path / "out")
+    repo = "alice/SmolLM2-135M-Instruct-GGUF"
+    run_cli("publish", folder, env=hub.env, check=True)
+    api = _api(hub)
+    remote = {e.path: e for e in api.list_repo_tree(repo, recursive=True)}
+    commits = _commits(hub, repo)
+    q4 = folder / "SmolLM2-135M-Instruct-Q4_K_M.gguf"
+    tensors = _tensor_digest(q4)
+    fixed = (sample_model / "chat_template.jinja").read_text().replace(
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face", "You are SmolLM, a helpful assistant")
+    (tmp_path / "fixed.jinja").write_text(fixed)
+
+    start = time.monotonic()
+    proc = run_cli("retemplate", folder, "--chat-template", tmp_path / "fixed.jinja", check=True)
+    seconds = time.monotonic() - start
+    assert seconds < 30, seconds
+    assert "retemplated 7 file(s)" in proc.stdout and "quantize" not in proc.stderr
+    assert _tensor_digest(q4) == tensors  # the same tensors, bit for bit: nothing was quantized again
+    report = json.loads((folder / "report.json").read_text())
+    for a in report["artifacts"]:
+        path = folder / a["filename"]
+        assert gguf_facts(path).template == fixed and a["sha256"] == _sha(path)
+        assert a["integrity"] == [] and a["engine"]["template"] == [] and a["failures"] == [], a
+    assert report["changelog"] == [report["changelog"][0]] and "from the file fixed.jinja in 7 file(s)" in report["changelog"][0]
+    assert not list(folder.glob("*.partial"))
+
+    pushed = run_cli("publish", folder, env=hub.env, check=True)
+    assert _commits(hub, repo) == commits + 1
+    stage = folder / "publish" / "gguf"
+    local = {a["filename"]: folder / a["filename"] for a in report["artifacts"]}
+    local |= {p.name: p for p in stage.iterdir()}
+    changed = [name for name, path in local.items()
+               if not (remote[name].lfs and remote[name].lfs.sha256 == _sha(path)) and
+               remote[name].blob_id != _git_blob_sha1(path)]
+    assert f"{repo}@main: {len(changed)} file(s) in commit" in pushed.stderr + pushed.stdout, (changed, pushed.stderr)
+    assert set(local[n].suffix for n in changed) >= {".gguf", ".md"}
+    card = (stage / "README.md").read_text()
+    assert "## Changelog" in card and report["changelog"][0] in card
+
+
+def _git_blob_sha1(path):
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

@@ -74,6 +74,24 @@ class ChatFacts:
 
 
 @dataclass(frozen=True)
+class EngineVerdict:
+    """What an artifact's runtime engine made of its chat setup (Format.engine_check; GGUF: llama-server,
+    formats/gguf/engine_checks.py). report.json's `engine` of an artifact."""
+
+    engine: str  # the engine's identity (llama-server: its version line and binary hash)
+    template: list[str] = field(default_factory=list)  # failures: a conversation rendered otherwise, or an engine error
+    tool_calls: bool | None = None  # its parser returned the call as tool_calls, same name and arguments
+    tool_call_detail: str = ""  # what came back, in words
+    call_source: str = ""  # "the fp16 source's reply" or "a fixed call" (the source made none)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The report's cell: 'template ok, tool calls: yes'."""
+        return (("template ok" if not self.template else "template DIFFERS") + ", tool calls: "
+                + {True: "yes", False: "no", None: "—"}[self.tool_calls])
+
+
+@dataclass(frozen=True)
 class Mismatch:
     field: str
     artifact: str

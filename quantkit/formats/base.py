@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Literal
 from ..errors import ProfileError
 from ..fsutil import tree_size
 from ..options import load_options
-from ..evaluate.integrity import ChatFacts, folder_facts
+from ..evaluate.integrity import ChatFacts, EngineVerdict, folder_facts
 from ..evaluate.parity import Parity
 from ..evaluate.protocol import EvalSpec
 from ..plan import ArtifactPlan
@@ -94,6 +94,10 @@ class Card:
     def use_hint(self, variant: str, bits_per_weight: float) -> str:
         """The card's "Use case" cell."""
         return "low-bit; check the KL-divergence before use" if 0 < bits_per_weight < 4 else ""
+
+    def file_note(self, artifact: Judged) -> str:
+        """What the card's "Use case" cell adds about how this file loads ("" by default)."""
+        return ""
 
     def notes(self, artifacts: list[Judged]) -> dict[str, list[str]]:
         """Sections (title -> paragraphs) the report and the card add about this format's artifacts (GGUF: the
@@ -309,6 +313,28 @@ class Format(ABC):
     def chat_facts(self, path: Path) -> ChatFacts:
         """The chat template, special tokens and stop tokens as the artifact's runtime reads them."""
         return folder_facts(path)
+
+    def engine_identity(self) -> str:
+        """The runtime engine engine_check asks (its version; part of the check's resume key). "": none."""
+        return ""
+
+    def engine_check(self, path: Path, source: ChatFacts, call: dict | None, threads: int,
+                     template_file: Path | None = None) -> EngineVerdict:
+        """The artifact's chat setup in its runtime's own engine: the integrity conversations rendered there and
+        compared with the source's, and `call` (the source's tool call, None: it made none) parsed back by the
+        engine's own tool-call parser. `template_file`: run that template instead of the artifact's own. Only
+        asked when engine_identity() names an engine."""
+        raise NotImplementedError
+
+    def retemplate(self, path: Path, template_file: Path, token_ids: dict[str, int],
+                   tokenizer_files: dict[str, bytes]) -> None:
+        """Give the artifact a new chat template without touching its weights, each file replaced whole
+        (quantkit retemplate): `token_ids`, the special tokens whose ids change ({"eos": 2}); `tokenizer_files`, a
+        source revision's tokenizer files (empty: only the template changes). By default a Hugging Face folder's
+        tokenizer files (retemplate.folder_retemplate)."""
+        from ..retemplate import folder_retemplate
+
+        folder_retemplate(path, template_file, tokenizer_files)
 
     # Reports and cards: everything else they say is the Card's.
     def parity(self, artifact: Measured) -> Parity | None:

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     error TEXT,
     not_before REAL,
+    kind TEXT NOT NULL DEFAULT 'build',
     created REAL NOT NULL,
     updated REAL NOT NULL,
     UNIQUE (repo_id, revision, profile)
@@ -71,13 +72,17 @@ class Job:
     not_before: float | None  # a job queued again after a network failure waits until then
     created: float
     updated: float
+    # "build": `quantkit build` of the revision. "retemplate": the revision changed only tokenizer or template files
+    # since the build in `out` was made: `quantkit retemplate --from` that revision, nothing quantized again.
+    kind: str = "build"
 
     def render(self) -> str:
         who = f" on {self.worker}" if self.state == "running" else ""
         if self.state == "queued" and self.not_before and self.not_before > time.time():
             who = f", next attempt at {time.strftime('%H:%M:%S', time.localtime(self.not_before))}"
         why = f": {self.error}" if self.error and self.state in ("failed", "queued") else ""
-        return (f"#{self.id:<4} {self.state:9} {self.repo_id}@{self.revision[:12]}  profile {self.profile}  "
+        what = "  (template and tokenizer only)" if self.kind == "retemplate" else ""
+        return (f"#{self.id:<4} {self.state:9} {self.repo_id}@{self.revision[:12]}{what}  profile {self.profile}  "
                 f"attempt {self.attempts}/{self.max_attempts}{who}{why}")
 
 
@@ -88,8 +93,11 @@ class JobQueue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._db() as db:
                 db.executescript(_SCHEMA)
-                if "not_before" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
+                columns = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+                if "not_before" not in columns:
                     db.execute("ALTER TABLE jobs ADD COLUMN not_before REAL")  # a queue made before retries waited
+                if "kind" not in columns:  # a queue made before metadata-only jobs
+                    db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'build'")
         except (OSError, sqlite3.Error) as e:
             raise QuantkitError(f"cannot open the job queue {self.path}: {e}",
                                 "pass --queue (or set QUANTKIT_QUEUE) to a file in a folder you can write to") from e
@@ -119,15 +127,23 @@ class JobQueue:
 
     # ------------------------------------------------------------------ adding and reading
     def enqueue(self, repo_id: str, revision: str, profile: str, out: str | Path, *, needs_gpu: bool = False,
-                memory_bytes: int = 0, max_attempts: int = 3) -> Job | None:
+                memory_bytes: int = 0, max_attempts: int = 3, kind: str = "build") -> Job | None:
         """Add a job; None if this (repo, commit, profile) was ever queued before, whatever became of it."""
         now = time.time()
         with self._write() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO jobs (repo_id, revision, profile, out, needs_gpu, memory_bytes, max_attempts, "
-                "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (repo_id, revision, profile, str(Path(out).absolute()), int(needs_gpu), memory_bytes, max_attempts, now, now))
+                "kind, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (repo_id, revision, profile, str(Path(out).absolute()), int(needs_gpu), memory_bytes, max_attempts,
+                 kind, now, now))
             return self._get(db, cur.lastrowid) if cur.rowcount else None
+
+    def last_done(self, repo_id: str, profile: str) -> Job | None:
+        """The newest finished job of this repo and profile: the build a new revision may only need retemplating."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE repo_id = ? AND profile = ? AND state = 'done' "
+                             "ORDER BY updated DESC, id DESC LIMIT 1", (repo_id, profile)).fetchone()
+            return _job(row) if row else None
 
     def get(self, job_id: int) -> Job:
         with self._db() as db:

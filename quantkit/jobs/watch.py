@@ -1,4 +1,5 @@
-"""Find new or updated model repos on the Hub and queue one build job per new source commit.
+"""Find new or updated model repos on the Hub and queue one build job per new source commit; a commit that
+changed only tokenizer or chat-template files since the last finished build gets a `retemplate` job instead.
 
 One pass lists each organisation's models through huggingface_hub (HF_ENDPOINT and HF_TOKEN apply),
 with the commit sha, config, safetensors parameter counts and card data in the same request, so a
@@ -79,6 +80,25 @@ def parse_count(text: str) -> int:
     return count
 
 
+def template_only(api, repo_id: str, old: str, new: str) -> bool:
+    """Whether commit `new` changed only tokenizer or chat-template files since `old` (docs aside): then the build
+    of `old` needs only `quantkit retemplate`, not a new build. Two tree listings; any doubt means a build."""
+    from ..retemplate import TOKENIZER_FILES
+
+    def tree(rev: str) -> dict[str, str]:
+        return {e.path: (e.lfs.sha256 if getattr(e, "lfs", None) else getattr(e, "blob_id", None) or e.path)
+                for e in api.list_repo_tree(repo_id, revision=rev, recursive=True)}
+
+    try:
+        with network.quiet_client():
+            before, after = tree(old), tree(new)
+    except Exception:
+        return False
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    tokenizer = {p for p in changed if p in TOKENIZER_FILES}
+    return bool(tokenizer) and all(p in tokenizer or p.endswith(".md") for p in changed)
+
+
 def profile_ref(profile: str) -> str:
     """How a job names its profile: a name as given, a file by its absolute path (workers run elsewhere)."""
     return str(Path(profile).absolute()) if Path(profile).is_file() else profile
@@ -126,8 +146,12 @@ def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Pat
             result.skipped.append((info.id, why))
             continue
         gpu, memory = job_needs(prof, info.safetensors.total)
-        job = queue.enqueue(info.id, info.sha, profile_ref(profile), out, needs_gpu=gpu, memory_bytes=memory,
-                            max_attempts=max_attempts)
+        kind, job_out = "build", out
+        if (prev := queue.last_done(info.id, profile_ref(profile))) and prev.revision != info.sha \
+                and template_only(api, info.id, prev.revision, info.sha):
+            kind, job_out, gpu, memory = "retemplate", prev.out, False, 0
+        job = queue.enqueue(info.id, info.sha, profile_ref(profile), job_out, needs_gpu=gpu, memory_bytes=memory,
+                            max_attempts=max_attempts, kind=kind)
         if job:
             result.enqueued.append(job)
         else:

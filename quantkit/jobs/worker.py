@@ -20,7 +20,7 @@ from typing import Callable
 from .. import network
 from ..exits import STATUS_ENV, read_status
 from ..memory import machine_memory
-from ..procs import child_env, die_with_parent
+from ..procs import child_env, die_with_parent, stop
 from .queue import Job, JobQueue
 
 
@@ -106,8 +106,13 @@ class Worker:
         log = open(log_path, "a")
         log.write(f"\n=== attempt {job.attempts}/{job.max_attempts} on {self.o.name} at {time.ctime()}\n")
         log.flush()
-        args = [sys.executable, "-m", "quantkit", "build", job.repo_id, "--revision", job.revision, "--profile", job.profile,
-                "--out", job.out, "--threads", str(self.threads)] + (["--ray", self.o.ray] if self.o.ray else [])
+        if job.kind == "retemplate":  # the build in `out` takes the revision's template; published if it was
+            folder = Path(job.out) / job.repo_id.split("/")[-1]
+            args = [sys.executable, "-m", "quantkit", "retemplate", str(folder), "--from", f"{job.repo_id}@{job.revision}",
+                    "--threads", str(self.threads)] + (["--publish"] if _publishes(job.profile) else [])
+        else:
+            args = [sys.executable, "-m", "quantkit", "build", job.repo_id, "--revision", job.revision, "--profile",
+                    job.profile, "--out", job.out, "--threads", str(self.threads)] + (["--ray", self.o.ray] if self.o.ray else [])
         status = _status_path(self.q, job.id)
         status.unlink(missing_ok=True)
         # hub=True: the build downloads its source (and any Hub dataset it calibrates or evaluates on), and
@@ -150,13 +155,19 @@ class Worker:
 
     def _kill(self, r: _Running, why: str) -> None:
         self.log(f"#{r.job.id}: stopping its build: {why}")
-        r.proc.terminate()
-        try:
-            r.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            r.proc.kill()
-            r.proc.wait()
+        stop(r.proc, grace_s=20)
         r.log.close()
+
+
+def _publishes(profile: str) -> bool:
+    """The profile's publish.auto (a profile that no longer loads: no; the job's own command says why)."""
+    from ..errors import QuantkitError
+    from ..profiles import load_profile
+
+    try:
+        return load_profile(profile).publish.auto
+    except QuantkitError:
+        return False
 
 
 def _status_path(q: JobQueue, job_id: int) -> Path:

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .. import __version__
 from ..formats import Format
-from ..report import BITS_LEGEND, PM_LEGEND, artifact_table, chat_lines, format_notes
+from ..report import BITS_LEGEND, PM_LEGEND, artifact_table, chat_lines, engine_lines, format_notes
 from ..results import Judged, Report
 
 PLOT = "size-vs-kld.png"
@@ -45,7 +45,8 @@ def model_card(report: Report, repo_id: str, fmt: Format, quantized_by: str = ""
                                  *(["stated"] if layout != "files" else []), "size", "ppl", "kld", "top1", "smoke",
                                  "tool", "json"],
                           extra=("Use case", lambda a: ("**FAILED CHECKS**: " + "; ".join(a.failures)) if a.failures
-                                 else card.use_hint(a.variant, a.bits_per_weight))) + ["", BITS_LEGEND + PM_LEGEND]
+                                 else "; ".join(x for x in (card.use_hint(a.variant, a.bits_per_weight),
+                                                            card.file_note(a)) if x))) + ["", BITS_LEGEND + PM_LEGEND]
     pick = next((a for a in arts if a.variant in card.featured), arts[-1])
     prompt = report.prompt_format
     title = f"# {model} {card.display}" + (f" {arts[0].variant}" if layout == "repos" else "")
@@ -73,9 +74,12 @@ def model_card(report: Report, repo_id: str, fmt: Format, quantized_by: str = ""
         f"![size vs KL-divergence]({PLOT})",
         "",
         *(["## Chat template, tool calls and JSON mode", "", *chat_lines(report), ""] if ev.reference_result else []),
+        *(["## In the runtime's own engine", "", *engine, ""] if (engine := engine_lines(arts)) else []),
     ]
     for title, paragraphs in format_notes(report.artifacts).items():
         sections += [f"## {title}", ""] + [line for text in paragraphs for line in (text, "")]
+    if report.changelog:
+        sections += ["## Changelog", "", *[f"- {line}" for line in report.changelog], ""]
     # Readers paste these commands into a shell, and the names come from report.json: quoted, unless plainly safe.
     sections += ["## Download", "", "```bash"]
     if layout == "branches":
@@ -83,6 +87,8 @@ def model_card(report: Report, repo_id: str, fmt: Format, quantized_by: str = ""
                      f"--local-dir {quote(local_dir(report, fmt, a))}" for a in arts]
     elif layout == "repos":
         sections.append(f"hf download {repo_id} --local-dir {quote(local_dir(report, fmt, pick))}")
+    elif pick.details.get("shards"):  # a folder of parts: every file under it
+        sections.append(f"hf download {repo_id} --include {quote(pick.filename + '/*')} --local-dir .")
     else:
         sections.append(f"hf download {repo_id} {quote(pick.filename)} --local-dir .")
     sections += ["```", "", "## Run", "", *card.usage(repo_id, local_dir(report, fmt, pick), pick)]

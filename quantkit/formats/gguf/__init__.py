@@ -53,8 +53,8 @@ class GGUFFormat(Format, name="gguf"):
     evaluation = Evaluation("quantkit.formats.gguf.runner", fixed_bytes=GGUF_EVAL_FIXED,
                             windows_per_pass=WINDOWS_PER_DECODE)
     card = GGUFCard(display="GGUF", layout="files", tags=("llama.cpp",), featured=("Q4_K_M",),
-                    command="llama-cli -m {filename} -cnv",
-                    loads_in="They load in llama.cpp, LM Studio, Ollama and anything else built on llama.cpp.")
+                    loads_in="They load in llama.cpp, LM Studio, Ollama and anything else built on llama.cpp (a file "
+                             "split in parts: not in Ollama).")
 
     def requirements(self) -> list[Requirement]:
         hint = "run ./scripts/setup.sh (it builds llama-cpp-python)"
@@ -209,7 +209,8 @@ class GGUFFormat(Format, name="gguf"):
             size_bytes=sum(f.stat().st_size for f in gguf_files(path)),
             bits_per_weight=round(n_bytes * 8 / max(n_elements, 1), 3) if item.role != "imatrix" else 0.0,
             tensor_types=dict(sorted(types.items())), fallbacks=facts.get("fallbacks", []),
-            details={k: facts[k] for k in ("chunks", "chunk_tokens", "text", "experts_without_data") if facts.get(k)},
+            details={k: facts[k] for k in ("chunks", "chunk_tokens", "text", "experts_without_data") if facts.get(k)}
+            | ({"shards": [f.name for f in gguf_files(path)]} if path.is_dir() else {}),
         )
 
     def evaluation_peak(self, artifact_bytes: int, vocab: int, window: int, config: dict[str, Any] | None,
@@ -222,6 +223,20 @@ class GGUFFormat(Format, name="gguf"):
 
     def evaluation_mapped(self, item: ArtifactPlan) -> int:
         return item.predicted_bytes  # llama.cpp maps the file; only the types its CPU backend repacks are copies
+
+    def engine_identity(self) -> str:
+        return "llama-server " + tool_version("llama-server")
+
+    def engine_check(self, path: Path, source, call: dict | None, threads: int, template_file: Path | None = None):
+        from .engine_checks import check_file
+
+        return check_file(path, source, call, threads, self.engine_identity(), template_file)
+
+    def retemplate(self, path: Path, template_file: Path, token_ids: dict[str, int],
+                   tokenizer_files: dict[str, bytes]) -> None:
+        from .metadata import rewrite_metadata
+
+        rewrite_metadata(model_file(path), template_file=template_file, token_ids=token_ids)  # a split file's metadata is in its first shard
 
     def chat_facts(self, path: Path):
         from .chat_facts import gguf_facts

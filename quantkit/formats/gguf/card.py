@@ -4,6 +4,7 @@ tensors that fell back to other types and why a bigger file can measure worse.""
 from __future__ import annotations
 
 from collections import Counter
+from shlex import quote
 
 from ...fsutil import human_size
 from ..base import Card
@@ -56,6 +57,18 @@ def imatrix_lines(artifacts: list[Judged]) -> list[str]:
     return lines
 
 
+def intermediate_lines(artifacts: list[Judged]) -> list[str]:
+    """Which 16-bit (or Q8_0) conversion each file was quantized from: a bf16 source kept as BF16 never passes
+    through F16, whose range (±65504) bf16 weights and activations can exceed."""
+    lines = []
+    for inter in (a for a in artifacts if a.role == "intermediate"):
+        users = [a.variant for a in artifacts if a.made_from == inter.filename]
+        lines.append(f"`{inter.filename}` is llama.cpp's conversion of the source checkpoint (convert_hf_to_gguf.py, "
+                     f"{inter.variant}); every other file was quantized from it: {', '.join(users) or 'none'}."
+                     + (" BF16 keeps the source's bfloat16 weights exactly." if inter.variant == "BF16" else ""))
+    return lines
+
+
 class GGUFCard(Card):
     def label(self, variant: str) -> str:
         return variant  # the type names the format: Q4_K_M
@@ -67,8 +80,28 @@ class GGUFCard(Card):
     def use_hint(self, variant: str, bits_per_weight: float) -> str:
         return USE_HINTS.get(variant) or super().use_hint(variant, bits_per_weight)
 
+    def file_note(self, artifact: Judged) -> str:
+        shards = artifact.details.get("shards")
+        return (f"split in {len(shards)} files: llama.cpp and LM Studio load it from the first; Ollama cannot "
+                "(ollama#5245)") if shards else ""
+
+    def usage(self, repo_id: str, local_dir: str, artifact: Judged) -> list[str]:
+        """llama.cpp on the downloaded file, Ollama and LM Studio from the Hub. Ollama pulls `hf.co/REPO:TAG` by
+        finding TAG in a file name (hence `<Model>-<QUANT>.gguf`), and cannot pull a split file."""
+        shards = artifact.details.get("shards")
+        model = f"{artifact.filename}/{shards[0]}" if shards else artifact.filename
+        lines = ["```bash", f"llama-cli -m {quote(model)} -cnv    # llama.cpp, on the downloaded file"]
+        if shards:
+            lines.append(f"# Ollama cannot pull a split file (ollama#5245): merge it first, then import it\n"
+                         f"llama-gguf-split --merge {quote(model)} {quote(artifact.filename + '.gguf')}")
+        else:
+            lines.append(f"ollama run hf.co/{repo_id}:{quote(artifact.variant)}    # Ollama, from the Hub")
+        lines += [f"lms get {repo_id}    # LM Studio's CLI: choose {artifact.variant}", "```"]
+        return lines
+
     def notes(self, artifacts: list[Judged]) -> dict[str, list[str]]:
-        sections = {"Importance matrix": imatrix_lines(artifacts), "Tensors in other types": self._fallback_lines(artifacts)}
+        sections = {"Intermediate": intermediate_lines(artifacts), "Importance matrix": imatrix_lines(artifacts),
+                    "Tensors in other types": self._fallback_lines(artifacts)}
         return {title: lines for title, lines in sections.items() if lines}
 
     def fallback_summary(self, artifact: Built) -> str:

@@ -2,7 +2,7 @@
 variants (GGUFOptions).
 
     gguf:
-      intermediate: f16            # f16 | bf16 | q8_0 | auto (bf16 when the source is bf16)
+      intermediate: auto           # auto (the default: bf16 for a bf16 source, else f16) | f16 | bf16 | q8_0
       split_max_size: 48G          # larger artifacts are written as llama.cpp shards
       imatrix: {text: builtin:botchan, chunks: 64, ctx: 512}   # compute an importance matrix
       # imatrix: {from: q8_0}     # ...from the ladder's Q8_0 file instead: half the memory of a 16-bit one
@@ -57,7 +57,9 @@ class Options:
     """The profile's `gguf:` mapping (see this module's docstring)."""
 
     types: list[str | TypeEntry] = field(default_factory=list)
-    intermediate: str = "f16"
+    # auto: a bf16 source stays BF16. F16 cannot hold bf16's range: llama.cpp #12538, #18145 and #18182 are bf16
+    # models whose F16 conversion overflowed or lost accuracy.
+    intermediate: str = "auto"
     imatrix: bool | ImatrixEntry | None = None
     split_max_size: str | int = DEFAULT_SPLIT
 

@@ -1,5 +1,5 @@
-"""Split GGUF files: llama.cpp's shard layout (NAME-00001-of-0000N.gguf), which llama.cpp, LM Studio
-and Ollama load from the first shard. quantkit keeps the shards of one artifact in a folder."""
+"""Split GGUF files: llama.cpp's shard layout (NAME-00001-of-0000N.gguf), which llama.cpp and LM Studio load
+from the first shard; Ollama cannot pull one (ollama#5245). quantkit keeps the shards of one artifact in a folder."""
 
 from __future__ import annotations
 
