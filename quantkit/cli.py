@@ -164,7 +164,9 @@ def retemplate(build_dir: Path = typer.Argument(..., help="A build folder (OUT/<
     from .results import Report
 
     if (from_ is None) == (chat_template is None):
-        raise QuantkitError("give exactly one of --from and --chat-template",
+        from .errors import ChatTemplateError
+
+        raise ChatTemplateError("give exactly one of --from and --chat-template",
                             "e.g. quantkit retemplate builds/MODEL --chat-template fixed.jinja")
     if from_ is not None:
         new = chat_from_source(from_)

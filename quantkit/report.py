@@ -264,8 +264,9 @@ def engine_lines(artifacts: list[Judged]) -> list[str]:
     checked = [a for a in artifacts if a.engine]
     if not checked:
         return []
-    lines = ["Each file was loaded in its runtime's own engine (for GGUF, llama-server from the same llama.cpp as "
-             "the quantizer). Four fixed conversations (system + user, multi-turn, tools, an assistant tool call then a tool "
+    engines = ", ".join(sorted({a.engine.engine.split()[0] for a in checked}))
+    lines = [f"Each file was loaded in its runtime's own engine ({engines}, from the same build of the tools that "
+             "made it). Four fixed conversations (system + user, multi-turn, tools, an assistant tool call then a tool "
              "response) went through its template engine (`/apply-template`) "
              "and had to match the source's transformers rendering byte for byte; a tool call, sent as the "
              "assistant's turn with `tools=[...]` (`/v1/chat/completions`), had to come back from its own parser "

@@ -179,7 +179,7 @@ def _engine_accepts(build_dir: Path, report: Report, new: NewChat, template_file
         refused = [t for t in verdict.template if "rejects the template" in t]
         if refused:
             raise ChatTemplateError(f"{refused[0]} (checked on {a.filename})",
-                                    "fix the template so that llama.cpp's engine can run it; nothing was changed")
+                                    "fix the template so that the runtime's engine can run it; nothing was changed")
 
 
 def _token_ids(new: ChatFacts, artifact: ChatFacts) -> dict[str, int]:

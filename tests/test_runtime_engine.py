@@ -147,3 +147,51 @@ def test_every_builtin_gguf_profile_has_q4_k_m():
         if gguf is not None:
             names = [t if isinstance(t, str) else t.get("name") or t["type"] for t in gguf.get("types", [])]
             assert "Q4_K_M" in names, (name, names)
+
+
+def test_retemplate_refuses_bad_templates_and_changes_nothing(format_filter_build, sample_model, tmp_path):
+    """A template llama.cpp's engine refuses, one jinja2 cannot parse, a revision without one: exit 4, one line,
+    the build as it was."""
+    folder = format_filter_build["dir"]
+    gguf = folder / "Sample-Format-F16.gguf"
+    before = (gguf.stat().st_mtime_ns, (folder / "report.json").read_text(), (folder / ".quantkit" / "manifest.json").read_text())
+    (tmp_path / "percent.jinja").write_text(PERCENT)
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.role }")
+    no_template = tmp_path / "no-template"
+    no_template.mkdir()
+    (no_template / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    cases = [(["--chat-template", tmp_path / "percent.jinja"], 'rejects the template: Unknown operator "%" between String'),
+             (["--chat-template", tmp_path / "broken.jinja"], "does not render in jinja2: unexpected '}'"),
+             (["--from", no_template], "no-template has no chat template"),
+             ([], "give exactly one of --from and --chat-template")]
+    for args, message in cases:
+        proc = run_cli("retemplate", folder, *args)
+        assert proc.returncode == 4 and message in proc.stderr and "fix:" in proc.stderr, (args, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr
+    assert (gguf.stat().st_mtime_ns, (folder / "report.json").read_text(),
+            (folder / ".quantkit" / "manifest.json").read_text()) == before
+    assert not list(folder.glob("*.partial"))
+
+
+def test_a_folder_artifact_takes_the_template_in_its_tokenizer_files(sample_model, tmp_path):
+    """GPTQ, AWQ, EXL2 and MLX folders (Format.retemplate's default): chat_template.jinja, and tokenizer_config's
+    chat_template where it keeps one; from a revision, its tokenizer files."""
+    from quantkit.formats import get
+
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    for name in ("tokenizer.json", "generation_config.json"):
+        shutil.copy(sample_model / name, folder / name)
+    config = json.loads((sample_model / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "old"}))
+    new = tmp_path / "new.jinja"
+    new.write_text(FORMAT_FILTER)
+    get("gptq").retemplate(folder, new, {}, {})
+    assert (folder / "chat_template.jinja").read_text() == FORMAT_FILTER
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == FORMAT_FILTER
+    assert folder_facts(folder).template == FORMAT_FILTER
+    revision = {"tokenizer_config.json": json.dumps({**config, "eos_token": "<|endoftext|>"}).encode(),
+                "chat_template.jinja": PERCENT.encode(), "special_tokens_map.json": b"{}"}
+    get("mlx").retemplate(folder, new, {}, revision)
+    assert folder_facts(folder).template == PERCENT and folder_facts(folder).tokens["eos"] == 0
+    assert not (folder / "special_tokens_map.json").exists()  # only the files the folder has, and the template

@@ -57,7 +57,9 @@ def check_file(path: Path, source: ChatFacts, call: dict | None, threads: int, e
 
 def check_in_engine(server: LlamaServer, source: ChatFacts, call: dict | None, engine: str) -> EngineVerdict:
     """Run both checks against a started server. `call`: the source's tool call ({name, arguments}), or None."""
-    template = [f for name in CONVERSATIONS if (f := _render_failure(server, source, name))]
+    # A source without a template has nothing to compare with: llama-server then falls back to a built-in one
+    # (ChatML), and integrity.py already says whether the file has a template the source has not.
+    template = [f for name in CONVERSATIONS if (f := _render_failure(server, source, name))] if source.template else []
     ok, detail = _tool_call(server, call or CANNED_CALL, source)
     return EngineVerdict(engine=engine, template=template, tool_calls=ok, tool_call_detail=detail,
                          call_source=_call_source(call))
