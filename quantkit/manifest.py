@@ -92,15 +92,14 @@ class Manifest:
         sha = self.sha256(path)
         return self.retemplated.get(sha, sha)
 
-    def rewrote(self, step: str, path: Path, before: str) -> str:
+    def rewrote(self, step: str, path: Path, before: str) -> None:
         """Record that `step`'s output at `path` (sha256 `before`) got new metadata, with its tensors as they were:
-        the step stays done with the new hash, and made_sha256 maps the new hash back. Returns the new hash."""
+        the step stays done with the new hash, and made_sha256 maps the new hash back."""
         after = self.sha256(path)
         self.retemplated[after] = self.retemplated.get(before, before)
         if step in self.steps:
             self.steps[step]["sha256"] = after
         self.save()
-        return after
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ A model's template fix (a wrong stop token, a tool-call format) otherwise means 
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -30,23 +29,19 @@ from pathlib import Path
 from . import formats
 from .build import engine_verdicts, source_call
 from .errors import BuildFolderError, ChatTemplateError
-from .evaluate.integrity import ChatFacts, check_source_template, folder_facts, mismatches
+from .evaluate.integrity import TOKENIZER_FILES, ChatFacts, folder_facts, mismatches, render_error
+from .fsutil import check_free_space, tree_size
 from .manifest import Manifest
 from .progress import Reporter
 from .report import prompt_format, save_report
 from .results import Report
-
-# The files of a source revision that say how to chat with it (never weights): what --from downloads.
-TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-                   "special_tokens_map.json", "tokenizer.json")
 
 
 @dataclass(frozen=True)
 class NewChat:
     """What retemplate puts into every artifact, and what the artifacts are then checked against."""
 
-    template: str
-    facts: ChatFacts  # the chat setup every artifact must now match: the "source" of the checks
+    facts: ChatFacts  # the chat setup every artifact must now match (its template: the new one): the checks' "source"
     origin: str  # for the changelog: "the file fix.jinja", "ORG/MODEL@abc123"
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # a revision's files, for folder formats
 
@@ -68,7 +63,7 @@ def chat_from_file(path: Path, current: ChatFacts) -> NewChat:
         raise ChatTemplateError(f"{path} cannot be read as a UTF-8 template ({e})", "pass a Jinja chat template file")
     facts = replace(current, template=text)
     _renders(facts, str(path))
-    return NewChat(template=text, facts=facts, origin=f"the file {path.name}")
+    return NewChat(facts=facts, origin=f"the file {path.name}")
 
 
 def chat_from_source(spec: str, revision: str | None = None) -> NewChat:
@@ -92,15 +87,13 @@ def chat_from_source(spec: str, revision: str | None = None) -> NewChat:
                                 "tokenizer_config.json)", "pass a revision that has one, or --chat-template FILE")
     _renders(facts, origin)
     files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
-    return NewChat(template=facts.template, facts=facts, origin=origin, tokenizer_files=files)
+    return NewChat(facts=facts, origin=origin, tokenizer_files=files)
 
 
 def _renders(facts: ChatFacts, where: str) -> None:
-    try:
-        check_source_template(facts)
-    except Exception as e:  # SourceError with the renderer's message: here it is the given template's fault
-        raise ChatTemplateError(f"the chat template of {where} does not render in jinja2: "
-                                f"{str(e).split(': ', 1)[-1]}", "fix the template; nothing was changed") from None
+    if error := render_error(facts):
+        raise ChatTemplateError(f"the chat template of {where} does not render in jinja2: {error}",
+                                "fix the template; nothing was changed")
 
 
 def current_chat(build_dir: Path, report: Report) -> ChatFacts:
@@ -119,8 +112,11 @@ def retemplate(build_dir: Path, new: NewChat, *, reporter: Reporter | None = Non
     manifest.lock()
     with tempfile.TemporaryDirectory(prefix="quantkit-retemplate-") as tmp:
         template_file = Path(tmp) / "chat_template.jinja"
-        template_file.write_text(new.template, encoding="utf-8")
+        template_file.write_text(new.facts.template, encoding="utf-8")
         _engine_accepts(build_dir, report, new, template_file, threads)
+        # Each file is copied whole under a temporary name before it replaces the old one, `threads` at once.
+        largest = sorted((tree_size(build_dir / a.filename) for a in report.models), reverse=True)
+        check_free_space(build_dir, sum(largest[:max(1, threads)]), "the new copies of the files being rewritten")
         rewritten = []
 
         # Read here, not in the threads: llama.cpp's vocabulary loader silences the process's stdout and stderr.
@@ -155,12 +151,12 @@ def retemplate(build_dir: Path, new: NewChat, *, reporter: Reporter | None = Non
         integrity += engine.template if engine else []
         failures = [f for f in a.failures if not f.startswith("chat integrity: ")] + [f"chat integrity: {m}" for m in integrity]
         sha = manifest.sha256(path)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        size = tree_size(path)
         artifacts.append(replace(a, sha256=sha, size_bytes=size, integrity=integrity, engine=engine, failures=failures))
         _record_result(manifest, artifacts[-1])
     line = (f"{date.today().isoformat()}: chat template replaced from {new.origin} in {len(rewritten)} file(s) "
             "(quantkit retemplate); no file was quantized again")
-    report = replace(report, artifacts=artifacts, prompt_format=prompt_format(new.template),
+    report = replace(report, artifacts=artifacts, prompt_format=prompt_format(new.facts.template),
                      changelog=[*report.changelog, line])
     json_path, md_path = save_report(report, build_dir)
     failed = [a.filename for a in artifacts if a.filename in rewritten and a.failures]
@@ -200,25 +196,3 @@ def _record_result(manifest: Manifest, artifact) -> None:
     if rec and isinstance(rec.get("result"), dict):
         rec["result"].update(sha256=artifact.sha256, size_bytes=artifact.size_bytes)
         manifest.save()
-
-
-def folder_retemplate(path: Path, template_file: Path, tokenizer_files: dict[str, bytes]) -> None:
-    """Format.retemplate for a Hugging Face folder: a source revision's tokenizer files where the folder has them
-    (and its chat_template.jinja), or the new template as chat_template.jinja (and in tokenizer_config.json's
-    chat_template, if it keeps one there), each replaced whole."""
-    from .fsutil import atomic_path, write_text_atomic
-
-    template = template_file.read_text(encoding="utf-8")
-    if tokenizer_files:
-        for name, data in tokenizer_files.items():
-            if (path / name).is_file() or name == "chat_template.jinja":
-                with atomic_path(path / name) as tmp:
-                    tmp.write_bytes(data)
-        return
-    write_text_atomic(path / "chat_template.jinja", template)
-    config = path / "tokenizer_config.json"
-    if config.is_file():
-        data = json.loads(config.read_text())
-        if "chat_template" in data:
-            data["chat_template"] = template
-            write_text_atomic(config, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

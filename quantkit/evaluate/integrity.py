@@ -18,6 +18,11 @@ from ..errors import SourceError
 from .chat import render_chat
 from .probes import WEATHER_TOOL
 
+# The files of a Hugging Face folder that say how to chat with it (never weights): what folder_facts reads, and
+# what `quantkit retemplate --from` takes from a source revision.
+TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   "special_tokens_map.json", "tokenizer.json")
+
 _CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}
 
 # The fixed conversations every artifact's template must render exactly as the source's does.
@@ -170,8 +175,14 @@ def mismatches(source: ChatFacts, artifact: ChatFacts) -> list[Mismatch]:
     return out
 
 
+def render_error(facts: ChatFacts) -> str | None:
+    """Why the template cannot render a plain system + user chat (jinja2's message), or None when it can."""
+    r = facts.render("system + user") if facts.template else ""
+    return r[8:-1] if r.startswith("<error:") else None
+
+
 def check_source_template(source: ChatFacts) -> None:
     """Plan time: the source's template must render a plain chat, or the smoke test and every check fail later."""
-    if source.template and (r := source.render("system + user")).startswith("<error:"):
-        raise SourceError(f"the source's chat template fails to render a system + user chat: {r[8:-1]}",
+    if error := render_error(source):
+        raise SourceError(f"the source's chat template fails to render a system + user chat: {error}",
                           "fix chat_template in tokenizer_config.json or chat_template.jinja")

@@ -34,6 +34,7 @@ The core (build, evaluate, report, publish) asks the format and knows no format 
 from __future__ import annotations
 
 import importlib.util
+import json
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -44,7 +45,7 @@ from shlex import quote
 from typing import Any, ClassVar, Literal
 
 from ..errors import ProfileError
-from ..fsutil import tree_size
+from ..fsutil import atomic_path, tree_size, write_text_atomic
 from ..options import load_options
 from ..evaluate.integrity import ChatFacts, EngineVerdict, folder_facts
 from ..evaluate.parity import Parity
@@ -331,10 +332,21 @@ class Format(ABC):
         """Give the artifact a new chat template without touching its weights, each file replaced whole
         (quantkit retemplate): `token_ids`, the special tokens whose ids change ({"eos": 2}); `tokenizer_files`, a
         source revision's tokenizer files (empty: only the template changes). By default a Hugging Face folder's
-        tokenizer files (retemplate.folder_retemplate)."""
-        from ..retemplate import folder_retemplate
-
-        folder_retemplate(path, template_file, tokenizer_files)
+        tokenizer files: the revision's files where the folder has them (and its chat_template.jinja), or the new
+        template as chat_template.jinja (and in tokenizer_config.json's chat_template, if it keeps one there)."""
+        template = template_file.read_text(encoding="utf-8")
+        if tokenizer_files:
+            for name, data in tokenizer_files.items():
+                if (path / name).is_file() or name == "chat_template.jinja":
+                    with atomic_path(path / name) as tmp:
+                        tmp.write_bytes(data)
+            return
+        write_text_atomic(path / "chat_template.jinja", template)
+        config = path / "tokenizer_config.json"
+        if config.is_file():
+            data = json.loads(config.read_text())
+            if "chat_template" in data:
+                write_text_atomic(config, json.dumps({**data, "chat_template": template}, indent=2, ensure_ascii=False) + "\n")
 
     # Reports and cards: everything else they say is the Card's.
     def parity(self, artifact: Measured) -> Parity | None:

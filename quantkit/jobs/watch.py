@@ -83,7 +83,7 @@ def parse_count(text: str) -> int:
 def template_only(api, repo_id: str, old: str, new: str) -> bool:
     """Whether commit `new` changed only tokenizer or chat-template files since `old` (docs aside): then the build
     of `old` needs only `quantkit retemplate`, not a new build. Two tree listings; any doubt means a build."""
-    from ..retemplate import TOKENIZER_FILES
+    from ..evaluate.integrity import TOKENIZER_FILES
 
     def tree(rev: str) -> dict[str, str]:
         return {e.path: (e.lfs.sha256 if getattr(e, "lfs", None) else getattr(e, "blob_id", None) or e.path)
