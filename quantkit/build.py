@@ -21,6 +21,7 @@ from .evaluate.reference_time import ReferenceTime, predict
 from .gates import bound_failures
 from .executors import Executor, LocalExecutor
 from .fsutil import check_free_space, remove_partials, sha256_text
+from .graph import StepGraph
 from .manifest import SCHEMA, Manifest
 from .memory import (REFERENCE, StepMemory, machine_memory, reference_peak, streamed_reference_mapped,
                      streamed_reference_peak)
@@ -192,7 +193,7 @@ def predict_reference_time(stats, prof: Profile, facts, scored_tokens: int, stre
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
               converter: str | None = None, executor: Executor | None = None) -> BuildResult:
     """Build what is missing, evaluate, judge, report. `executor`: where the artifact steps run (default: here,
-    one after another; quantkit.executors.RayExecutor: as tasks on a Ray cluster). Artifacts that fail their
+    one after another; quantkit.cluster.RayExecutor: as tasks on a Ray cluster). Artifacts that fail their
     checks do not raise: the result lists them (BuildResult.error, raise_for_failures)."""
     from .evaluate.evaluator import Evaluator
 
@@ -235,7 +236,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     if plan.profile.chat_checks.engine:  # an engine that is not installed stops the build now, not after it
         for name in dict.fromkeys(i.backend for i in plan.artifacts):
             formats.get(name).engine_identity()
-    evaluator = Evaluator(manifest, plan.profile, plan.source.path, source_key, reporter, threads, executor,
+    evaluator = Evaluator(manifest, plan.profile, plan.source, source_key, reporter, threads, executor,
                           memory={e.target: e.peak_bytes for e in plan.evaluations}, source_chat=source_chat,
                           streamed=plan.reference_streamed)
     tokens = None
@@ -244,6 +245,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         tokens = EvalSpec(tokens=str(ids), window=plan.profile.evaluation.window, bos=bos, threads=threads)
     context = formats.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, converter=converter,
                                 evaluation_text=plan.profile.evaluation.text, evaluation=tokens)
+    executor.prepare(plan, context)
     built, keys, tools = [], {}, {}
     made: dict[str, Built] = {}
 
@@ -253,23 +255,26 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
                                                   manifest.sha256(path), facts, tools[item.filename])
         manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts, result=result.to_dict())
 
-    for wave in _waves(plan.artifacts):
-        todo = []
-        for item in wave:
-            keys[item.filename] = key = _artifact_key(item, context, keys, manifest, source_key, tools)
-            rec = manifest.done(f"artifact:{item.filename}", key, out / item.filename)
-            old = Built.from_dict(rec["result"]) if rec and isinstance(rec.get("result"), dict) else None
-            if rec is None:
-                todo.append(item)
-            elif old is None:  # built, then interrupted before it was described (or described by an older quantkit)
-                record(item, rec.get("facts", {}))
-                built.append(item.filename)
-            else:
-                made[item.filename] = old.planned_as(item)
-                reporter.info(f"✓ {item.filename} (up to date)")
-        for item, facts in executor.build(todo, context):
-            record(item, facts)
+    def admit(item: ArtifactPlan) -> bool:
+        """Whether `item` is still to build (its inputs are recorded, so its key can be made)."""
+        keys[item.filename] = key = _artifact_key(item, context, keys, manifest, source_key, tools)
+        rec = manifest.done(f"artifact:{item.filename}", key, out / item.filename)
+        old = Built.from_dict(rec["result"]) if rec and isinstance(rec.get("result"), dict) else None
+        if rec is None:
+            return True
+        if old is None:  # built, then interrupted before it was described (or described by an older quantkit)
+            record(item, rec.get("facts", {}))
             built.append(item.filename)
+        else:
+            made[item.filename] = old.planned_as(item)
+            reporter.info(f"✓ {item.filename} (up to date)")
+        return False
+
+    for item, facts in executor.build(StepGraph(plan.artifacts, admit), context):
+        record(item, facts)
+        built.append(item.filename)
+    for p in remove_partials(out):  # an attempt on a node that was lost: its step was made again elsewhere
+        reporter.info(f"removed {p.name} left by a lost attempt")
 
     # Measured: the chat integrity of every model a runner can load, and its evaluation (the runs go out together).
     integrity: dict[str, list[str]] = {}
@@ -330,17 +335,6 @@ def engine_verdicts(items: list[ArtifactPlan] | list[Judged], out: Path, manifes
         verdicts[item.filename] = verdict = fmt.engine_check(path, source, call, threads)
         manifest.record(f"engine:{item.filename}", key, verdict=asdict(verdict))
     return verdicts
-
-
-def _waves(items: list[ArtifactPlan]) -> list[list[ArtifactPlan]]:
-    """The plan in waves: each artifact comes one wave after the last of its inputs (plan order within a wave)."""
-    depth: dict[str, int] = {}
-    for item in items:  # a plan lists every artifact after its inputs
-        depth[item.filename] = 1 + max((depth.get(d, -1) for d in (item.depends_on, *item.uses) if d), default=-1)
-    waves: list[list[ArtifactPlan]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
-    for item in items:
-        waves[depth[item.filename]].append(item)
-    return waves
 
 
 def _artifact_key(item: ArtifactPlan, context: formats.BuildContext, keys: dict[str, str], manifest: Manifest,

@@ -101,7 +101,7 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
     reporter = Reporter(quiet=quiet)
     executor = None
     if ray:
-        from .executors import RayExecutor
+        from .cluster import RayExecutor
 
         executor = RayExecutor(ray)
     limit, where = _memory_limit(memory), "this machine"

@@ -57,6 +57,13 @@ class ToolError(QuantkitError):
     exit_code = 6
 
 
+class ClusterError(QuantkitError):
+    """A Ray cluster cannot run the build: a step no node can take, a node that fails its preflight, a node lost
+    more often than a step may be retried. Lost nodes and crashed workers are `retryable`: a job is queued again."""
+
+    exit_code = 9
+
+
 class SmokeTestFailed(QuantkitError):
     exit_code = 7
 

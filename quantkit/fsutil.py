@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -81,8 +83,11 @@ def file_identity(path: Path, small: int = 16 << 20) -> str:
 
 
 def partial_path(final: Path) -> Path:
-    """The name `final` is written under until it is complete; remove_partials deletes what a killed run left."""
-    return final.with_name(final.name + PARTIAL_SUFFIX)
+    """A name `final` is written under until it is complete, unique to this attempt (host, process and a random
+    part): two attempts at one step (a Ray retry that overlaps its lost predecessor, still writing on a node that
+    was only cut off) never write one file. remove_partials deletes what a killed run left."""
+    attempt = f"{socket.gethostname().split('.')[0]}-{os.getpid()}-{secrets.token_hex(3)}"
+    return final.with_name(f"{final.name}.{attempt}{PARTIAL_SUFFIX}")
 
 
 @contextlib.contextmanager

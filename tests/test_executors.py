@@ -1,4 +1,4 @@
-"""The Hub token of a Ray build task (executors.with_hub_token): passed as the task's argument, set only while the
+"""The Hub token of a Ray build task (cluster/tasks.py: with_hub_token): passed as the task's argument, set only while the
 task runs, and written to none of Ray's files (a runtime_env's env_vars would be, in runtime_env_agent.log). A real
 local Ray instance."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from quantkit.executors import HubToken
+from quantkit.cluster.tasks import HubToken
 
 SECRET = "hf_qk-test-secret-4711"
 
@@ -22,7 +22,7 @@ _TASKS = textwrap.dedent(f"""
     from pathlib import Path
     import ray
     import quantkit
-    from quantkit.executors import HubToken, with_hub_token
+    from quantkit.cluster.tasks import HubToken, with_hub_token
 
     ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1], logging_level="WARNING",
              runtime_env={{"py_modules": [str(Path(quantkit.__file__).parent)]}})

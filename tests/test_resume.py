@@ -29,14 +29,14 @@ def test_kill_9_during_a_write_leaves_no_partial_file_under_a_final_name(sample_
     deadline = time.monotonic() + 300
     partial = []
     while time.monotonic() < deadline and not partial and proc.poll() is None:
-        partial = list(folder.glob("*.gguf.partial"))
+        partial = list(folder.glob("*.gguf.*.partial"))
         time.sleep(0.02)
     assert partial, "the build finished or failed before a .gguf was being written"
     os.killpg(proc.pid, signal.SIGKILL)  # the converter/quantizer child dies with it
     proc.wait()
     time.sleep(0.5)
     # Whatever is under a final .gguf name is complete: the one being written is still .partial.
-    assert partial[0].with_suffix("").name not in {p.name for p in folder.glob("*.gguf")}
+    assert partial[0].name.split(".gguf.")[0] + ".gguf" not in {p.name for p in folder.glob("*.gguf")}
 
     resumed = run_cli("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", tmp_path, check=True)
     assert "left by an interrupted run" in resumed.stderr

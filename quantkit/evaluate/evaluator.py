@@ -25,6 +25,7 @@ from ..memory import REFERENCE
 from ..plan import STAT_KEYS, EvalResult, from_record
 from ..procs import run_python
 from ..profiles import Profile
+from ..source import Source
 from ..progress import Reporter
 from .integrity import ChatFacts, folder_facts
 from .metrics import windows
@@ -58,7 +59,7 @@ def runs_scratch(state_dir: Path, key: str) -> Path:
 
 
 class Evaluator:
-    def __init__(self, manifest: Manifest, profile: Profile, source: Path, source_key: str, reporter: Reporter,
+    def __init__(self, manifest: Manifest, profile: Profile, source: Source, source_key: str, reporter: Reporter,
                  threads: int, executor: Executor | None = None, memory: dict[str, int] | None = None,
                  source_chat: ChatFacts | None = None, streamed: bool = False) -> None:
         """`memory`: each step's predicted peak (artifact file name, or "reference"), for Ray's placement and the report.
@@ -71,7 +72,7 @@ class Evaluator:
         self.window = profile.evaluation.window
         self.ran: list[str] = []  # what was evaluated in this run (not taken from the manifest)
         self._tokens: tuple[Path, int | None] | None = None
-        self.source_chat = source_chat or folder_facts(source)
+        self.source_chat = source_chat or folder_facts(source.path)
         self.precision = parse_precision(profile.evaluation.precision)
         self.last_reference: EvalResult | None = None
         self.streamed = streamed
@@ -92,7 +93,7 @@ class Evaluator:
             text_file, bos_file = self.state / "eval-text.txt", self.state / "eval-bos.json"
             text_file.write_text(text, encoding="utf-8")
             with atomic_path(out) as tmp:
-                run_python(["-m", HF_RUNNER, "tokenize", str(self.source), str(text_file), str(tmp), str(bos_file)],
+                run_python(["-m", HF_RUNNER, "tokenize", str(self.source.path), str(text_file), str(tmp), str(bos_file)],
                            what="tokenizer")
                 if self.profile.evaluation.max_tokens:
                     ids = np.load(tmp)[: self.profile.evaluation.max_tokens]
@@ -144,8 +145,9 @@ class Evaluator:
         # (a generated token would read every layer again: evaluate/streamed.py).
         spec = replace(spec, reference=True, ref_write=str(ref_path), windows=want, state=str(state),
                        chat=not ((rec and have) or self.streamed), causality=True)
-        [run] = self.executor.run_helpers([self._helper(HF_RUNNER, self.source, spec, "the fp16 source (reference)",
-                                                        memory_key=REFERENCE)], self.reporter)
+        run = replace(self._helper(HF_RUNNER, self.source.path, spec, "the fp16 source (reference)",
+                                   memory_key=REFERENCE), source=self.source)
+        [run] = self.executor.run_helpers([run], self.reporter)
         raw = self._result(run)
         self.m.record(REFERENCE, ref_key, ref_path, windows=raw["windows"])
         if rec and have:

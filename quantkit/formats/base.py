@@ -18,10 +18,11 @@ Lifecycle, in order, and which process runs each member:
      cannot run. requirements()/require() refuse a format this machine lacks (or skip it: if_unavailable).
      plan() lists the ArtifactPlans, with sizes and peak memory; evaluation_peak/_mapped/_scratch size the
      evaluation steps.
-  2. Build (one step per artifact, in dependency waves: in this process, or as a Ray task on another machine).
+  2. Build (one step per artifact, each as soon as its inputs are recorded: in this process, or as a Ray task on
+     another machine).
      tools() and inputs() go into the artifact's resume key; build() writes the artifact atomically, running
      the format's tools in child processes of its own, and returns facts only it saw (a format that
-     `builds_together` gets a wave's steps at once, in build_many: EXL2's ladder in one exllamav2 process);
+     `builds_together` gets its steps that are ready together at once, in build_many: EXL2's ladder in one exllamav2 process);
      describe() reads the finished file back into a results.Description (in the build process).
   3. Evaluate (a child process per artifact: `python -m EVALUATION.runner evaluate TARGET SPEC OUT`, the
      protocol of evaluate/protocol.py). chat_facts() reads the template and stop tokens as the runtime does.
@@ -211,7 +212,7 @@ class Format(ABC):
     evaluation: ClassVar[Evaluation | None] = None
     # GPUs one build step needs: a job worker without one does not take the job, Ray places the step on a GPU node.
     gpus: ClassVar[int] = 0
-    # Whether the executor hands all of this format's steps of a wave to one build_many (one Ray task), rather
+    # Whether the executor hands all of this format's steps ready together to one build_many (one Ray task), rather
     # than each step to a run of its own.
     builds_together: ClassVar[bool] = False
     card: ClassVar[Card] = Card(display="")
@@ -269,12 +270,18 @@ class Format(ABC):
         """Write `item.filename` under context.out_dir (atomically); return facts only the build saw."""
 
     def build_many(self, items: list[ArtifactPlan], context: BuildContext) -> Iterator[tuple[ArtifactPlan, dict[str, Any]]]:
-        """Build `items` (this format's steps of one wave, when `builds_together`), yielding each with its facts as
+        """Build `items` (this format's steps ready together, when `builds_together`), yielding each with its facts as
         it is finished, so the build records each even when a later one fails. By default one build() after
         another; a format whose steps share a costly start (EXL2: exllamav2's extension, loaded once for the whole
         ladder) runs them in one process. Facts may give each item's own "seconds"."""
         for item in items:
             yield item, self.build(item, context)
+
+    def reads_source(self, item: ArtifactPlan) -> bool:
+        """Whether building `item` reads the source checkpoint (on a Ray node without the source's folder, the
+        step fetches it first; a step that does not read it never downloads it). By default: a step made from
+        the source, not from another artifact."""
+        return item.depends_on is None
 
     def describe(self, item: ArtifactPlan, path: Path, facts: dict[str, Any]) -> Description:
         """What the format reads from a built artifact (size, types, bits per weight), given build()'s facts; the

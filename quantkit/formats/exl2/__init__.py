@@ -17,7 +17,7 @@ from typing import Any
 
 from ...errors import ProfileError, ToolError
 from ...evaluate.text import calibration_identity, calibration_text
-from ...fsutil import atomic_path, drop_local_paths, partial_path, write_text_atomic
+from ...fsutil import atomic_path, drop_local_paths, partial_path, sha256_text, write_text_atomic
 from ...plan import ArtifactPlan
 from ...results import Description, Judged
 from ...procs import Finished, run_python
@@ -159,7 +159,7 @@ class EXL2Format(Format, name="exl2"):
         return facts
 
     def build_many(self, items: list[ArtifactPlan], context: BuildContext) -> Iterator[tuple[ArtifactPlan, dict[str, Any]]]:
-        """The measurement (its own wave: every bitrate reads it), or the bitrates of the ladder in one process
+        """The measurement (alone: every bitrate reads it), or the bitrates of the ladder in one process
         (ladder.py), each folder renamed into place as soon as the process is done, the finished ones even when
         another failed."""
         state = context.out_dir / ".quantkit"
@@ -264,12 +264,19 @@ class EXL2Format(Format, name="exl2"):
         return parity.to_dict() | {k: raw[k] for k in ("attention", "causality") if k in raw}
 
     def _calibration_parquet(self, text_spec: str, context: BuildContext) -> Path:
-        """exllamav2 reads calibration rows from a parquet file; ours, so it never sees the evaluation text."""
-        path = context.out_dir / ".quantkit" / "exl2-calibration.parquet"
-        source = path.with_suffix(".txt")
-        write_text_atomic(source, calibration_text(text_spec, context.evaluation_text))
-        run_python(["-m", "quantkit.formats.exl2.tool", "parquet", str(source), str(path)], what="calibration parquet")
+        """exllamav2 reads calibration rows from a parquet file; ours, so it never sees the evaluation text. Named
+        by its text and made once: the measurement and the ladder (on Ray, tasks that may overlap) read one file
+        that nobody rewrites while another reads it."""
+        text = calibration_text(text_spec, context.evaluation_text)
+        path = context.out_dir / ".quantkit" / f"exl2-calibration-{sha256_text(text)[:16]}.parquet"
+        if not path.exists():
+            source = path.with_suffix(".txt")
+            write_text_atomic(source, text)
+            run_python(["-m", "quantkit.formats.exl2.tool", "parquet", str(source), str(path)], what="calibration parquet")
         return path
+
+    def reads_source(self, item: ArtifactPlan) -> bool:
+        return True  # each bitrate is quantized from the source's weights, with the measurement as its guide
 
     def tools(self, item: ArtifactPlan, context: BuildContext) -> dict[str, str]:
         return versions("exllamav2", "torch")

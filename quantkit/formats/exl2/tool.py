@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
+
+from quantkit.fsutil import atomic_path
 
 
 def parquet(text_file: str, out: str) -> None:
@@ -22,9 +23,8 @@ def parquet(text_file: str, out: str) -> None:
             rows.append("\n".join(current))
             current = []
     rows += ["\n".join(current)] if current else []
-    tmp = out + ".partial"
-    pandas.DataFrame({"text": rows}).to_parquet(tmp, engine="fastparquet")
-    os.replace(tmp, out)
+    with atomic_path(Path(out)) as tmp:
+        pandas.DataFrame({"text": rows}).to_parquet(str(tmp), engine="fastparquet")
 
 
 if __name__ == "__main__":
