@@ -19,10 +19,10 @@ from .evaluate.probes import prompts as probe_prompts
 from .evaluate.protocol import EvalSpec
 from .evaluate.reference_time import ReferenceTime, predict
 from .gates import bound_failures
-from .executors import Executor, LocalExecutor
+from .executors import Executor, LocalExecutor, Made
 from .fsutil import check_free_space, remove_partials, sha256_text
 from .graph import StepGraph
-from .manifest import SCHEMA, Manifest
+from .manifest import SCHEMA, STATE_DIR, Manifest
 from .memory import (REFERENCE, StepMemory, machine_memory, reference_peak, streamed_reference_mapped,
                      streamed_reference_peak)
 from .plan import ArtifactPlan, BuildPlan, EvalResult, from_record
@@ -212,8 +212,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     except OSError as e:
         raise DiskSpaceError(f"cannot write to the output folder {out}: {e.strerror or e}",
                              "pass --out to a folder you can write to") from e
-    manifest = Manifest(out)
-    manifest.lock()
+    executor = executor or LocalExecutor()
+    manifest = _open_manifest(out, executor.store_url, reporter)
     if manifest.upgraded:
         reporter.info(f"{out.name} was built by an older quantkit (manifest schema {manifest.schema}, now {SCHEMA}): "
                       "what it keyed differently is made again, the rest is kept")
@@ -221,16 +221,16 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         reporter.info(f"removed {p.name} left by an interrupted run")
 
     source_key = _source_key(plan.source, manifest)
-    missing = [a for a in plan.artifacts if not (out / a.filename).exists()]
-    need = sum(a.predicted_bytes for a in missing)
-    if not (manifest.state_dir / "reference-logprobs.npy").exists():
-        need += plan.eval_scratch_bytes
-    elif any(f"eval:{a.filename}" not in manifest.steps for a in plan.artifacts if a.is_model):
-        need += plan.eval_temp_bytes  # the reference rows are there; an artifact still to score writes its scratch
-    check_free_space(out, need, f"{len(missing)} artifact(s) and evaluation scratch")
+    if not executor.store_url:  # with a store, the artifacts and the evaluation's files go there
+        missing = [a for a in plan.artifacts if not (out / a.filename).exists()]
+        need = sum(a.predicted_bytes for a in missing)
+        if not (manifest.state_dir / "reference-logprobs.npy").exists():
+            need += plan.eval_scratch_bytes
+        elif any(f"eval:{a.filename}" not in manifest.steps for a in plan.artifacts if a.is_model):
+            need += plan.eval_temp_bytes  # the reference rows are there; an artifact still to score writes its scratch
+        check_free_space(out, need, f"{len(missing)} artifact(s) and evaluation scratch")
 
     # The evaluation text is tokenized first: one too short for the context fails before any build.
-    executor = executor or LocalExecutor()
     evaluating = plan.profile.evaluation.enabled
     source_chat = folder_facts(plan.source.path)
     if plan.profile.chat_checks.engine:  # an engine that is not installed stops the build now, not after it
@@ -245,15 +245,21 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         tokens = EvalSpec(tokens=str(ids), window=plan.profile.evaluation.window, bos=bos, threads=threads)
     context = formats.BuildContext(source=plan.source, out_dir=out, reporter=reporter, threads=threads, converter=converter,
                                 evaluation_text=plan.profile.evaluation.text, evaluation=tokens)
-    executor.prepare(plan, context)
+    executor.prepare(plan, context, manifest)
     built, keys, tools = [], {}, {}
     made: dict[str, Built] = {}
 
-    def record(item: ArtifactPlan, facts: dict) -> None:
+    def record(item: ArtifactPlan, facts: dict, stored: Made | None = None) -> None:
+        """Record a finished step: from its file, or from what the task that made it in the store read of it."""
         path = out / item.filename
-        made[item.filename] = result = Built.make(item, formats.get(item.backend).describe(item, path, facts),
-                                                  manifest.sha256(path), facts, tools[item.filename])
-        manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts, result=result.to_dict())
+        if stored:
+            manifest.keep_stored(path, stored.digest)
+            described, chat = stored.description, {"chat": stored.chat.to_json()} if stored.chat else {}
+        else:
+            described, chat = formats.get(item.backend).describe(item, path, facts), {}
+        made[item.filename] = result = Built.make(item, described, manifest.sha256(path), facts, tools[item.filename])
+        manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts, result=result.to_dict(),
+                        **chat)
 
     def admit(item: ArtifactPlan) -> bool:
         """Whether `item` is still to build (its inputs are recorded, so its key can be made)."""
@@ -263,6 +269,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         if rec is None:
             return True
         if old is None:  # built, then interrupted before it was described (or described by an older quantkit)
+            if manifest.stored_digest(out / item.filename):
+                return True  # described where it was made, and that is gone: make it again
             record(item, rec.get("facts", {}))
             built.append(item.filename)
         else:
@@ -270,8 +278,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
             reporter.info(f"✓ {item.filename} (up to date)")
         return False
 
-    for item, facts in executor.build(StepGraph(plan.artifacts, admit), context):
-        record(item, facts)
+    for item, facts, stored in executor.build(StepGraph(plan.artifacts, admit), context):
+        record(item, facts, stored)
         built.append(item.filename)
     for p in remove_partials(out):  # an attempt on a node that was lost: its step was made again elsewhere
         reporter.info(f"removed {p.name} left by a lost attempt")
@@ -282,13 +290,14 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     for item in plan.artifacts:
         fmt = formats.get(item.backend)
         if fmt.evaluation and item.is_model:
-            integrity[item.filename] = [m.render() for m in mismatches(source_chat, fmt.chat_facts(out / item.filename))]
+            chat = _chat_facts(item, out, manifest)
+            integrity[item.filename] = [m.render() for m in mismatches(source_chat, chat)]
             if evaluating:
                 scored.append((item.filename, (out / item.filename, fmt.evaluation, item.role == "intermediate")))
     evaluations = dict(zip([name for name, _ in scored], evaluator.evaluate([target for _, target in scored])))
     reference = evaluator.reference_result() if evaluating else None
-    engines = (engine_verdicts(plan.artifacts, out, manifest, source_chat, source_call(reference), reporter, threads)
-               if plan.profile.chat_checks.engine else {})
+    engines = (engine_verdicts(plan.artifacts, out, manifest, source_chat, source_call(reference), reporter, threads,
+                               executor) if plan.profile.chat_checks.engine else {})
     for name, verdict in engines.items():
         integrity[name] += verdict.template
     measured = [made[i.filename].measured(integrity.get(i.filename, []), evaluations.get(i.filename),
@@ -296,6 +305,9 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     results = [m.judged(bound_failures(m, plan.profile.bounds)) for m in measured]
 
     report_json, report_md = write_reports(plan, results, reference, manifest)
+    if manifest.store:  # another coordinator resumes, and publishes, from the store alone
+        for path in (report_json, report_md):
+            manifest.store.put_state(out.name, path.name, path)
     for check in parity_checks(results):
         if not check.passed:
             reporter.warn(f"{check.render()}: every file this runtime measured is suspect")
@@ -315,10 +327,13 @@ def source_call(reference: EvalResult | None) -> dict | None:
 
 
 def engine_verdicts(items: list[ArtifactPlan] | list[Judged], out: Path, manifest: Manifest, source: ChatFacts,
-                    call: dict | None, reporter: Reporter, threads: int) -> dict[str, EngineVerdict]:
-    """Each model artifact's chat setup in its runtime's own engine (Format.engine_check). A verdict is kept in the
-    manifest under everything it depends on (the file's content, the engine, the source's renderings, the call), so
-    a resumed build asks the engine again only about what changed. `items`: a plan's artifacts, or a report's."""
+                    call: dict | None, reporter: Reporter, threads: int,
+                    executor: Executor | None = None) -> dict[str, EngineVerdict]:
+    """Each model artifact's chat setup in its runtime's own engine (Format.engine_check), where `executor` has the
+    file (default: here). A verdict is kept in the manifest under everything it depends on (the file's content, the
+    engine, the source's renderings, the call), so a resumed build asks the engine again only about what changed.
+    `items`: a plan's artifacts, or a report's."""
+    executor = executor or LocalExecutor()
     renders = json.dumps([source.render(name) for name in CONVERSATIONS])
     verdicts = {}
     for item in items:
@@ -332,9 +347,35 @@ def engine_verdicts(items: list[ArtifactPlan] | list[Judged], out: Path, manifes
             verdicts[item.filename] = verdict
             continue
         reporter.info(f"checking {item.filename} in {engine.split()[0]}: template and tool calls")
-        verdicts[item.filename] = verdict = fmt.engine_check(path, source, call, threads)
+        verdicts[item.filename] = verdict = executor.on_artifact(path, fmt.engine_check, source, call, threads)
         manifest.record(f"engine:{item.filename}", key, verdict=asdict(verdict))
     return verdicts
+
+
+def _open_manifest(out: Path, store_url: str | None, reporter: Reporter) -> Manifest:
+    """The build folder's manifest, locked. With a store: taken from the store when this folder has none (another
+    coordinator's build, resumed), and mirrored there after every change. A folder built with a store and carried
+    on without one gets its artifacts from the store first (a local step reads its inputs here)."""
+    if store_url and not (out / STATE_DIR / "manifest.json").exists():
+        from .store import ArtifactStore
+
+        if ArtifactStore(store_url).get_state(out.name, f"{STATE_DIR}/manifest.json", out / STATE_DIR / "manifest.json"):
+            reporter.info(f"resuming {out.name} from the manifest in {store_url}")
+    manifest = Manifest(out)
+    manifest.lock()
+    if store := manifest.open_store(store_url):
+        manifest.mirror = lambda path: store.put_state(out.name, f"{STATE_DIR}/{path.name}", path)
+        if not store_url:
+            manifest.fetch_stored(reporter.info)
+    return manifest
+
+
+def _chat_facts(item: ArtifactPlan, out: Path, manifest: Manifest) -> ChatFacts:
+    """The artifact's chat facts: read from its file, or for one in the store, as its task read them there."""
+    path = out / item.filename
+    if manifest.stored_digest(path):
+        return ChatFacts.from_json(manifest.steps[f"artifact:{item.filename}"]["chat"])
+    return formats.get(item.backend).chat_facts(path)
 
 
 def _artifact_key(item: ArtifactPlan, context: formats.BuildContext, keys: dict[str, str], manifest: Manifest,

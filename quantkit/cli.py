@@ -82,6 +82,11 @@ def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: O
     p.check_memory()
 
 
+StoreOpt = typer.Option(None, "--store", help="With --ray: keep the artifacts in this artifact store, an fsspec URL "
+                        "(file:///path, s3://bucket/prefix), so the nodes need share no filesystem (docs/cluster.md).",
+                        show_default=False)
+
+
 @app.command()
 def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: Optional[str] = ProfileOpt, out: Path = OutOpt,
           revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt,
@@ -92,7 +97,8 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
           owner: Optional[str] = typer.Option(None, "--owner", help="Hub user or organisation to publish under."),
           ray: Optional[str] = typer.Option(None, "--ray", help="Run the artifact steps as tasks on this Ray cluster "
                                             "(host:port, ray://host:10001 or auto); the build folder must be "
-                                            "on storage every node shares.", show_default=False),
+                                            "on storage every node shares, unless --store is given.", show_default=False),
+          store: Optional[str] = StoreOpt,
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.")) -> None:
     """Convert, quantize and evaluate every artifact of a profile; re-running resumes."""
     from .build import make_plan, run_build
@@ -100,10 +106,12 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
 
     reporter = Reporter(quiet=quiet)
     executor = None
+    if store and not ray:
+        raise QuantkitError("--store keeps a Ray build's artifacts: it needs --ray", "give --ray ADDRESS too, or leave --store out")
     if ray:
         from .cluster import RayExecutor
 
-        executor = RayExecutor(ray)
+        executor = RayExecutor(ray, store=store)
     limit, where = _memory_limit(memory), "this machine"
     if executor and limit is None:
         limit, where = executor.max_memory, "the largest Ray node"
@@ -282,13 +290,14 @@ def worker(queue: Optional[Path] = QueueOpt,
            memory: str = typer.Option("0", "--memory", help="Memory the running jobs' estimates may add up to, e.g. "
                                       "20G (0: 90% of this machine's)."),
            ray: Optional[str] = typer.Option(None, "--ray", help="Run each job's build steps as tasks on this Ray "
-                                             "cluster (host:port, ray://host:10001 or auto).", show_default=False)) -> None:
+                                             "cluster (host:port, ray://host:10001 or auto).", show_default=False),
+           store: Optional[str] = StoreOpt) -> None:
     """Run jobs from the queue: each is a `quantkit build` (publishing when the profile says publish.auto)."""
     from .jobs.worker import Worker, WorkerOptions
 
     memory_bytes = _memory_limit(memory)
     summary = Worker(_queue(queue), WorkerOptions(max_jobs=jobs, lease_s=lease, poll_s=poll, once=once, threads=threads,
-                                                  memory_bytes=memory_bytes, ray=ray)).run()
+                                                  memory_bytes=memory_bytes, ray=ray, store=store)).run()
     typer.echo(f"worker: {len(summary.done)} job(s) done, {len(summary.failed)} failed")
     if summary.failed:
         raise typer.Exit(1)

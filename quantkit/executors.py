@@ -12,17 +12,36 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
+from .evaluate.integrity import ChatFacts
 from .formats import BuildContext, get
 from .graph import StepGraph
+from .manifest import Manifest
 from .plan import ArtifactPlan, BuildPlan
+from .results import Description
 from .source import Source
 from .procs import run_python
 from .progress import Reporter
 
-StepFacts = Iterator[tuple[ArtifactPlan, dict[str, Any]]]
+
+@dataclass(frozen=True)
+class Made:
+    """An artifact a step made where the build cannot see it (a Ray task that committed it to the build's artifact
+    store): what the build would otherwise read from the file."""
+
+    filename: str
+    digest: str  # what the manifest records as its sha256 (fsutil.HashCache: a folder's digest of its files)
+    size: int
+    description: Description  # Format.describe, run where the file was
+    chat: ChatFacts | None  # Format.chat_facts, as the artifact's runtime reads it; None: not a model
+    facts: dict[str, Any]
+
+
+# Each finished step, the facts its build returned, and Made where the build has no file of it.
+StepFacts = Iterator[tuple[ArtifactPlan, dict[str, Any], "Made | None"]]
 _PROGRESS = re.compile(r"progress (\d+)/(\d+)")  # how helpers report progress (runners do)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,7 +61,11 @@ class HelperRun:
 
 
 class Executor(Protocol):
-    def prepare(self, plan: BuildPlan, context: BuildContext) -> None:
+    # The artifact store the build's files go to (a fsspec URL), where the nodes share no filesystem; None: the
+    # build folder itself.
+    store_url: str | None
+
+    def prepare(self, plan: BuildPlan, context: BuildContext, manifest: Manifest) -> None:
         """Refuse, before anything runs, a build this executor cannot finish (a step, or an evaluation, that no
         node can take; a node that cannot run what it may be given)."""
 
@@ -51,7 +74,10 @@ class Executor(Protocol):
         records finished work even when a later step fails (graph.py: the contract)."""
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
-        """Run each helper; yield each as it finishes."""
+        """Run each helper; yield each as it finishes (its result file written)."""
+
+    def on_artifact(self, path: Path, fn: Callable[..., T], *args: Any) -> T:
+        """fn(path, *args) where the artifact at `path` of the build folder is (an engine check)."""
 
 
 def runs_of(steps: list[ArtifactPlan]) -> list[list[ArtifactPlan]]:
@@ -69,7 +95,7 @@ def runs_of(steps: list[ArtifactPlan]) -> list[list[ArtifactPlan]]:
     return runs
 
 
-def timed_builds(items: list[ArtifactPlan], context: BuildContext) -> StepFacts:
+def timed_builds(items: list[ArtifactPlan], context: BuildContext) -> Iterator[tuple[ArtifactPlan, dict[str, Any]]]:
     """Format.build_many, each item with its wall time among the facts the report keeps (the time since the one
     before it, unless the format measured its own)."""
     start = time.monotonic()
@@ -80,15 +106,20 @@ def timed_builds(items: list[ArtifactPlan], context: BuildContext) -> StepFacts:
 
 
 class LocalExecutor:
-    def prepare(self, plan: BuildPlan, context: BuildContext) -> None:
+    store_url = None
+
+    def prepare(self, plan: BuildPlan, context: BuildContext, manifest: Manifest) -> None:
         """Nothing: the plan already checked this machine (memory, tools)."""
 
     def build(self, graph: StepGraph, context: BuildContext) -> StepFacts:
         while batch := graph.ready():
             for run in runs_of(batch):
                 for item, facts in timed_builds(run, context):
-                    yield item, facts
+                    yield item, facts, None
                     graph.finish(item)
+
+    def on_artifact(self, path: Path, fn: Callable[..., T], *args: Any) -> T:
+        return fn(path, *args)
 
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         for run in runs:

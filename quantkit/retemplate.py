@@ -110,6 +110,7 @@ def retemplate(build_dir: Path, new: NewChat, *, reporter: Reporter | None = Non
     report = Report.read(build_dir / "report.json")
     manifest = Manifest(build_dir)
     manifest.lock()
+    manifest.fetch_stored(reporter.info)  # a --store build: the files are rewritten here
     with tempfile.TemporaryDirectory(prefix="quantkit-retemplate-") as tmp:
         template_file = Path(tmp) / "chat_template.jinja"
         template_file.write_text(new.facts.template, encoding="utf-8")

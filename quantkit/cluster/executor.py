@@ -10,12 +10,18 @@ so an attempt that was only cut off, still writing, never clobbers the next one.
 run on and what they finish is recorded, so a rerun resumes from there; then the first failure is raised. A
 submitted task that no node still alive can run (its node is gone) is cancelled, not left pending forever.
 
-The build folder must be on storage every node shares (and the source too, unless it comes from the Hub, which a
-node that lacks it fetches); the preflight proves it with a probe file before any step starts. docs/cluster.md.
+Two ways to share files (docs/cluster.md):
+- a shared folder (no store): the build folder is on storage every node mounts at the same path (and the source too,
+  unless it comes from the Hub, which a node that lacks it fetches); the preflight proves it with a probe file;
+- an artifact store (`store`: an fsspec URL): nothing is shared but the store. Tasks get references and return
+  facts (stored.py); the driver never opens an artifact: what it records comes back from the tasks, its evaluation
+  files go to the store, and a step is placed, softly, on the node that made its parent (the parent is in that
+  node's cache already).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -25,14 +31,17 @@ from typing import Any, Callable, Iterator
 
 from .. import formats
 from ..errors import ClusterError, QuantkitError, ToolError
-from ..executors import HelperRun, StepFacts, runs_of
+from ..executors import HelperRun, StepFacts, T, runs_of
 from ..formats import BuildContext
-from ..graph import StepGraph
+from ..graph import StepGraph, inputs_of
+from ..manifest import Manifest
 from ..plan import ArtifactPlan, BuildPlan
 from ..progress import Reporter
+from ..store import ArtifactStore, Ref
 from .failures import task_failure, unplaceable
 from .nodes import Needs, Node, alive_nodes, largest, place
 from .preflight import run_preflight
+from .stored import PLACED, EvalReturn, SourceRef, StepRecipe, StoredEval, build_stored, evaluate_stored, on_stored
 from .tasks import HubToken, StepOutcome, TransientStepError, build_step, helper_step, reads_hub, with_hub_token
 
 RETRIES_ENV = "QUANTKIT_RAY_RETRIES"
@@ -50,7 +59,8 @@ class _Task:
 
 
 class RayExecutor:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, store: str | None = None) -> None:
+        """`store`: the fsspec URL of the build's artifact store (None: the build folder is shared storage)."""
         try:
             import ray
         except ImportError:
@@ -73,6 +83,11 @@ class RayExecutor:
             raise ToolError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}",
                             "start one with `ray start --head`, or pass its address (host:port, ray://host:10001 or auto)") from e
         self.retries = int(os.environ.get(RETRIES_ENV, 3))
+        self.store_url = store
+        self.store = ArtifactStore(store) if store else None
+        self.manifest: Manifest | None = None
+        self._source: SourceRef | None = None
+        self._where: dict[str, str] = {}  # artifact file name -> the node (id) that made it, in this run
         self._names: dict[str, str] = {}
         self._build = ray.remote(with_hub_token)
         self._helper = ray.remote(with_hub_token)
@@ -93,8 +108,10 @@ class RayExecutor:
         return max((n.gpus for n in self.nodes() if n.cpus >= 1), default=0)
 
     # Before anything runs
-    def prepare(self, plan: BuildPlan, context: BuildContext) -> None:
-        """Refuse a step or an evaluation that fits no single node, then check every node (preflight.py)."""
+    def prepare(self, plan: BuildPlan, context: BuildContext, manifest: Manifest) -> None:
+        """Refuse a step or an evaluation that fits no single node, then check every node (preflight.py). With a
+        store, the source's reference is made (a local source is uploaded)."""
+        self.manifest = manifest
         nodes = self.nodes()
         for item in plan.artifacts:
             self._needs([item], context.threads, nodes)
@@ -104,7 +121,9 @@ class RayExecutor:
             evaluation = formats.get(item.backend).evaluation if item else None
             place(step.step, context.threads, evaluation.gpus if evaluation else 0, step.peak_bytes, nodes)
         tools = {i.filename: formats.get(i.backend).tools(i, context) for i in plan.artifacts}
-        reports = run_preflight(self.ray, nodes, plan, context, tools, HubToken.here())
+        reports = run_preflight(self.ray, nodes, plan, context, tools, HubToken.here(), self.store)
+        if self.store:
+            self._source = SourceRef.of(plan.source, self.store)
         context.reporter.info(f"Ray preflight: {len(reports)} node(s) ready ({', '.join(r.node for r in reports)})")
 
     def _needs(self, run: list[ArtifactPlan], threads: int, nodes: list[Node]) -> Needs:
@@ -129,32 +148,110 @@ class RayExecutor:
             for run in runs_of(ready):
                 needs = self._needs(run, context.threads, nodes)
                 hub = token if any(reads_hub(item, context) for item in run) else None
-                ref = self._submit(self._build, needs, f"quantkit build {self._label(run)}", hub, build_step, run, portable)
+                name = f"quantkit build {self._label(run)}"
+                if self.store:
+                    ref = self._submit(self._build, needs, name, hub, build_stored, run, self._recipe(run, context),
+                                       near=self._near(run))
+                else:
+                    ref = self._submit(self._build, needs, name, hub, build_step, run, portable)
                 pending[ref] = _Task(", ".join(i.filename for i in run), needs, run)
                 reporter.info(f"→ {pending[ref].label}: Ray task submitted")
 
         for task, outcome in self._gather(pending, reporter, refill=submit):
-            for item, facts in zip(task.what, outcome.value):
-                yield item, {**facts, "ran_on": {"node": self._names.get(outcome.node, outcome.node),
-                                                 "attempt": outcome.attempt}}
+            ran_on = {"node": self._names.get(outcome.node, outcome.node), "attempt": outcome.attempt}
+            for item, value in zip(task.what, outcome.value):
+                self._where[item.filename] = outcome.node
+                if self.store:
+                    yield item, {**value.facts, "ran_on": ran_on}, value
+                else:
+                    yield item, {**value, "ran_on": ran_on}, None
                 graph.finish(item)
         if blocked := graph.blocked():
             raise ClusterError(f"{len(blocked)} step(s) never started: {', '.join(blocked)}", "see the errors above")
 
+    def _ref(self, path: Path) -> Ref:
+        """A file of the build folder as a store reference: the store's copy, or this one uploaded (a folder
+        built here before, carried on with a store)."""
+        if digest := self.manifest.stored_digest(path):
+            return Ref(digest, 0, path.name)
+        ref = self.store.put(path)
+        self.manifest.keep_stored(path, ref.digest)
+        return ref
+
+    def _recipe(self, run: list[ArtifactPlan], context: BuildContext) -> StepRecipe:
+        made_here = {i.filename for i in run}
+        inputs = tuple(self._ref(context.out_dir / name) for name in dict.fromkeys(
+            d for item in run for d in inputs_of(item) if d not in made_here))
+        tokens = self._ref(Path(context.evaluation.tokens)) if context.evaluation else None
+        return StepRecipe(self.store_url, self._source, inputs, context.threads, context.converter,
+                          context.evaluation_text, replace(context.evaluation, tokens="") if context.evaluation else None,
+                          tokens)
+
+    def _near(self, run: list[ArtifactPlan]) -> str | None:
+        """The node that made a parent of the run in this build: its cache has it already."""
+        return next((self._where[d] for item in run for d in inputs_of(item) if d in self._where), None)
+
+    # Evaluations
     def run_helpers(self, runs: list[HelperRun], reporter: Reporter) -> Iterator[HelperRun]:
         nodes = self.nodes()
         pending: dict[Any, _Task] = {}
         for run in runs:
             needs = place(run.label, run.cpus, run.gpus, run.memory, nodes)
             token = HubToken.here() if run.source is not None and run.source.repo_id else None
-            ref = self._submit(self._helper, needs, f"quantkit {run.label}", token, helper_step, run)
+            if self.store:
+                stored = self._stored_eval(run)
+                near = self._where.get(stored.target.name) if stored.target else None
+                ref = self._submit(self._helper, needs, f"quantkit {run.label}", token, evaluate_stored, stored, near=near)
+            else:
+                ref = self._submit(self._helper, needs, f"quantkit {run.label}", token, helper_step, run)
             pending[ref] = _Task(run.label, needs, run)
             reporter.info(f"→ {run.label}: Ray task submitted")
-        for task, _ in self._gather(pending, reporter):
+        for task, outcome in self._gather(pending, reporter):
+            if self.store:
+                self._took(task.what, outcome.value)
             yield task.what
 
-    def _submit(self, remote, needs: Needs, name: str, token: HubToken | None, fn: Callable, *args) -> Any:
-        return remote.options(**needs.options(), name=name, max_retries=self.retries,
+    def _stored_eval(self, run: HelperRun) -> StoredEval:
+        """A helper run (`-m RUNNER evaluate TARGET SPEC OUT`, its spec a file of the driver's) as references."""
+        _, runner, _, target, spec_file, _ = run.args
+        spec = json.loads(Path(spec_file).read_text())
+        optional = {key: self._ref(Path(spec[key])) if spec.get(key) and self.manifest.present(Path(spec[key])) else None
+                    for key in ("ref_read", "ref_write", "state")}
+        tokens = self._ref(Path(spec["tokens"]))
+        # The node puts its own paths in; only whether each file is asked for travels.
+        spec.update({key: PLACED for key in ("tokens", "ref_read", "ref_write", "state") if spec.get(key)})
+        if spec.get("scratch"):
+            spec["scratch"] = Path(spec["scratch"]).name
+        return StoredEval(self.store_url, run.label, runner, spec, tokens,
+                          None if run.source is not None else self._ref(Path(target)),
+                          self._source if run.source is not None else None,
+                          env=run.env, cpus=run.cpus, **optional)
+
+    def _took(self, run: HelperRun, result: EvalReturn) -> None:
+        """An evaluation's outcome where the evaluator reads it: its result file, and what it wrote, in the store."""
+        spec = json.loads(Path(run.args[4]).read_text())
+        Path(run.args[5]).write_text(json.dumps(result.output))
+        for key, ref in (("ref_write", result.ref_write), ("state", result.state)):
+            if ref is not None and spec.get(key):
+                self.manifest.keep_stored(Path(spec[key]), ref.digest)
+        self.manifest.save()
+
+    def on_artifact(self, path: Path, fn: Callable[..., T], *args: Any) -> T:
+        if not self.store or path.exists():
+            return fn(path, *args)
+        needs = place(f"a check of {path.name}", 1, 0, 0, self.nodes())
+        ref = self._submit(self._helper, needs, f"quantkit check {path.name}", None, on_stored, self.store_url,
+                           self._ref(path), fn, *args, near=self._where.get(path.name))
+        [(_, outcome)] = list(self._gather({ref: _Task(f"check {path.name}", needs, path)}, Reporter(quiet=True)))
+        return outcome.value
+
+    def _submit(self, remote, needs: Needs, name: str, token: HubToken | None, fn: Callable, *args,
+                near: str | None = None) -> Any:
+        """`near`: a node to prefer (soft affinity: any other node that fits will do)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        strategy = NodeAffinitySchedulingStrategy(near, soft=True) if near else "DEFAULT"
+        return remote.options(**needs.options(), name=name, max_retries=self.retries, scheduling_strategy=strategy,
                               retry_exceptions=[TransientStepError]).remote(token, fn, *args)
 
     def _gather(self, pending: dict[Any, _Task], reporter: Reporter,

@@ -136,12 +136,12 @@ def on_this_node(source: Source) -> Source:
                    name=source.name)
 
 
-def _transient(fn: Callable, *args) -> Any:
-    """fn(*args); a failure the network caused becomes a TransientStepError, which Ray retries."""
+def transient(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs); a failure the network caused becomes a TransientStepError, which Ray retries."""
     from .. import network
 
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except QuantkitError as e:
         if e.retryable and not isinstance(e, TransientStepError):
             raise TransientStepError(str(e), e.hint) from e
@@ -159,9 +159,9 @@ def build_step(items: list[ArtifactPlan], context: BuildContext) -> StepOutcome:
     node, attempt = here()
     source = context.source
     if any(get(i.backend).reads_source(i) for i in items):
-        source = _transient(on_this_node, source)
+        source = transient(on_this_node, source)
     context = replace(context, source=source, reporter=Reporter(quiet=False), threads=assigned_cpus(context.threads))
-    facts = _transient(lambda: [f for _, f in timed_builds(items, context)])
+    facts = transient(lambda: [f for _, f in timed_builds(items, context)])
     return StepOutcome(facts, node, attempt)
 
 
@@ -172,13 +172,13 @@ def helper_step(run: HelperRun) -> StepOutcome:
     node, attempt = here()
     args = list(run.args)
     if run.source is not None:
-        args[3] = str(_transient(on_this_node, run.source).path)
+        args[3] = str(transient(on_this_node, run.source).path)
     spec = Path(args[4])
     mine = partial_path(spec)
     mine.write_text(json.dumps({**json.loads(spec.read_text()), "threads": assigned_cpus(run.cpus)}))
     args[4] = str(mine)
     try:
-        _transient(lambda: run_python(args, cwd=run.cwd, env=dict(run.env), what=run.label))
+        transient(lambda: run_python(args, cwd=run.cwd, env=dict(run.env), what=run.label))
     finally:
         mine.unlink(missing_ok=True)
     return StepOutcome(None, node, attempt)

@@ -140,7 +140,7 @@ class Evaluator:
             self.last_reference = from_record(EvalResult, rec["result"])
             return self.last_reference
         if not have:
-            state.unlink(missing_ok=True)
+            self.m.discard(state)
         # No chat turns for more windows of a finished reference (its replies are known), nor for a streamed one
         # (a generated token would read every layer again: evaluate/streamed.py).
         spec = replace(spec, reference=True, ref_write=str(ref_path), windows=want, state=str(state),
@@ -197,7 +197,7 @@ class Evaluator:
                 first[artifact] = raw
                 if raw.get("precise") or raw["windows"] >= total or not self.precision:
                     _, _, key = todo.pop(artifact)
-                    runs_state(self.state, key).unlink(missing_ok=True)
+                    self.m.discard(runs_state(self.state, key))
                     shutil.rmtree(runs_scratch(self.state, key), ignore_errors=True)
                     results[artifact] = self._record(f"eval:{artifact.name}", key, raw, ref, artifact.name)
                 else:

@@ -69,6 +69,18 @@ class ChatFacts:
                            bos_token=self.texts.get(self.tokens.get("bos"), ""),
                            eos_token=self.texts.get(self.tokens.get("eos"), ""))
 
+    def to_json(self) -> dict:
+        """As a manifest keeps it (a --store build records what the node read from the artifact)."""
+        return {"template": self.template, "tokens": self.tokens, "special": self.special,
+                "stop_ids": None if self.stop_ids is None else sorted(self.stop_ids),
+                "texts": {str(k): v for k, v in self.texts.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ChatFacts":
+        stop = data.get("stop_ids")
+        return cls(data.get("template"), dict(data.get("tokens") or {}), dict(data.get("special") or {}),
+                   None if stop is None else frozenset(stop), {int(k): v for k, v in (data.get("texts") or {}).items()})
+
     def end_of_turn(self) -> str | None:
         """The special token the template puts after an assistant reply (<|im_end|> for ChatML)."""
         turn = self.render("turn")

@@ -35,6 +35,7 @@ class WorkerOptions:
     memory_bytes: int = 0  # what the jobs' estimates may add up to; 0: 90% of the machine's memory
     gpus: int | None = None  # None: as many as torch sees
     ray: str | None = None  # run each job's build steps on this Ray cluster
+    store: str | None = None  # ...keeping the artifacts in this store (docs/cluster.md)
 
 
 @dataclass
@@ -112,7 +113,8 @@ class Worker:
                     "--threads", str(self.threads)] + (["--publish"] if _publishes(job.profile) else [])
         else:
             args = [sys.executable, "-m", "quantkit", "build", job.repo_id, "--revision", job.revision, "--profile",
-                    job.profile, "--out", job.out, "--threads", str(self.threads)] + (["--ray", self.o.ray] if self.o.ray else [])
+                    job.profile, "--out", job.out, "--threads", str(self.threads)]
+            args += (["--ray", self.o.ray] if self.o.ray else []) + (["--store", self.o.store] if self.o.store else [])
         status = _status_path(self.q, job.id)
         status.unlink(missing_ok=True)
         # hub=True: the build downloads its source (and any Hub dataset it calibrates or evaluates on), and

@@ -72,6 +72,17 @@ def folder_files(folder: Path, prefix: str = "") -> list[UploadFile]:
             for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
+def _fetch_stored(build_dir: Path) -> None:
+    """A build whose artifacts are in its artifact store (a --store build): fetched here first; publishing needs
+    the bytes, and checks them as it checks any file."""
+    from ..manifest import Manifest
+    from ..progress import Reporter
+
+    manifest = Manifest(build_dir)
+    if manifest.stored:
+        manifest.fetch_stored(Reporter().info)
+
+
 def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None = None,
                  offline: bool = False, allow_failed: bool = False) -> list[RepoCommit]:
     """Write each repo's card and plot into BUILD/publish/ and list the commits, as each format lays out its
@@ -84,6 +95,7 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     if not report_path.is_file():
         raise PublishError(f"{build_dir} has no report.json", "run quantkit build first, and pass its build folder")
     report = Report.read(report_path)  # BuildFolderError: written by a newer quantkit, or damaged
+    _fetch_stored(build_dir)
     _check_names(report)
     if not report.evaluation.reference_result:
         raise PublishError(f"{build_dir.name} was built with evaluation off, so none of its files was measured",
