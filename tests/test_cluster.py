@@ -148,6 +148,30 @@ def test_the_preflight_names_a_node_that_cannot_run_the_build(cluster, sample_mo
     assert not list((tmp_path / "out").rglob("*.gguf"))
 
 
+def test_a_step_that_waits_past_the_pending_limit_fails_the_build(cluster, sample_model, tmp_path):
+    # The only GPU is held by another job's task: the GPU step fits the cluster, and waits.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import ray, time; ray.init(address=%r, logging_level='ERROR')\n"
+        "@ray.remote(num_gpus=1, num_cpus=0)\ndef hold():\n    print('holding', flush=True); time.sleep(600)\n"
+        "ref = hold.remote(); time.sleep(600)") % cluster.cluster.address],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert "holding" in holder.stdout.readline()
+        profile = tmp_path / "gpu.yaml"
+        profile.write_text("name: gpu\nformats:\n  tinygpu: {}\nevaluation:\n  enabled: false\n"
+                           "chat_checks:\n  engine: false\n")
+        proc = run_cli(*_build_args(sample_model, profile, tmp_path / "out", cluster),
+                       env={**_env(cluster), "QUANTKIT_RAY_PENDING_S": "3"})
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    error = next(l for l in proc.stderr.splitlines() if l.startswith("error:"))
+    assert error.startswith("error: SmolLM2-135M-Instruct-tinygpu waited ") and error.endswith(
+        "s and never started: no node had its 1 CPU(s), 1 GPU(s) and 268.4 MB of memory free"), error
+    assert "QUANTKIT_RAY_PENDING_S sets how long a step may wait" in proc.stderr
+
+
 def test_a_node_killed_mid_step_and_the_build_still_finishes_as_a_local_build(cluster, sample_model, files_seed,
                                                                                sample_build, tmp_path):
     out = tmp_path / "out"

@@ -25,7 +25,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,6 +34,7 @@ from .. import formats
 from ..errors import ClusterError, QuantkitError, ToolError
 from ..executors import HelperRun, StepFacts, T, runs_of
 from ..formats import BuildContext
+from ..fsutil import human_size
 from ..graph import StepGraph, inputs_of
 from ..manifest import Manifest
 from ..plan import ArtifactPlan, BuildPlan
@@ -42,9 +44,11 @@ from .failures import task_failure, unplaceable
 from .nodes import Needs, Node, alive_nodes, largest, place
 from .preflight import run_preflight
 from .stored import PLACED, EvalReturn, SourceRef, StepRecipe, StoredEval, build_stored, evaluate_stored, on_stored
-from .tasks import HubToken, StepOutcome, TransientStepError, build_step, helper_step, reads_hub, with_hub_token
+from .tasks import (HubToken, StartLog, StepOutcome, TransientStepError, build_step, helper_step, reads_hub,
+                    started)
 
 RETRIES_ENV = "QUANTKIT_RAY_RETRIES"
+PENDING_ENV = "QUANTKIT_RAY_PENDING_S"  # how long a task may wait for a node before the build fails (default 2 h)
 # Settings a task reads the way this process does (where the Hub is, how hard to retry it); never the token.
 FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DOWNLOAD_TIMEOUT", "QUANTKIT_RETRY_BACKOFF_S",
                  "QUANTKIT_HUB_TIMEOUT_S")
@@ -56,6 +60,8 @@ class _Task:
     label: str
     needs: Needs
     what: Any  # the run (a list of ArtifactPlans) or the HelperRun
+    key: str = ""  # what it tells the StartLog
+    submitted: float = field(default_factory=time.monotonic)
 
 
 class RayExecutor:
@@ -83,14 +89,16 @@ class RayExecutor:
             raise ToolError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}",
                             "start one with `ray start --head`, or pass its address (host:port, ray://host:10001 or auto)") from e
         self.retries = int(os.environ.get(RETRIES_ENV, 3))
+        self.pending_s = float(os.environ.get(PENDING_ENV, 7200))
+        self._starts = None  # the build's StartLog actor, made with the first task
         self.store_url = store
         self.store = ArtifactStore(store) if store else None
         self.manifest: Manifest | None = None
         self._source: SourceRef | None = None
         self._where: dict[str, str] = {}  # artifact file name -> the node (id) that made it, in this run
         self._names: dict[str, str] = {}
-        self._build = ray.remote(with_hub_token)
-        self._helper = ray.remote(with_hub_token)
+        self._build = ray.remote(started)
+        self._helper = ray.remote(started)
 
     def nodes(self) -> list[Node]:
         """The nodes alive now (their names are kept, to name a node after it died)."""
@@ -150,11 +158,11 @@ class RayExecutor:
                 hub = token if any(reads_hub(item, context) for item in run) else None
                 name = f"quantkit build {self._label(run)}"
                 if self.store:
-                    ref = self._submit(self._build, needs, name, hub, build_stored, run, self._recipe(run, context),
-                                       near=self._near(run))
+                    ref, key = self._submit(self._build, needs, name, hub, build_stored, run,
+                                            self._recipe(run, context), near=self._near(run))
                 else:
-                    ref = self._submit(self._build, needs, name, hub, build_step, run, portable)
-                pending[ref] = _Task(", ".join(i.filename for i in run), needs, run)
+                    ref, key = self._submit(self._build, needs, name, hub, build_step, run, portable)
+                pending[ref] = _Task(", ".join(i.filename for i in run), needs, run, key)
                 reporter.info(f"→ {pending[ref].label}: Ray task submitted")
 
         for task, outcome in self._gather(pending, reporter, refill=submit):
@@ -201,10 +209,11 @@ class RayExecutor:
             if self.store:
                 stored = self._stored_eval(run)
                 near = self._where.get(stored.target.name) if stored.target else None
-                ref = self._submit(self._helper, needs, f"quantkit {run.label}", token, evaluate_stored, stored, near=near)
+                ref, key = self._submit(self._helper, needs, f"quantkit {run.label}", token, evaluate_stored, stored,
+                                        near=near)
             else:
-                ref = self._submit(self._helper, needs, f"quantkit {run.label}", token, helper_step, run)
-            pending[ref] = _Task(run.label, needs, run)
+                ref, key = self._submit(self._helper, needs, f"quantkit {run.label}", token, helper_step, run)
+            pending[ref] = _Task(run.label, needs, run, key)
             reporter.info(f"→ {run.label}: Ray task submitted")
         for task, outcome in self._gather(pending, reporter):
             if self.store:
@@ -240,19 +249,25 @@ class RayExecutor:
         if not self.store or path.exists():
             return fn(path, *args)
         needs = place(f"a check of {path.name}", 1, 0, 0, self.nodes())
-        ref = self._submit(self._helper, needs, f"quantkit check {path.name}", None, on_stored, self.store_url,
-                           self._ref(path), fn, *args, near=self._where.get(path.name))
-        [(_, outcome)] = list(self._gather({ref: _Task(f"check {path.name}", needs, path)}, Reporter(quiet=True)))
+        ref, key = self._submit(self._helper, needs, f"quantkit check {path.name}", None, on_stored, self.store_url,
+                                self._ref(path), fn, *args, near=self._where.get(path.name))
+        [(_, outcome)] = list(self._gather({ref: _Task(f"check {path.name}", needs, path, key)}, Reporter(quiet=True)))
         return outcome.value
 
     def _submit(self, remote, needs: Needs, name: str, token: HubToken | None, fn: Callable, *args,
-                near: str | None = None) -> Any:
-        """`near`: a node to prefer (soft affinity: any other node that fits will do)."""
+                near: str | None = None) -> tuple[Any, str]:
+        """The task's reference and its StartLog key. `near`: a node to prefer (soft affinity: any other node that
+        fits will do)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        if self._starts is None:  # on the driver's node (soft): it lives as long as the build does
+            here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(), soft=True)
+            self._starts = self.ray.remote(num_cpus=0)(StartLog).options(scheduling_strategy=here).remote()
+        key = uuid.uuid4().hex
         strategy = NodeAffinitySchedulingStrategy(near, soft=True) if near else "DEFAULT"
-        return remote.options(**needs.options(), name=name, max_retries=self.retries, scheduling_strategy=strategy,
-                              retry_exceptions=[TransientStepError]).remote(token, fn, *args)
+        ref = remote.options(**needs.options(), name=name, max_retries=self.retries, scheduling_strategy=strategy,
+                             retry_exceptions=[TransientStepError]).remote(self._starts, key, token, fn, *args)
+        return ref, key
 
     def _gather(self, pending: dict[Any, _Task], reporter: Reporter,
                 refill: Callable[[], None] = lambda: None) -> Iterator[tuple[_Task, StepOutcome]]:
@@ -266,7 +281,7 @@ class RayExecutor:
             done, _ = self.ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             if not done:
                 if time.monotonic() - checked >= POLL_S:
-                    failure = failure or self._drop_unplaceable(pending, reporter)
+                    failure = failure or self._drop_unplaceable(pending, reporter) or self._drop_waiting(pending, reporter)
                     checked = time.monotonic()
                 continue
             [ref] = done
@@ -285,6 +300,30 @@ class RayExecutor:
             refill()
         if failure:
             raise failure
+
+    def _drop_waiting(self, pending: dict[Any, _Task], reporter: Reporter) -> QuantkitError | None:
+        """Cancel the tasks that have waited for a node longer than the pending limit without starting."""
+        late = {ref: t for ref, t in pending.items() if time.monotonic() - t.submitted > self.pending_s}
+        if not late:
+            return None
+        try:
+            begun = self.ray.get(self._starts.keys.remote(), timeout=30)
+        except self.ray.exceptions.RayError:
+            return None  # the StartLog is gone with its node: nothing to tell waiting from running by
+        failure = None
+        for ref, task in late.items():
+            if task.key in begun:
+                continue
+            self.ray.cancel(ref, force=True)
+            del pending[ref]
+            error = ClusterError(f"{task.label} waited {time.monotonic() - task.submitted:.0f}s and never started: no "
+                                 f"node had its {task.needs.cpus} CPU(s), {task.needs.gpus} GPU(s) and "
+                                 f"{human_size(task.needs.memory)} of memory free",
+                                 f"the cluster is busy or too small; {PENDING_ENV} sets how long a step may wait",
+                                 retryable=True)
+            reporter.warn(f"✗ {task.label}: {error}")
+            failure = failure or error
+        return failure
 
     def _drop_unplaceable(self, pending: dict[Any, _Task], reporter: Reporter) -> QuantkitError | None:
         """Cancel the pending tasks no node still alive can run; the error for the first of them."""

@@ -69,6 +69,28 @@ def with_hub_token(token: HubToken | None, fn: Callable, *args) -> Any:
         return fn(*args)
 
 
+class StartLog:
+    """Which of a build's tasks have started: a tiny actor (no CPU) the tasks tell as they start and the driver
+    asks, so that a task still waiting for a node past QUANTKIT_RAY_PENDING_S is told from one that runs long."""
+
+    def __init__(self) -> None:
+        self.started: set[str] = set()
+
+    def start(self, key: str) -> None:
+        self.started.add(key)
+
+    def keys(self) -> set[str]:
+        return self.started
+
+
+def started(log: Any, key: str, token: HubToken | None, fn: Callable, *args) -> Any:
+    """What Ray runs as a task: tell `log` (a StartLog actor; None: nobody) that `key` started, then fn(*args) with
+    `token` (with_hub_token)."""
+    if log is not None:
+        log.start.remote(key)  # not waited for: a lost message only leaves the pending limit unchecked
+    return with_hub_token(token, fn, *args)
+
+
 def reads_hub(item: ArtifactPlan, context: BuildContext) -> bool:
     """Whether the build task of `item` may read the Hub on its node: a source from the Hub that it reads
     (downloaded again where its folder is missing), or a text given as hf:ORG/DATASET (calibration, and the

@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..fsutil import atomic_path
 from .stats import MIN_BASE_LOGPROB, statistics
 
 
@@ -90,7 +91,9 @@ class Accumulator:
         return sum(len(x) for x in self.parts["nll"]) // per_window
 
     def save(self, path: Path) -> None:
-        with open(path, "wb") as f:  # an open file: np.savez would add ".npz" to a name without it
+        """Atomically: an evaluation run again (a Ray retry) while a lost attempt still writes never reads half a
+        state."""
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # an open file: np.savez would add ".npz" to a name
             np.savez(f, **{k: v for k in self.parts if (v := self.values(k)) is not None})
 
     @classmethod
