@@ -1,14 +1,13 @@
 """Unattended builds end to end: `quantkit watch` against a real HTTP Hub (tests/hub_server.py), the SQLite
-queue, `quantkit worker` processes (killed with SIGKILL mid-job in one test), and a local Ray instance."""
+queue, `quantkit worker` processes (killed with SIGKILL mid-job in one test). Builds on Ray: tests/test_cluster.py
+and tests/test_cluster_store.py."""
 
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -78,48 +77,6 @@ def test_watch_queues_once_worker_builds_and_publishes(hub, built_by_worker):
     assert "0 new job(s), 1 already queued or built" in second.stdout
     assert "skipped  alice/SmolLM2-135M-Instruct-GGUF: already a quantized model" in second.stdout
     assert len(JobQueue(queue).list()) == 1
-
-
-@pytest.fixture
-def ray_cluster():
-    """A local Ray instance, started the way an operator starts a head node."""
-    ray = Path(sys.executable).parent / "ray"
-    temp = tempfile.mkdtemp(prefix="qkray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = 20000 + os.getpid() % 20000
-    subprocess.run([ray, "start", "--head", f"--port={port}", f"--num-cpus={os.cpu_count()}", "--object-store-memory=200000000",
-                    f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, capture_output=True, timeout=180)
-    yield f"127.0.0.1:{port}"
-    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def test_the_same_job_on_ray_makes_the_same_files(hub, built_by_worker, ray_cluster, tmp_path):
-    queue, out = tmp_path / "queue.db", tmp_path / "out"
-    proc = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
-    assert "1 new job(s)" in proc.stdout  # a queue of its own: the same (repo, commit, profile) again
-    # The local run's thread count: llama.cpp's one-token decode sums in a thread-dependent order, so a greedy
-    # chat reply (the smoke test's) can turn at a near-tie on another count, though every score stays the same.
-    work = _cli(hub, queue, "worker", "--once", "--poll", "0.2", "--threads", str(os.cpu_count()), "--ray", ray_cluster,
-                check=True)
-    [job] = JobQueue(queue).list("done")
-    log = JobQueue(queue).log_path(job.id).read_text()
-
-    local, remote = built_by_worker["out"] / "SmolLM2-135M-Instruct", out / "SmolLM2-135M-Instruct"
-    names = sorted(p.name for p in local.glob("*.gguf"))
-    assert names == sorted(p.name for p in remote.glob("*.gguf"))
-    for name in names:
-        assert f"✓ {name} (Ray, " in log  # built by a Ray task, not by the worker's own build process
-        assert _sha(remote / name) == _sha(local / name), name
-    assert "✓ evaluate SmolLM2-135M-Instruct-Q8_0.gguf (Ray, " in log
-    measured = {"peak_rss_bytes", "peak_anon_bytes", "peak_file_bytes", "peak_gpu_bytes", "seconds"}  # how it ran
-    evaluations = [[{k: v for k, v in a["evaluation"].items() if k not in measured}
-                    for a in json.loads((d / "report.json").read_text())["artifacts"]] for d in (local, remote)]
-    differ = [(i, k, x.get(k), y.get(k)) for i, (x, y) in enumerate(zip(*evaluations)) for k in set(x) | set(y)
-              if x.get(k) != y.get(k)]
-    assert not differ and len(evaluations[0]) == len(evaluations[1]), differ  # the same scores, to the last digit
-    assert "1 job(s) done" in work.stdout
-    assert "alice/SmolLM2-135M-Instruct-GGUF@main: " in log  # and it published, as the profile says
 
 
 def test_a_new_commit_is_a_new_job_and_filters_apply(hub, built_by_worker, tmp_path):

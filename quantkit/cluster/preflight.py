@@ -143,14 +143,17 @@ def _source_problems(ask: Ask, token: HubToken | None) -> list[str]:
         return []  # the driver uploads it to the store
     if not source.repo_id:
         return [f"does not see the source folder {source.path} (a local source must be on storage every node shares)"]
-    from huggingface_hub import auth_check, constants
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
-    try:
-        auth_check(source.repo_id, token=token.value if token else None)
-    except Exception as e:  # gated, missing, or the Hub out of reach: the node cannot fetch the source
+    from ..network import short
+
+    try:  # what a download asks first: gated, missing, or out of reach, the node cannot fetch the source
+        get_hf_file_metadata(hf_hub_url(source.repo_id, "config.json", revision=source.revision),
+                             token=token.value if token else None)
+    except Exception as e:
         gated = "gated" in type(e).__name__.lower()
-        return [f"cannot fetch the source {source.repo_id}: {type(e).__name__}"
-                + ("; set HF_TOKEN to a token with access" if gated and token is None else "")]
+        return [f"cannot fetch the source {source.repo_id}@{(source.revision or '')[:12]}: {type(e).__name__}: "
+                f"{short(e)}" + ("; set HF_TOKEN to a token with access" if gated and token is None else "")]
     cache = Path(constants.HF_HUB_CACHE)
     cache.mkdir(parents=True, exist_ok=True)
     if (free := shutil.disk_usage(cache).free) < ask.source_bytes:
