@@ -67,6 +67,7 @@ class SimulatedCluster:
 
     def remove(self, name: str) -> None:
         self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+        self.cluster.wait_for_nodes()  # until Ray's GCS no longer lists it as alive
 
     def node_running(self, marker: str) -> str | None:
         """The node whose process tree runs a process with `marker` in its command line."""

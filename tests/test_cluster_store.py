@@ -200,6 +200,16 @@ def test_a_store_build_loses_a_node_and_equals_a_local_build(unshared, hub, tmp_
     assert sum(f"✓ {NAME}-F16.gguf (Ray" in line for line in stderr.splitlines()) == 1
     print(f"killed {killed} after the F16 was recorded; ran: {json.dumps(ran)}")
 
+    # Another coordinator, with an empty folder of its own: the store's manifest says everything is done.
+    other = tmp_path / "other-coordinator"
+    again = subprocess.run([sys.executable, "-m", "quantkit", *source, "--out", str(other), "--ray", unshared.address,
+                            "--store", f"file://{unshared.store}"], env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {NAME} from the manifest in file://{unshared.store}" in again.stderr
+    assert "built 0, evaluated 0" in again.stdout and "Ray task submitted" not in again.stderr
+    assert [a["sha256"] for a in report(other / NAME)["artifacts"]] == [a["sha256"] for a in remote["artifacts"]]
+
 
 def test_no_task_argument_names_a_path_of_the_driver(tiny_seed, tmp_path):
     """What the store-mode executor gives its tasks, pickled as Ray pickles them: the driver's folders appear

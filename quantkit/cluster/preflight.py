@@ -30,7 +30,7 @@ from ..formats import BuildContext, get
 from ..fsutil import human_size
 from ..plan import ArtifactPlan, BuildPlan
 from ..store import ArtifactStore
-from .nodes import Node
+from .nodes import Node, alive_nodes
 from .tasks import HubToken
 
 
@@ -197,6 +197,8 @@ def run_preflight(ray, nodes: list[Node], plan: BuildPlan, context: BuildContext
             try:
                 report = ray.get(ref, timeout=300)
             except Exception as e:  # the node died, or could not start a worker: it cannot run steps either
+                if node.id not in {n.id for n in alive_nodes(ray)}:
+                    continue  # gone since it was listed: Ray will not place a step there
                 report = NodeReport(node.name, (f"the preflight could not run there: {type(e).__name__}: "
                                                 f"{str(e).splitlines()[0] if str(e) else ''}",))
             if report.wrote and not _wrote_back(report.wrote, store):
