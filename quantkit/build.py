@@ -268,9 +268,11 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         old = Built.from_dict(rec["result"]) if rec and isinstance(rec.get("result"), dict) else None
         if rec is None:
             return True
+        fmt = formats.get(item.backend)
+        if manifest.stored_digest(out / item.filename) and (old is None or (
+                fmt.evaluation and item.is_model and "chat" not in rec)):
+            return True  # in the store, without what its task read of it there (its description, its chat facts)
         if old is None:  # built, then interrupted before it was described (or described by an older quantkit)
-            if manifest.stored_digest(out / item.filename):
-                return True  # described where it was made, and that is gone: make it again
             record(item, rec.get("facts", {}))
             built.append(item.filename)
         else:

@@ -1,10 +1,12 @@
 """Unattended builds end to end: `quantkit watch` against a real HTTP Hub (tests/hub_server.py), the SQLite
-queue, `quantkit worker` processes (killed with SIGKILL mid-job in one test). Builds on Ray: tests/test_cluster.py
-and tests/test_cluster_store.py."""
+queue, `quantkit worker` processes (killed with SIGKILL mid-job in one test), and the same job on a Ray cluster whose
+nodes share no filesystem (tests/unshared.py), one of them killed mid-job. A simulated cluster with a shared folder:
+tests/test_cluster.py."""
 
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,12 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, run_cli
+from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, report, run_cli
 from quantkit.jobs.queue import JobQueue
+from unshared import UnsharedCluster, available
 
 PROFILE = PROFILES / "jobs.yaml"
+NAME = "SmolLM2-135M-Instruct"
 
 
 def _sha(path: Path) -> str:
@@ -77,6 +81,103 @@ def test_watch_queues_once_worker_builds_and_publishes(hub, built_by_worker):
     assert "0 new job(s), 1 already queued or built" in second.stdout
     assert "skipped  alice/SmolLM2-135M-Instruct-GGUF: already a quantized model" in second.stdout
     assert len(JobQueue(queue).list()) == 1
+
+
+@pytest.fixture(scope="module")
+def unshared(module_dir, sample_model):
+    """Two nodes that share no filesystem with the driver (tests/unshared.py), and a local source folder of the
+    driver's, under its masked folder."""
+    if not available():
+        pytest.skip("the ray extra, and root for unshare --mount")
+    cluster = UnsharedCluster(module_dir("unshared"))
+    try:
+        shutil.copytree(sample_model, cluster.driver / "src" / NAME)
+        for count, name in enumerate(("node-1", "node-2"), 1):
+            cluster.add(name)
+            cluster.wait_for(count)  # one at a time: two `ray start`s of one machine at once raced in their sockets
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def test_the_shared_folder_mode_refuses_a_cluster_that_shares_no_folder(unshared):
+    proc = subprocess.run([sys.executable, "-m", "quantkit", "build", str(unshared.driver / "src" / NAME), "--profile",
+                           str(PROFILE), "--out", str(unshared.driver / "out"), "--ray", unshared.address],
+                          env=unshared.env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("error:"))
+    assert lines[start] == "error: 2 of 2 Ray node(s) cannot run this build:"
+    for line in lines[start + 1:start + 3]:
+        assert line.startswith("  node-"), line
+        assert f"does not see the driver's build folder {unshared.driver / 'out' / NAME} (its probe file is missing here)" in line
+        assert f"does not see the source folder {unshared.driver / 'src' / NAME}" in line
+    assert "Ray task submitted" not in proc.stderr
+
+
+def test_the_same_job_on_nodes_that_share_nothing_loses_a_node_and_makes_the_same_files(hub, built_by_worker, unshared,
+                                                                                         tmp_path):
+    """The worker's job again, through `quantkit worker --ray --store`: the driver's Hugging Face cache is in the folder
+    the nodes see empty, so each node that reads the source downloads the commit from the test Hub itself. The node
+    that made the F16 is killed as soon as the F16 is recorded."""
+    queue, out, store = tmp_path / "queue.db", unshared.driver / "out", f"file://{unshared.store}"
+    env = {**unshared.env, **hub.env, "HF_HOME": str(unshared.hidden / "hf"),
+           "QUANTKIT_NODE_CACHE": str(tmp_path / "driver-cache")}  # publish fetches the files here, not into ~/.cache
+    run_cli("watch", "alice", "--profile", PROFILE, "--out", out, "--queue", queue, env=env, check=True)
+    worker = subprocess.Popen([sys.executable, "-m", "quantkit", "worker", "--once", "--poll", "0.2", "--queue", str(queue),
+                               "--ray", unshared.address, "--store", store], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder, killed = out / NAME, None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and worker.poll() is None:
+            try:
+                steps = json.loads((folder / ".quantkit" / "manifest.json").read_text())["steps"]
+            except (OSError, ValueError, KeyError):
+                steps = {}
+            if f16 := steps.get(f"artifact:{NAME}-F16.gguf"):
+                killed = f16["facts"]["ran_on"]["node"].split()[0]  # the node that made it, and has it in its cache
+                unshared.kill(killed)
+            time.sleep(0.2)
+        stdout, stderr = worker.communicate(timeout=900)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    [job] = JobQueue(queue).list()
+    log = JobQueue(queue).log_path(job.id).read_text()
+    assert killed, f"the F16 file was never recorded: {log[-3000:]}"
+    assert (worker.returncode, job.state) == (0, "done"), log[-5000:]
+    local, remote = report(built_by_worker["out"] / NAME), report(folder)
+    # The same files, byte for byte, and the same scores, as the worker's local build of the job.
+    assert [(a["filename"], a["sha256"]) for a in remote["artifacts"]] == \
+        [(a["filename"], a["sha256"]) for a in local["artifacts"]]
+    scores = ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "tokens_scored", "smoke_passed", "smoke_reply")
+    for mine, theirs in zip(remote["artifacts"], local["artifacts"]):
+        assert {k: mine["evaluation"][k] for k in scores} == {k: theirs["evaluation"][k] for k in scores}, mine["filename"]
+        # llama-server's checks, run on a node that fetched the file: the verdicts of the local build's
+        assert [mine["engine"][k] for k in ("template", "tool_calls")] == [theirs["engine"][k] for k in ("template", "tool_calls")]
+    assert remote["evaluation"]["reference_result"]["perplexity"] == local["evaluation"]["reference_result"]["perplexity"]
+    # The build kept every artifact in the store, whole; publishing (publish.auto) fetched them into the folder.
+    assert not list(unshared.store.rglob("*.partial"))
+    manifest = json.loads((folder / ".quantkit" / "manifest.json").read_text())
+    for a in remote["artifacts"]:
+        assert manifest["stored"][a["filename"]] == a["sha256"] == _sha(folder / a["filename"])
+        assert (unshared.store / "objects" / a["sha256"]).is_file()
+    ran = {name.removeprefix("artifact:"): rec["facts"]["ran_on"] for name, rec in manifest["steps"].items()
+           if name.startswith("artifact:")}
+    assert not any(r["node"].startswith(killed) for n, r in ran.items() if not n.endswith("-F16.gguf")), ran
+    assert sum(f"✓ {NAME}-F16.gguf (Ray" in line for line in log.splitlines()) == 1
+    assert "alice/SmolLM2-135M-Instruct-GGUF@main: " in log  # it published, as the profile says
+    print(f"killed {killed} after the F16 was recorded; ran: {json.dumps(ran)}")
+
+    # Another coordinator, with an empty folder of its own: the store's manifest says everything is done.
+    other = tmp_path / "other-coordinator"
+    again = run_cli("build", SOURCE, "--revision", hub.commit, "--profile", PROFILE, "--out", other, "--ray",
+                    unshared.address, "--store", store, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {NAME} from the manifest in {store}" in again.stderr
+    assert "built 0, evaluated 0" in again.stdout and "Ray task submitted" not in again.stderr
+    assert [a["sha256"] for a in report(other / NAME)["artifacts"]] == [a["sha256"] for a in remote["artifacts"]]
 
 
 def test_a_new_commit_is_a_new_job_and_filters_apply(hub, built_by_worker, tmp_path):
