@@ -312,31 +312,31 @@ class RayExecutor:
             return None  # the StartLog is gone with its node: nothing to tell waiting from running by
         failure = None
         for ref, task in late.items():
-            if task.key in begun:
-                continue
-            self.ray.cancel(ref, force=True)
-            del pending[ref]
-            error = ClusterError(f"{task.label} waited {time.monotonic() - task.submitted:.0f}s and never started: no "
-                                 f"node had its {task.needs.cpus} CPU(s), {task.needs.gpus} GPU(s) and "
-                                 f"{human_size(task.needs.memory)} of memory free",
-                                 f"the cluster is busy or too small; {PENDING_ENV} sets how long a step may wait",
-                                 retryable=True)
-            reporter.warn(f"✗ {task.label}: {error}")
-            failure = failure or error
+            if task.key not in begun:
+                error = ClusterError(f"{task.label} waited {time.monotonic() - task.submitted:.0f}s and never started: "
+                                     f"no node had its {task.needs.cpus} CPU(s), {task.needs.gpus} GPU(s) and "
+                                     f"{human_size(task.needs.memory)} of memory free",
+                                     f"the cluster is busy or too small; {PENDING_ENV} sets how long a step may wait",
+                                     retryable=True)
+                self._cancel(pending, ref, error, reporter)
+                failure = failure or error
         return failure
+
+    def _cancel(self, pending: dict[Any, _Task], ref: Any, error: QuantkitError, reporter: Reporter) -> None:
+        """Cancel a submitted task that will never run, and say why."""
+        self.ray.cancel(ref, force=True)
+        reporter.warn(f"✗ {pending.pop(ref).label}: {error}")
 
     def _drop_unplaceable(self, pending: dict[Any, _Task], reporter: Reporter) -> QuantkitError | None:
         """Cancel the pending tasks no node still alive can run; the error for the first of them."""
         nodes = [n for n in self.nodes() if n.cpus >= 1]
         failure = None
+        big = largest(nodes)
         for ref, task in list(pending.items()):
             if not any(task.needs.fits(n) for n in nodes):
-                self.ray.cancel(ref, force=True)
-                del pending[ref]
-                big = largest(nodes)
                 error = unplaceable(task.label, task.needs, f"the largest node left, {big.describe()}" if big else
                                     "no node is left")
-                reporter.warn(f"✗ {task.label}: {error}")
+                self._cancel(pending, ref, error, reporter)
                 failure = failure or error
         return failure
 

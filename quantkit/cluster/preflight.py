@@ -24,7 +24,6 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import formats
 from ..errors import ClusterError, ProfileError, QuantkitError
 from ..formats import BuildContext, get
 from ..fsutil import human_size
@@ -58,14 +57,15 @@ class NodeReport:
 def node_report(ask: Ask, name: str, gpus: int, token: HubToken | None) -> NodeReport:
     """The checks of one node, on that node (`name` and `gpus`: how the driver names it and the GPUs it offers)."""
     problems: list[str] = []
+    needs_cuda = False
     for backend in dict.fromkeys(i.backend for i in ask.items):
         try:
-            fmt = get(backend)
+            requirements = get(backend).requirements()
         except ProfileError as e:
             problems.append(f"format {backend} does not load: {e}")
             continue
-        missing = [r.what for r in fmt.requirements() if not r.available and (gpus or not r.gpu)]
-        if missing:
+        needs_cuda = needs_cuda or any(r.gpu for r in requirements)
+        if missing := [r.what for r in requirements if not r.available and (gpus or not r.gpu)]:
             problems.append(f"format {backend} needs {', '.join(missing)}")
     for item in ask.items:
         try:
@@ -82,7 +82,7 @@ def node_report(ask: Ask, name: str, gpus: int, token: HubToken | None) -> NodeR
     wrote, problem = _store_probe(ask) if ask.store else _folder_probe(ask)
     problems += [problem] if problem else []
     problems += _source_problems(ask, token)
-    if any(r.gpu for b in dict.fromkeys(i.backend for i in ask.items) for r in _requirements(b)) and gpus:
+    if needs_cuda and gpus:
         from ..gpus import cuda_devices
 
         if (found := cuda_devices()) < gpus:
@@ -128,13 +128,6 @@ def _store_probe(ask: Ask) -> tuple[str, str]:
     return wrote, ""
 
 
-def _requirements(backend: str):
-    try:
-        return get(backend).requirements()
-    except ProfileError:
-        return []
-
-
 def _source_problems(ask: Ask, token: HubToken | None) -> list[str]:
     source = ask.context.source
     if source.path.exists() or not any(get(i.backend).reads_source(i) for i in ask.items):
@@ -177,7 +170,7 @@ def run_preflight(ray, nodes: list[Node], plan: BuildPlan, context: BuildContext
     sizes = {i.filename: i.predicted_bytes for i in plan.artifacts}
     source_bytes = tree_size(plan.source.path)
     scratch = max((sizes[i.filename] + sum(sizes.get(d, 0) for d in inputs_of(i))
-                   + (source_bytes if formats.get(i.backend).reads_source(i) else 0) for i in plan.artifacts), default=0)
+                   + (source_bytes if get(i.backend).reads_source(i) else 0) for i in plan.artifacts), default=0)
     portable = replace(context, reporter=None)
     if store:  # no path of the driver's travels: a node has none of them
         nowhere = Path("/nonexistent-driver-path")
