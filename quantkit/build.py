@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import formats
+from .cpus import usable_cpus
 from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
 from .evaluate.chat import smoke_messages
 from .evaluate.experts import is_moe, keeps_experts_mapped
@@ -201,7 +201,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
     plan.check_memory()
     for line in plan.skipped + plan.re_reads():
         reporter.warn(line)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()
     start = time.monotonic()
     out = plan.out_dir
     try:

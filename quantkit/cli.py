@@ -91,7 +91,7 @@ StoreOpt = typer.Option(None, "--store", help="With --ray: keep the artifacts in
 def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: Optional[str] = ProfileOpt, out: Path = OutOpt,
           revision: Optional[str] = RevisionOpt, allow_pickle: bool = PickleOpt,
           llama_cpp: Optional[str] = LlamaOpt, memory: Optional[str] = MemoryOpt,
-          threads: int = typer.Option(0, "--threads", help="CPU threads (0: all cores)."),
+          threads: int = typer.Option(0, "--threads", help="CPU threads (0: $QUANTKIT_THREADS, else every core this process may run on)."),
           publish_: bool = typer.Option(False, "--publish", help="Publish to the Hub when the build succeeds "
                                         "(also done when the profile sets publish.auto)."),
           owner: Optional[str] = typer.Option(None, "--owner", help="Hub user or organisation to publish under."),
@@ -286,7 +286,7 @@ def worker(queue: Optional[Path] = QueueOpt,
            lease: float = typer.Option(60, "--lease", help="Seconds a job stays this worker's without a renewal; a "
                                        "dead worker's job is taken over after this."),
            poll: float = typer.Option(5, "--poll", help="Seconds between looks at an empty queue."),
-           threads: int = typer.Option(0, "--threads", help="CPU threads per job (0: the cores shared among --jobs)."),
+           threads: int = typer.Option(0, "--threads", help="CPU threads per job (0: $QUANTKIT_THREADS or the cores, shared among --jobs)."),
            memory: str = typer.Option("0", "--memory", help="Memory the running jobs' estimates may add up to, e.g. "
                                       "20G (0: 90% of this machine's)."),
            ray: Optional[str] = typer.Option(None, "--ray", help="Run each job's build steps as tasks on this Ray "

@@ -24,6 +24,7 @@ Usage: .venv/bin/python scripts/make_synthetic_model.py tiny|1b|3b|7b|mixtral|mo
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -126,17 +127,35 @@ def default_out(size: str, dead_experts: int = 0, layers: int | None = None, hea
 
 def make(size: str, out: Path | None = None, dead_experts: int = 0, layers: int | None = None,
          header_only: bool = False) -> Path:
+    out = out or default_out(size, dead_experts, layers, header_only)
+    shape = SHAPES[size] | ({"num_hidden_layers": layers} if layers else {})
+    if _made(out, shape):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One maker at a time: the tests ask for the same checkpoint from parallel workers, and two makers sharing the
+    # .partial folder wreck each other's shards. A second one waits, then finds it made.
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _made(out, shape):
+            _write(out, shape, dead_experts, header_only)
+    return out
+
+
+def _made(out: Path, shape: dict) -> bool:
+    if not (out / ".complete").exists():
+        return False
+    cached = json.loads((out / "config.json").read_text())
+    if not all(cached.get(k) == v for k, v in shape.items()):  # made with another shape (shapes change between versions)
+        return False
+    (out / SAMPLE_MARKER).unlink(missing_ok=True)  # copied by earlier versions of this script
+    return True
+
+
+def _write(out: Path, shape: dict, dead_experts: int, header_only: bool) -> None:
     import torch
     from safetensors.torch import save_file
 
-    out = out or default_out(size, dead_experts, layers, header_only)
-    shape = SHAPES[size] | ({"num_hidden_layers": layers} if layers else {})
     dtype = getattr(torch, shape.get("dtype", "float16"))
-    if (out / ".complete").exists():
-        cached = json.loads((out / "config.json").read_text())
-        if all(cached.get(k) == v for k, v in shape.items()):  # made with this shape (shapes change between versions)
-            (out / SAMPLE_MARKER).unlink(missing_ok=True)  # copied by earlier versions of this script
-            return out
     n_experts = shape.get("num_local_experts", 0)
     if dead_experts and not 0 < dead_experts <= n_experts - shape.get("num_experts_per_tok", 0):
         raise SystemExit(f"--dead-experts needs a mixture-of-experts shape with more than {dead_experts} spare experts")
@@ -207,7 +226,6 @@ def make(size: str, out: Path | None = None, dead_experts: int = 0, layers: int 
     (tmp / ".complete").touch()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return out
 
 
 def main() -> None:

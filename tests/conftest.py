@@ -8,9 +8,14 @@ from copies of them, resumed (docs/testing.md lists which test uses which):
 
 A copy of a build folder is a build folder moved elsewhere: resuming one makes nothing again, which is what
 quantkit promises (tests/test_resume.py checks it), and what makes the seeding sound.
+
+The suite runs on two pytest-xdist workers (pyproject.toml). The session's seeds are made once for both: the
+first worker to need one makes it under a lock, the other waits for it (`shared_folder`). Each worker's tools get
+its share of the cores (QUANTKIT_THREADS), and whole modules go to one worker (GROUPS, GROUP_ORDER).
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from quantkit.cpus import THREADS_ENV, usable_cpus
 from quantkit.sample import ensure_sample
 
 TESTS = Path(__file__).parent
@@ -30,6 +36,83 @@ REPO = TESTS.parent
 SAMPLE_REPO = "alice/SmolLM2-135M-Instruct"
 # A child process that runs longer than this is stuck: the test fails with its output instead of eating the budget.
 CHILD_TIMEOUT = 900
+
+
+# Each module is an xdist group of its own (its module fixtures are then built once, by one worker), but modules
+# that must not run while another of them does share a group, which one worker runs in turn:
+# - "ray": each starts Ray on this machine (a local instance, a simulated cluster, nodes from `ray start`);
+# - "sample-build": each resumes the session's sample_build folder, publishes from it (which writes its publish/
+#   folder) or copies it.
+GROUPS = {"test_cluster": "ray", "test_cluster_store": "ray", "test_executors": "ray", "test_jobs": "ray",
+          "test_build_sample": "sample-build", "test_publish": "sample-build", "test_network": "sample-build",
+          "test_formats_registry": "sample-build"}
+# The order in which the workers take groups (the others follow, by name). The first builds the session's seeds,
+# the second starts on builds of its own, and the long ones go early, so that neither worker ends alone on one.
+GROUP_ORDER = ["sample-build", "test_moe", "test_formats", "test_runtime_engine", "ray", "test_mlx", "test_pickle",
+               "test_gguf_depth", "test_resume", "test_errors", "test_faults", "test_streamed", "test_gates",
+               "test_memory", "test_reference_chat"]
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        # Each worker's tools get their share of the cores (every child inherits it): llama.cpp's threads spin at
+        # each barrier, so two workers' steps each asking for every core would run many times slower.
+        share = str(max(1, usable_cpus() // workers))
+        os.environ.setdefault(THREADS_ENV, share)
+        os.environ.setdefault("OMP_NUM_THREADS", share)
+
+
+def _group(path: str | Path) -> str:
+    """The xdist group of a test module (by its path): GROUPS', else its own."""
+    return GROUPS.get(Path(path).stem, Path(path).stem)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduler of whole scopes, a scope being a group. (Its own --dist loadgroup reads markers it tags
+    node ids with, which pytest 9.2 no longer lets it do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid.split("::")[0])
+
+    return ByGroup(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups in GROUP_ORDER, then the others by name; xdist keeps the order it is given (--no-loadscope-reorder)."""
+    first: dict[str, int] = {}
+    for item in items:
+        first.setdefault(_group(item.path), len(first))
+
+    def rank(item) -> tuple[int, int]:
+        group = _group(item.path)
+        return (GROUP_ORDER.index(group), 0) if group in GROUP_ORDER else (len(GROUP_ORDER), first[group])
+
+    items.sort(key=rank)
+
+
+def shared_folder(tmp_path_factory, name: str, make) -> Path:
+    """A folder `name` made once per session by `make(folder)`, for every xdist worker: the first to ask makes it
+    under a lock, the others wait for it and get it made (or the first one's failure)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder; each worker's own is a folder in it
+    folder, made, failed = base / name, base / f"{name}.made", base / f"{name}.failed"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():
+            pytest.fail(f"{name}, made by another worker, failed:\n{failed.read_text()}")
+        if not made.exists():
+            folder.mkdir()
+            try:
+                make(folder)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}"[-3000:])
+                raise
+            made.touch()
+    return folder
 
 
 def run_cli(*args, env=None, check=False, timeout=CHILD_TIMEOUT):
@@ -61,29 +144,33 @@ def sample_model() -> Path:
 @pytest.fixture(scope="session")
 def files_seed(sample_model, tmp_path_factory) -> Path:
     """The sample's F16 and Q8_0 files, built once with evaluation off."""
-    out = tmp_path_factory.mktemp("files-seed")
-    run_cli("build", sample_model, "--profile", PROFILES / "files.yaml", "--out", out, check=True)
-    return out / sample_model.name
+    def make(out: Path) -> None:
+        run_cli("build", sample_model, "--profile", PROFILES / "files.yaml", "--out", out, check=True)
+
+    return shared_folder(tmp_path_factory, "files-seed", make) / sample_model.name
 
 
 @pytest.fixture(scope="session")
 def tiny_seed(sample_model, files_seed, tmp_path_factory) -> Path:
     """files_seed evaluated with tests/profiles/tiny.yaml: the F16 and Q8_0 files are taken as built."""
-    out = tmp_path_factory.mktemp("tiny-seed")
-    seed(files_seed, out)
-    proc = run_cli("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", out, check=True)
-    assert "built 0, evaluated 3" in proc.stdout, proc.stdout[-2000:]
-    return out / sample_model.name
+    def make(out: Path) -> None:
+        seed(files_seed, out)
+        proc = run_cli("build", sample_model, "--profile", PROFILES / "tiny.yaml", "--out", out, check=True)
+        assert "built 0, evaluated 3" in proc.stdout, proc.stdout[-2000:]
+
+    return shared_folder(tmp_path_factory, "tiny-seed", make) / sample_model.name
 
 
 @pytest.fixture(scope="session")
 def sample_build(sample_model, tiny_seed, tmp_path_factory):
     """The sample's full GGUF ladder (every default type), shared by the tests that only read it."""
-    out = tmp_path_factory.mktemp("builds")
-    seed(tiny_seed, out)
-    proc = run_cli("build", sample_model, "--profile", PROFILES / "fast.yaml", "--out", out, check=True)
+    def make(out: Path) -> None:
+        seed(tiny_seed, out)
+        run_cli("build", sample_model, "--profile", PROFILES / "fast.yaml", "--out", out, check=True)
+
+    out = shared_folder(tmp_path_factory, "builds", make)
     folder = out / sample_model.name
-    return {"dir": folder, "out": out, "report": report(folder), "proc": proc}
+    return {"dir": folder, "out": out, "report": report(folder)}
 
 
 @pytest.fixture(scope="session")

@@ -299,7 +299,7 @@ def test_a_model_without_eos_is_scored_and_the_smoke_test_says_why(sample_model,
                 str(tmp_path / "bos.json")])
     np.save(tmp_path / "tokens.npy", np.load(tmp_path / "all.npy")[:512])
     spec = {"tokens": str(tmp_path / "tokens.npy"), "bos": json.loads((tmp_path / "bos.json").read_text())["bos"],
-            "ctx": 256, "threads": 2, "reference": True,
+            "ctx": 256, "reference": True,
             "smoke": {"system": "You are a helpful assistant.", "question": "What is the capital of France?",
                       "expect": "Paris", "max_tokens": 12}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))

@@ -113,7 +113,7 @@ def test_a_scrambled_matrix_fails_its_bound(formats_build, tmp_path):
                                   generator=torch.Generator().manual_seed(0))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     state = formats_build["dir"] / ".quantkit"
-    spec = {"tokens": str(state / "eval-tokens.npy"), "bos": None, "ctx": 256, "threads": 2, "chat": False,
+    spec = {"tokens": str(state / "eval-tokens.npy"), "bos": None, "ctx": 256, "chat": False,
             "ref_read": str(state / "reference-logprobs.npy")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     subprocess.run([sys.executable, "-m", "quantkit.formats.gptq.runner", "evaluate", str(broken),

@@ -101,7 +101,7 @@ def test_a_strict_bound_fails_the_build_and_publish_refuses_it(sample_model, fil
     assert "1 artifact(s) failed their checks: Q8_0" in proc.stderr and "--allow-failed" in proc.stderr
     folder = tmp_path / "out" / sample_model.name
     # From Python, the build returns its result (resumed: nothing is built or scored again), failures and all.
-    result = run_build(make_plan(sample_model, str(tmp_path / "strict.yaml"), tmp_path / "out"), threads=2)
+    result = run_build(make_plan(sample_model, str(tmp_path / "strict.yaml"), tmp_path / "out"))
     assert [r.variant for r in result.failed] == ["Q8_0"] and result.failed[0].failures[0].startswith("KLD ")
     assert result.built == [] and result.evaluated == []
     assert isinstance(result.error(), QualityGateFailed) and result.error().exit_code == 7

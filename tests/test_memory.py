@@ -33,7 +33,7 @@ def sample_tokens(sample_model, module_dir):
 def _reference(sample_model, tmp, bos, name, **extra) -> dict:
     from dataclasses import asdict
 
-    spec = {"tokens": str(tmp / "tokens.npy"), "bos": bos, "ctx": 512, "threads": 2, "reference": True,
+    spec = {"tokens": str(tmp / "tokens.npy"), "bos": bos, "ctx": 512, "reference": True,
             "smoke": asdict(SmokeOptions(max_tokens=16)), **extra}
     (tmp / f"{name}.spec.json").write_text(json.dumps(spec))
     run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(sample_model), str(tmp / f"{name}.spec.json"),

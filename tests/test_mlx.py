@@ -135,8 +135,7 @@ def test_a_folder_mlx_lm_would_misread_stops_the_build(mlx_build, tmp_path):
     del cfg["rope_theta"]
     (bad / "config.json").write_text(json.dumps(cfg))
     shutil.copy(mlx_build["dir"] / ".quantkit" / "eval-tokens.npy", tmp_path / "tokens.npy")
-    (tmp_path / "spec.json").write_text(json.dumps({"tokens": str(tmp_path / "tokens.npy"), "bos": None, "ctx": 512,
-                                                    "threads": 2}))
+    (tmp_path / "spec.json").write_text(json.dumps({"tokens": str(tmp_path / "tokens.npy"), "bos": None, "ctx": 512}))
     proc = subprocess.run([sys.executable, "-m", "quantkit.formats.mlx.runner", "evaluate", str(bad),
                            str(tmp_path / "spec.json"), str(tmp_path / "out.json")], capture_output=True, text=True)
     assert proc.returncode == 1 and not (tmp_path / "out.json").exists()

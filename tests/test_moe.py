@@ -139,7 +139,7 @@ def test_mlx_4bit_keeps_the_experts_stacked_and_is_scored_on_them(moe_build):
 def _hf_evaluate(folder: Path, tmp: Path, name: str, **spec) -> dict:
     from quantkit.procs import run_python
 
-    (tmp / f"{name}.spec.json").write_text(json.dumps({"ctx": 256, "threads": 2, "reference": True, **spec}))
+    (tmp / f"{name}.spec.json").write_text(json.dumps({"ctx": 256, "reference": True, **spec}))
     run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(folder), str(tmp / f"{name}.spec.json"),
                 str(tmp / f"{name}.json")])
     return json.loads((tmp / f"{name}.json").read_text())
@@ -222,7 +222,7 @@ def test_a_checkpoint_with_weights_the_model_does_not_read_is_refused(moe_build,
 
     (tmp_path / "tokens.npy").write_bytes((moe_build["dir"] / ".quantkit" / "eval-tokens.npy").read_bytes())
     (tmp_path / "spec.json").write_text(json.dumps({"tokens": str(tmp_path / "tokens.npy"), "bos": None, "ctx": 256,
-                                                    "threads": 2, "reference": True, "windows": 1}))
+                                                    "reference": True, "windows": 1}))
     from quantkit.errors import ToolError
 
     with pytest.raises(ToolError) as failed:

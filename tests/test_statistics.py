@@ -78,7 +78,7 @@ def test_statistics_match_llama_perplexity_within_one_percent(sample_build, tmp_
     theirs = _parse(_llama_perplexity("-m", q4, "--kl-divergence-base", base, "--kl-divergence", *common))
     assert len(theirs) == 16, theirs
 
-    spec = {"tokens": str(tokens_file), "bos": None, "ctx": ctx, "threads": 2, "chat": False}  # statistics only
+    spec = {"tokens": str(tokens_file), "bos": None, "ctx": ctx, "chat": False}  # statistics only
     _quantkit_worker(f16, spec | {"ref_write": str(tmp_path / "ref.npy")}, tmp_path, "f16")
     ours = _quantkit_worker(q4, spec | {"ref_read": str(tmp_path / "ref.npy")}, tmp_path, "q4")
     assert ours["tokens_scored"] == chunks * (ctx // 2 - 1)

@@ -17,7 +17,7 @@ def _reference(folder, tmp, name: str, tokens, bos, **extra) -> tuple[dict, np.n
     from quantkit.evaluate.metrics import ReferenceRows
     from quantkit.procs import run_python
 
-    spec = {"tokens": str(tokens), "bos": bos, "ctx": 256, "threads": 2, "reference": True, "chat": False,
+    spec = {"tokens": str(tokens), "bos": bos, "ctx": 256, "reference": True, "chat": False,
             "windows": 8, "ref_write": str(tmp / f"{name}.npy"), **extra}
     (tmp / f"{name}.spec.json").write_text(json.dumps(spec))
     run_python(["-m", "quantkit.evaluate.hf_runner", "evaluate", str(folder), str(tmp / f"{name}.spec.json"),

@@ -27,7 +27,6 @@ spec.get("bos"), {**output, "note": ...}) keeps working.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any, Callable, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 
+from ..cpus import usable_cpus
 from ..errors import QuantkitError
 from ..memwatch import MemoryWatch
 from . import causality
@@ -136,7 +136,7 @@ class EvalSpec(_JSONMapping):
     # JSON key is "ctx", the name it had when the evaluations' keys in existing manifests were made.
     window: int = field(metadata={"key": "ctx"})
     bos: int | None = field(default=None, metadata=ALWAYS)  # each window's first token is replaced by it (None: kept)
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1, metadata=ALWAYS)  # CPU threads the runner may use
+    threads: int = field(default_factory=usable_cpus, metadata=ALWAYS)  # CPU threads the runner may use
     smoke: Smoke | None = field(default=None, metadata=ALWAYS)  # the smoke test to run; None: none
     # How the reference decodes its chat replies (hf_runner): "stored" (prompt in float32, decode in the stored 16-bit
     # dtype, batched) or "float32" (every token in float32, a prompt at a time). Keyed: every probe is judged

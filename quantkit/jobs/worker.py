@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import network
+from ..cpus import usable_cpus
 from ..exits import STATUS_ENV, read_status
 from ..memory import machine_memory
 from ..procs import child_env, die_with_parent, stop
@@ -62,7 +63,7 @@ class Worker:
 
             self.o.gpus = cuda_devices()
         self.memory = self.o.memory_bytes or int(0.9 * machine_memory())
-        self.threads = self.o.threads or max(1, (os.cpu_count() or 1) // self.o.max_jobs)
+        self.threads = self.o.threads or max(1, usable_cpus() // self.o.max_jobs)
 
     def run(self) -> WorkerSummary:
         summary = WorkerSummary()

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from ...cpus import usable_cpus
 from ...fsutil import drop_local_paths
 
 
@@ -30,7 +31,7 @@ def calibration_texts(source: str, spec: dict) -> list[str]:
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(usable_cpus()))
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import FORMAT, METHOD
 
