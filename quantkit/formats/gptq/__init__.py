@@ -144,7 +144,7 @@ class GPTQModelFormat(Format):
 
     def build(self, item: ArtifactPlan, context: BuildContext) -> dict[str, Any]:
         out = context.out_dir / item.filename
-        spec = {"method": self.method.name, "source": str(context.source.path), **item.options}
+        spec = {"method": self.method.name, "source": str(context.source.path), **item.options, "threads": context.threads}
         text_file = context.out_dir / ".quantkit" / f"{item.filename}.calibration.txt"
         write_text_atomic(text_file, calibration_text(item.options["calibration"]["text"], context.evaluation_text))
         spec["calibration"] = {**spec["calibration"], "file": str(text_file)}
@@ -162,7 +162,7 @@ class GPTQModelFormat(Format):
 
             # cwd: GPTQModel writes a logs/ folder into the working directory; keep it with the build's state.
             done = run_python(["-m", "quantkit.formats.gptq.tool", str(spec_file)], on_line=on_line, cwd=spec_file.parent,
-                       env={"GPTQMODEL_CPU_WORKERS": str(context.threads)}, what=f"GPTQModel ({self.method.name})")
+                              what=f"GPTQModel ({self.method.name})")
             spec_file.unlink()
         text_file.unlink()
         return {"source_params": param_count(context.source.path), **done.memory()}

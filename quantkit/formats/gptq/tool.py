@@ -31,7 +31,13 @@ def calibration_texts(source: str, spec: dict) -> list[str]:
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(usable_cpus()))
+    threads = spec.get("threads") or usable_cpus()
+    # GPTQModel's pool of CPU workers lends two to its model loader and refuses a pool of one ("Virtual pool
+    # 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"); torch's own threads do the arithmetic.
+    os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, threads))
+    import torch
+
+    torch.set_num_threads(threads)
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import FORMAT, METHOD
 
