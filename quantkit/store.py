@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import QuantkitError, ToolError
-from .fsutil import atomic_path, folder_digest, sha256_file
+from .fsutil import HashCache, atomic_path, folder_digest, sha256_file
 from .paths import cache_dir
 
 
@@ -73,15 +73,16 @@ class ArtifactStore:
     def has(self, digest: str) -> bool:
         return self.fs.exists(self._at("trees", f"{digest}.json"))
 
-    def put(self, local: Path) -> Ref:
-        """Upload a file or a folder (each of its files an object, unless the store has it already)."""
+    def put(self, local: Path, hashes: HashCache | None = None) -> Ref:
+        """Upload a file or a folder (each of its files an object, unless the store has it already). `hashes`: the
+        build's hash cache, so that a file it hashed (a local source of 93 GB, for its key) is not read again."""
         if local.is_dir():
             files = sorted((p.relative_to(local).as_posix(), p) for p in local.rglob("*") if p.is_file())
         else:
             files = [("", local)]
         entries = []
         for rel, path in files:
-            sha, size = sha256_file(path), path.stat().st_size
+            sha, size = hashes.sha256(path) if hashes else sha256_file(path), path.stat().st_size
             if not self.fs.exists(self._at("objects", sha)):
                 self._upload(path, self._at("objects", sha))
             entries.append({"path": rel, "sha256": sha, "size": size})

@@ -55,3 +55,26 @@ def test_no_task_argument_names_a_path_of_the_driver(tiny_seed, tmp_path):
     assert tmp_path.name.encode() in cloudpickle.dumps(context.out_dir)
     assert tmp_path.name.encode() not in pickled
     shutil.rmtree(executor.store.root, ignore_errors=True)
+
+
+def test_an_upload_hashes_through_the_builds_hash_cache(tmp_path):
+    """A store upload (a local source with --store, an artifact built here) reads no file whose hash the build's
+    cache holds for its size and mtime: a local Mixtral's 93 GB are hashed once, for the source's key."""
+    from quantkit.fsutil import HashCache, sha256_file
+    from quantkit.store import ArtifactStore
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"a" * 4096)
+    (folder / "b.txt").write_text("b")
+    hashes = HashCache(root=tmp_path / "build")
+    first = ArtifactStore(f"file://{tmp_path / 'one'}").put(folder, hashes)
+    real = sha256_file(folder / "a.bin")
+    assert sorted(e[2] for e in hashes.entries.values()) == sorted([real, sha256_file(folder / "b.txt")])
+    # What the cache says is what the upload names the object by: the file was not read again.
+    next(e for e in hashes.entries.values() if e[2] == real)[2] = "0" * 64
+    store = ArtifactStore(f"file://{tmp_path / 'two'}")
+    second = store.put(folder, hashes)
+    assert second.digest != first.digest and store.tree(second.digest)["files"][0]["sha256"] == "0" * 64
+    # Without the cache the file is read: the real hash.
+    assert ArtifactStore(f"file://{tmp_path / 'three'}").put(folder).digest == first.digest

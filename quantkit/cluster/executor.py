@@ -131,7 +131,7 @@ class RayExecutor:
         tools = {i.filename: formats.get(i.backend).tools(i, context) for i in plan.artifacts}
         reports = run_preflight(self.ray, nodes, plan, context, tools, HubToken.here(), self.store)
         if self.store:
-            self._source = SourceRef.of(plan.source, self.store)
+            self._source = SourceRef.of(plan.source, self.store, manifest.hashes)
         context.reporter.info(f"Ray preflight: {len(reports)} node(s) ready ({', '.join(r.node for r in reports)})")
 
     def _needs(self, run: list[ArtifactPlan], threads: int, nodes: list[Node]) -> Needs:
@@ -182,7 +182,7 @@ class RayExecutor:
         built here before, carried on with a store)."""
         if digest := self.manifest.stored_digest(path):
             return Ref(digest, 0, path.name)
-        ref = self.store.put(path)
+        ref = self.store.put(path, self.manifest.hashes)
         self.manifest.keep_stored(path, ref.digest)
         return ref
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..evaluate.protocol import EvalSpec
 from ..executors import Made, timed_builds
+from ..fsutil import HashCache
 from ..formats import BuildContext, get
 from ..plan import ArtifactPlan
 from ..procs import run_python
@@ -41,10 +42,10 @@ class SourceRef:
     tree: str | None = None
 
     @classmethod
-    def of(cls, source: Source, store: ArtifactStore) -> "SourceRef":
+    def of(cls, source: Source, store: ArtifactStore, hashes: HashCache | None = None) -> "SourceRef":
         if source.repo_id:
             return cls(source.name, source.repo_id, source.revision, source.converted is not None)
-        return cls(source.name, tree=store.put(source.path).digest)
+        return cls(source.name, tree=store.put(source.path, hashes).digest)
 
     def on_node(self, store: ArtifactStore, cache: NodeCache) -> Source:
         from ..source import resolve
