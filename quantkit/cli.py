@@ -191,20 +191,21 @@ def retemplate(build_dir: Path = typer.Argument(..., help="A build folder (OUT/<
         _publish(build_dir, owner=None, dry_run=False, reporter=Reporter())
 
 
-QueueOpt = typer.Option(None, "--queue", help="The job queue's SQLite file (default: $QUANTKIT_QUEUE, else "
-                        "~/.local/state/quantkit/queue.db).", show_default=False)
+QueueOpt = typer.Option(None, "--queue", help="The job queue: an SQLite file, or a PostgreSQL URL "
+                        "(postgresql://USER:PASSWORD@HOST/DB) for workers on several machines (default: "
+                        "$QUANTKIT_QUEUE, else ~/.local/state/quantkit/queue.db).", show_default=False)
 
 
-def _queue(path: Optional[Path]):
-    from .jobs.queue import JobQueue
+def _queue(where: Optional[str]):
+    from .jobs.queue import open_queue
 
-    return JobQueue(path)
+    return open_queue(where)
 
 
 @app.command()
 def watch(orgs: list[str] = typer.Argument(..., help="Hub users or organisations whose models to watch."),
           profile: str = typer.Option(DEFAULT_PROFILE, "--profile", "-p", help="Profile every job builds with."),
-          out: Path = OutOpt, queue: Optional[Path] = QueueOpt,
+          out: Path = OutOpt, queue: Optional[str] = QueueOpt,
           architecture: list[str] = typer.Option([], "--architecture", help="Only these config architectures "
                                                  "(repeatable), e.g. LlamaForCausalLM."),
           license_: list[str] = typer.Option([], "--license", help="Only these licences (repeatable), e.g. apache-2.0."),
@@ -238,17 +239,17 @@ app.add_typer(jobs_app, name="jobs")
 
 @jobs_app.command("list")
 def jobs_list(state: Optional[str] = typer.Option(None, "--state", help="queued, running, done, failed or cancelled."),
-              queue: Optional[Path] = QueueOpt) -> None:
+              queue: Optional[str] = QueueOpt) -> None:
     """One line a job."""
     q = _queue(queue)
     for job in q.list(state):
         typer.echo(job.render())
     counts = q.counts()
-    typer.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or f"no jobs in {q.path}")
+    typer.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or f"no jobs in {q.where}")
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: int, queue: Optional[Path] = QueueOpt,
+def jobs_show(job_id: int, queue: Optional[str] = QueueOpt,
               lines: int = typer.Option(40, "--lines", "-n", help="Lines of the job's log to print (0: all).")) -> None:
     """A job, and the end of its log."""
     import dataclasses
@@ -268,19 +269,19 @@ def jobs_show(job_id: int, queue: Optional[Path] = QueueOpt,
 
 
 @jobs_app.command("retry")
-def jobs_retry(job_id: int, queue: Optional[Path] = QueueOpt) -> None:
+def jobs_retry(job_id: int, queue: Optional[str] = QueueOpt) -> None:
     """Queue a failed or cancelled job again (its build resumes from what it finished)."""
     typer.echo(_queue(queue).retry(job_id).render())
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: int, queue: Optional[Path] = QueueOpt) -> None:
+def jobs_cancel(job_id: int, queue: Optional[str] = QueueOpt) -> None:
     """Cancel a queued job, or stop a running one (its worker stops the build at its next lease renewal)."""
     typer.echo(_queue(queue).cancel(job_id).render())
 
 
 @app.command()
-def worker(queue: Optional[Path] = QueueOpt,
+def worker(queue: Optional[str] = QueueOpt,
            jobs: int = typer.Option(1, "--jobs", "-j", help="Jobs to run at once (within --memory and the GPUs)."),
            once: bool = typer.Option(False, "--once", help="Exit when no job is queued or running (for cron)."),
            lease: float = typer.Option(60, "--lease", help="Seconds a job stays this worker's without a renewal; a "

@@ -64,6 +64,12 @@ class ClusterError(QuantkitError):
     exit_code = 9
 
 
+class QueueError(QuantkitError):
+    """The job queue cannot be opened: a PostgreSQL URL that is malformed, a server that refuses, a wrong password."""
+
+    exit_code = 10
+
+
 class SmokeTestFailed(QuantkitError):
     exit_code = 7
 

@@ -18,8 +18,9 @@ if [ -z "$LLAMA_SHA256" ]; then
 fi
 # Optional parts to install (pyproject's extras): test, gptq (GPTQ/AWQ through GPTQModel, about
 # 6 GB with the torch it needs), exl2 (exllamav2; it installs anywhere but runs only on a CUDA
-# GPU), mlx (mlx and mlx-lm, CPU wheels on Linux) and ray (build steps on a Ray cluster). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
-EXTRAS=${QUANTKIT_EXTRAS:-test,gptq,exl2,mlx,ray}
+# GPU), mlx (mlx and mlx-lm, CPU wheels on Linux), ray (build steps on a Ray cluster) and postgres (the job queue
+# on PostgreSQL). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
+EXTRAS=${QUANTKIT_EXTRAS:-test,gptq,exl2,mlx,ray,postgres}
 # GPTQModel needs torch>=2.14.1; without it, the CPU wheel of 2.13.0 (a plain `torch` would pull a
 # multi-GB CUDA build anyway).
 case ",$EXTRAS," in
@@ -138,6 +139,19 @@ if [ ! -f "$tools/.complete" ]; then
   rm -rf "$work"
 fi
 ln -sfn "$tools" "$venv/llama-tools"
+
+# The PostgreSQL queue's tests run a server from the installed binaries (tests/pg_server.py): Debian's package
+# where there are none and this runs as root (CI); otherwise a line saying how.
+if [[ ",$EXTRAS," == *,postgres,* && ",$EXTRAS," == *,test,* ]] && ! command -v initdb >/dev/null \
+   && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing Debian's postgresql (the server the job queue's tests start)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    say "note: no PostgreSQL server (initdb): the PostgreSQL queue's tests need one: sudo apt-get install postgresql"
+  fi
+fi
 
 # setuptools is chatty about editable installs; show its output only if the install fails.
 log=$(mktemp)

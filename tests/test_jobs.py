@@ -17,7 +17,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, report, run_cli
-from quantkit.jobs.queue import JobQueue
+from quantkit.jobs.queue import open_queue
 from unshared import UnsharedCluster, available
 
 PROFILE = PROFILES / "jobs.yaml"
@@ -63,7 +63,7 @@ def test_watch_queues_once_worker_builds_and_publishes(hub, built_by_worker):
     assert "1 new job(s), 0 already queued or built" in first.stdout
     assert f"{SOURCE}@{hub.commit[:12]}" in first.stdout
 
-    [job] = JobQueue(queue).list()
+    [job] = open_queue(queue).list()
     assert (job.state, job.attempts, job.exit_code, job.revision) == ("done", 1, 0, hub.commit)
     assert "1 job(s) done, 0 failed" in built_by_worker["work"].stdout
 
@@ -80,7 +80,7 @@ def test_watch_queues_once_worker_builds_and_publishes(hub, built_by_worker):
     # The second pass: nothing new; the quant repo the worker published is recognised, not queued.
     assert "0 new job(s), 1 already queued or built" in second.stdout
     assert "skipped  alice/SmolLM2-135M-Instruct-GGUF: already a quantized model" in second.stdout
-    assert len(JobQueue(queue).list()) == 1
+    assert len(open_queue(queue).list()) == 1
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +143,8 @@ def test_the_same_job_on_nodes_that_share_nothing_loses_a_node_and_makes_the_sam
     finally:
         if worker.poll() is None:
             worker.kill()
-    [job] = JobQueue(queue).list()
-    log = JobQueue(queue).log_path(job.id).read_text()
+    [job] = open_queue(queue).list()
+    log = open_queue(queue).log_path(job.id).read_text()
     assert killed, f"the F16 file was never recorded: {log[-3000:]}"
     assert (worker.returncode, job.state) == (0, "done"), log[-5000:]
     local, remote = report(built_by_worker["out"] / NAME), report(folder)
@@ -194,7 +194,7 @@ def test_a_new_commit_is_a_new_job_and_filters_apply(hub, built_by_worker, tmp_p
     proc = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", built_by_worker["out"],
                 "--architecture", "LlamaForCausalLM", "--license", "apache-2.0", "--match", "SmolLM2-*", check=True)
     assert "1 new job(s)" in proc.stdout and f"{SOURCE}@{commit[:12]}" in proc.stdout
-    new = JobQueue(queue).list("queued")
+    new = open_queue(queue).list("queued")
     assert [j.revision for j in new] == [commit]
     assert "cancelled" in _cli(hub, queue, "jobs", "cancel", str(new[0].id), check=True).stdout
     assert "queued" in _cli(hub, queue, "jobs", "retry", str(new[0].id), check=True).stdout
@@ -220,12 +220,12 @@ def test_a_template_only_commit_is_a_retemplate_job(hub, built_by_worker, sample
 
     watch = _cli(hub, queue, "watch", "alice", "--profile", PROFILE, "--out", out, check=True)
     assert "1 new job(s)" in watch.stdout and f"{SOURCE}@{commit[:12]}  (template and tokenizer only)" in watch.stdout
-    [job] = JobQueue(queue).list("queued")
+    [job] = open_queue(queue).list("queued")
     assert (job.kind, job.revision, job.out, job.memory_bytes) == ("retemplate", commit, str(out.absolute()), 0)
 
     work = _cli(hub, queue, "worker", "--once", "--poll", "0.2", check=True)
     assert "1 job(s) done, 0 failed" in work.stdout
-    log = JobQueue(queue).log_path(job.id).read_text()
+    log = open_queue(queue).log_path(job.id).read_text()
     assert "retemplated 3 file(s)" in log and "quantize" not in log
     assert [t.data.tobytes() for t in GGUFReader(q4).tensors] == tensors
     assert gguf_facts(q4).template == fixed
@@ -253,67 +253,16 @@ def test_a_killed_workers_job_is_taken_over_after_its_lease(hub, tmp_path):
         first.wait()
     finally:
         first.kill()
-    [job] = JobQueue(queue).list()
+    [job] = open_queue(queue).list()
     assert job.state == "running" and job.attempts == 1
 
     # Had the killed worker's build outlived it, it would still hold the build folder's lock and this would fail.
     second = _cli(hub, queue, "worker", "--once", "--lease", "4", "--poll", "0.2", check=True)
-    [job] = JobQueue(queue).list()
+    [job] = open_queue(queue).list()
     assert (job.state, job.attempts, job.exit_code) == ("done", 2, 0)
     assert "(attempt 2/3)" in second.stdout
-    log = JobQueue(queue).log_path(job.id).read_text()
+    log = open_queue(queue).log_path(job.id).read_text()
     assert log.count("=== attempt") == 2
     # The second attempt resumed: the first worker's conversion was kept, not redone.
     assert "✓ SmolLM2-135M-Instruct-F16.gguf (up to date)" in log.split("=== attempt 2")[1]
     assert (out / "SmolLM2-135M-Instruct" / "report.json").exists()
-
-
-_CLAIMER = """
-import sys
-from quantkit.jobs.queue import JobQueue
-q = JobQueue(sys.argv[1])
-while (job := q.claim(sys.argv[2], 60)) is not None:
-    print(job.id, flush=True)
-"""
-
-
-def test_claims_are_exclusive_across_processes_and_dead_leases_run_out(tmp_path):
-    q = JobQueue(tmp_path / "queue.db")
-    ids = [q.enqueue(f"org/model-{i}", "a" * 40, "tiny", tmp_path).id for i in range(40)]
-    assert q.enqueue("org/model-0", "a" * 40, "tiny", tmp_path) is None  # the same commit and profile: not again
-
-    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, str(q.path), f"w{i}"], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO) for i in range(4)]
-    claimed = [int(line) for p in procs for line in p.communicate(timeout=120)[0].split()]
-    assert sorted(claimed) == ids  # every job taken exactly once
-    assert {j.state for j in q.list()} == {"running"}
-
-    job = q.enqueue("org/crashy", "b" * 40, "tiny", tmp_path, max_attempts=2)
-    assert q.claim("w1", 0.3).id == job.id
-    assert q.claim("w2", 0.3) is None  # still w1's
-    time.sleep(0.5)
-    assert q.claim("w2", 0.3).id == job.id and q.get(job.id).attempts == 2
-    assert not q.renew(job.id, "w1", 60)  # w1 lost it
-    time.sleep(0.5)
-    assert q.claim("w3", 60) is None  # out of attempts
-    gone = q.get(job.id)
-    assert gone.state == "failed" and "worker w2 stopped renewing its lease" in gone.error
-
-    # Only a worker with a free GPU takes a GPU job; a worker short of memory leaves a big job to others.
-    big = q.enqueue("org/big", "c" * 40, "tiny", tmp_path, memory_bytes=20 << 30)
-    gpu = q.enqueue("org/exl2", "d" * 40, "exl2", tmp_path, needs_gpu=True)
-    assert q.claim("cpu-worker", 60, memory_bytes=8 << 30) is None
-    assert q.claim("gpu-worker", 60, gpu=True, memory_bytes=8 << 30).id == gpu.id
-    assert q.claim("roomy-worker", 60, memory_bytes=32 << 30).id == big.id
-
-
-def test_job_commands_refuse_clearly(tmp_path):
-    queue = tmp_path / "queue.db"
-    proc = run_cli("jobs", "retry", "7", "--queue", queue)
-    assert proc.returncode == 1 and "error: no job #7" in proc.stderr and "quantkit jobs list" in proc.stderr
-    proc = run_cli("worker", "--memory", "lots", "--queue", queue)
-    assert proc.returncode == 1 and "--memory 'lots' is not a size" in proc.stderr
-    proc = run_cli("watch", "alice", "--max-params", "huge", "--queue", queue)
-    assert proc.returncode == 1 and "not a parameter count: 'huge'" in proc.stderr
-    proc = run_cli("jobs", "list", "--queue", tmp_path)  # a folder, not a database file
-    assert proc.returncode == 1 and f"cannot open the job queue {tmp_path}" in proc.stderr and "--queue" in proc.stderr

@@ -17,7 +17,7 @@ from huggingface_hub import HfApi
 
 from conftest import PROFILES, REPO, SAMPLE_REPO as SOURCE, TOKEN, hub_env, run_cli
 from hub_server import client_env
-from quantkit.jobs.queue import JobQueue
+from quantkit.jobs.queue import open_queue
 
 INFO = r"^/api/models/alice/SmolLM2-135M-Instruct(/revision/[^/]+)?$"  # model_info: where a build starts
 WEIGHTS = r"/alice/SmolLM2-135M-Instruct/resolve/[0-9a-f]{40}/model\.safetensors$"
@@ -250,10 +250,10 @@ def test_a_watch_pass_in_an_outage_says_one_line_and_every_keeps_going(server, t
         proc = run_cli("watch", "alice", "--queue", other, env=_env(server, tmp_path / "hf2", HF_HUB_OFFLINE="1"))
         assert proc.returncode == 3
         assert _clean(proc) == ["error: watch lists models on the Hub, and HF_HUB_OFFLINE is set", "  fix: unset HF_HUB_OFFLINE"]
-        assert not JobQueue(other).list()
+        assert not open_queue(other).list()
 
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not JobQueue(queue).list():
+        while time.monotonic() < deadline and not open_queue(queue).list():
             assert watch.poll() is None, watch.stderr.read()
             time.sleep(0.5)
     finally:
@@ -264,13 +264,13 @@ def test_a_watch_pass_in_an_outage_says_one_line_and_every_keeps_going(server, t
     assert line.startswith("error: cannot list the models of 'alice': the Hub at") and "is failing (HTTP 503" in line
     assert line.endswith("; next pass in 1s")
     assert "1 new job(s)" in out
-    [job] = JobQueue(queue).list()
+    [job] = open_queue(queue).list()
     head = HfApi(endpoint=server.endpoint, token=TOKEN).model_info(SOURCE).sha
     assert (job.repo_id, job.revision) == (SOURCE, head)
 
 
 def test_a_worker_retries_a_job_the_network_failed_then_marks_it_failed(server, tmp_path):
-    queue = JobQueue(tmp_path / "queue.db")
+    queue = open_queue(tmp_path / "queue.db")
     # Job 1: its first attempt meets a Hub that fails (503 on every retry); the second attempt builds it.
     one = queue.enqueue(SOURCE, server.commit, str(PROFILES / "files.yaml"), tmp_path / "out", max_attempts=3)
     server.fail_next("GET", INFO, status=503, count=5)

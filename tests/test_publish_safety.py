@@ -236,9 +236,9 @@ def test_only_children_that_talk_to_the_hub_get_its_token(tmp_path, monkeypatch)
 def test_a_workers_build_gets_the_token(tmp_path, monkeypatch):
     """The worker's child is a whole build, which downloads its source: it must keep the token."""
     from quantkit.jobs.worker import Worker, WorkerOptions
-    from quantkit.jobs.queue import JobQueue
+    from quantkit.jobs.queue import open_queue
 
-    queue = JobQueue(tmp_path / "queue.db")
+    queue = open_queue(tmp_path / "queue.db")
     job = queue.enqueue("alice/Some-Model", "0" * 40, str(tmp_path / "profile.yaml"), tmp_path / "out", max_attempts=1)
     # The build child is replaced by this interpreter printing what it sees, through the worker's own Popen call.
     monkeypatch.setattr(sys, "executable", str(_fake_python(tmp_path)))

@@ -1,29 +1,34 @@
-"""A durable job queue in one SQLite file: what to build, who is building it, and how it ended.
+"""The job queue: what to build, who is building it, and how it ended. One API and one set of rules (JobQueue)
+over two engines: an SQLite file (sqlite_queue.py: the default, one command and no server, for workers on one
+machine) and PostgreSQL (postgres_queue.py: a fleet, `--queue postgresql://...`). open_queue picks one.
 
-Workers on one machine (or several sharing the file over a local filesystem) claim jobs with a
-lease. A worker renews its leases while it builds; a job whose lease ran out (its worker died) is
-claimable again, so a crash costs a retry, never a lost job. SQLite's write lock (BEGIN IMMEDIATE)
-makes each claim atomic: two workers never take the same job.
+Workers claim jobs with a lease. A worker renews its leases while it builds; a job whose lease ran out (its worker
+died) is claimable again, so a crash costs a retry, never a lost job. Each claim is atomic in either engine (SQLite's
+write lock; PostgreSQL's row locks, skipping rows another claim holds): two workers never take the same job. Every
+time a rule compares comes from the engine's clock (`_now`): PostgreSQL's server's, so that machines whose clocks
+disagree still agree on when a lease ran out.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from ..errors import QuantkitError
 from ..paths import state_dir
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+
+
+# The jobs table's columns besides `id` (whose type each engine gives), in types both engines read alike: BIGINT and
+# DOUBLE PRECISION are 8 bytes in PostgreSQL (its INTEGER and REAL are 4) and SQLite's INTEGER and REAL. These are
+# the first version's; a later column is added by each engine's own step (ALTER TABLE), never here.
+JOB_COLUMNS = """
     repo_id TEXT NOT NULL,
     revision TEXT NOT NULL,
     profile TEXT NOT NULL,
@@ -32,25 +37,34 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     max_attempts INTEGER NOT NULL DEFAULT 3,
     needs_gpu INTEGER NOT NULL DEFAULT 0,
-    memory_bytes INTEGER NOT NULL DEFAULT 0,
+    memory_bytes BIGINT NOT NULL DEFAULT 0,
     worker TEXT,
-    lease_until REAL,
+    lease_until DOUBLE PRECISION,
     exit_code INTEGER,
     error TEXT,
-    not_before REAL,
+    not_before DOUBLE PRECISION,
     kind TEXT NOT NULL DEFAULT 'build',
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    UNIQUE (repo_id, revision, profile)
-);
-"""
+    created DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
+    UNIQUE (repo_id, revision, profile)"""
 
 
 def default_queue_path() -> Path:
-    """QUANTKIT_QUEUE, else $XDG_STATE_HOME/quantkit/queue.db: state to keep, not a cache to wipe."""
-    if env := os.environ.get("QUANTKIT_QUEUE"):
-        return Path(env).expanduser()
+    """$XDG_STATE_HOME/quantkit/queue.db: state to keep, not a cache to wipe."""
     return state_dir() / "queue.db"
+
+
+def open_queue(where: str | Path | None = None) -> "JobQueue":
+    """The queue at `where` (else $QUANTKIT_QUEUE, else the default SQLite file): a postgresql:// URL, or the path
+    of an SQLite file."""
+    where = where or os.environ.get("QUANTKIT_QUEUE") or default_queue_path()
+    if str(where).startswith(("postgresql://", "postgres://")):
+        from .postgres_queue import PostgresQueue
+
+        return PostgresQueue(str(where))
+    from .sqlite_queue import SqliteQueue
+
+    return SqliteQueue(Path(where).expanduser())
 
 
 @dataclass(frozen=True)
@@ -87,40 +101,22 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path).expanduser() if path else default_queue_path()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._db() as db:
-                db.executescript(_SCHEMA)
-                columns = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
-                if "not_before" not in columns:
-                    db.execute("ALTER TABLE jobs ADD COLUMN not_before REAL")  # a queue made before retries waited
-                if "kind" not in columns:  # a queue made before metadata-only jobs
-                    db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'build'")
-        except (OSError, sqlite3.Error) as e:
-            raise QuantkitError(f"cannot open the job queue {self.path}: {e}",
-                                "pass --queue (or set QUANTKIT_QUEUE) to a file in a folder you can write to") from e
-        self.logs = self.path.parent / "logs"
+    """The queue's rules, in SQL both engines run. An engine gives a transaction (`_transaction`: a connection whose
+    execute takes `?` placeholders and yields rows by column name), its clock (`_now`), the clause that makes a claim
+    skip the rows other claims hold (`_claim_lock`), and where job logs go (`logs`)."""
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        # One short-lived connection per operation: a worker holds no lock while it builds.
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            yield db
+    where: str  # what --queue names it by, without a password
+    logs: Path  # each job's log and status file: on the worker's machine
+    _claim_lock = ""
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+    def _transaction(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Any]:
+        return self._transaction()
+
+    def _now(self, db) -> float:
+        return time.time()
 
     def log_path(self, job_id: int) -> Path:
         return self.logs / f"{job_id}.log"
@@ -129,40 +125,42 @@ class JobQueue:
     def enqueue(self, repo_id: str, revision: str, profile: str, out: str | Path, *, needs_gpu: bool = False,
                 memory_bytes: int = 0, max_attempts: int = 3, kind: str = "build") -> Job | None:
         """Add a job; None if this (repo, commit, profile) was ever queued before, whatever became of it."""
-        now = time.time()
-        with self._write() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO jobs (repo_id, revision, profile, out, needs_gpu, memory_bytes, max_attempts, "
-                "kind, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        with self._transaction() as db:
+            now = self._now(db)
+            row = db.execute(
+                "INSERT INTO jobs (repo_id, revision, profile, out, needs_gpu, memory_bytes, max_attempts, "
+                "kind, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (repo_id, revision, profile) DO NOTHING RETURNING id",
                 (repo_id, revision, profile, str(Path(out).absolute()), int(needs_gpu), memory_bytes, max_attempts,
-                 kind, now, now))
-            return self._get(db, cur.lastrowid) if cur.rowcount else None
+                 kind, now, now)).fetchone()
+            return self._get(db, row["id"]) if row else None
 
     def last_done(self, repo_id: str, profile: str) -> Job | None:
         """The newest finished job of this repo and profile: the build a new revision may only need retemplating."""
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT * FROM jobs WHERE repo_id = ? AND profile = ? AND state = 'done' "
                              "ORDER BY updated DESC, id DESC LIMIT 1", (repo_id, profile)).fetchone()
             return _job(row) if row else None
 
     def get(self, job_id: int) -> Job:
-        with self._db() as db:
+        with self._read() as db:
             return self._get(db, job_id)
 
     def list(self, state: str | None = None) -> list[Job]:
         if state and state not in STATES:
             raise QuantkitError(f"unknown job state {state!r}", f"use one of: {', '.join(STATES)}")
-        with self._db() as db:
+        with self._read() as db:
             rows = db.execute("SELECT * FROM jobs" + (" WHERE state = ?" if state else "") + " ORDER BY id",
                               (state,) if state else ()).fetchall()
         return [_job(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        with self._db() as db:
-            return dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        with self._read() as db:
+            rows = db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+            return {r["state"]: r["n"] for r in rows}
 
     @staticmethod
-    def _get(db: sqlite3.Connection, job_id: int) -> Job:
+    def _get(db, job_id: int) -> Job:
         row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise QuantkitError(f"no job #{job_id}", "see `quantkit jobs list`")
@@ -171,20 +169,20 @@ class JobQueue:
     # ------------------------------------------------------------------ workers
     def claim(self, worker: str, lease_s: float, *, gpu: bool = False, memory_bytes: int | None = None) -> Job | None:
         """Take the oldest job this worker can run (GPU jobs only with a GPU; within `memory_bytes`)."""
-        now = time.time()
-        with self._write() as db:
+        with self._transaction() as db:
+            now = self._now(db)
             self._expire(db, now)
             row = db.execute(
-                "SELECT * FROM jobs WHERE state = 'queued' AND (needs_gpu = 0 OR ?) AND (? IS NULL OR memory_bytes <= ?) "
-                "AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT 1",
-                (int(gpu), memory_bytes, memory_bytes, now)).fetchone()
+                "SELECT * FROM jobs WHERE state = 'queued' AND (needs_gpu = 0 OR ?) AND (CAST(? AS BIGINT) IS NULL OR memory_bytes <= ?) "
+                "AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT 1" + self._claim_lock,
+                (bool(gpu), memory_bytes, memory_bytes, now)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state = 'running', worker = ?, lease_until = ?, attempts = attempts + 1, "
                        "exit_code = NULL, updated = ? WHERE id = ?", (worker, now + lease_s, now, row["id"]))
             return self._get(db, row["id"])
 
-    def _expire(self, db: sqlite3.Connection, now: float) -> None:
+    def _expire(self, db, now: float) -> None:
         """Jobs whose worker stopped renewing: back to the queue, or failed after their last attempt."""
         db.execute("UPDATE jobs SET state = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END, "
                    "error = 'worker ' || worker || ' stopped renewing its lease (crashed or killed)', "
@@ -193,8 +191,8 @@ class JobQueue:
 
     def renew(self, job_id: int, worker: str, lease_s: float) -> bool:
         """Extend a lease; False if the job is no longer this worker's (cancelled, or taken after expiry)."""
-        now = time.time()
-        with self._write() as db:
+        with self._transaction() as db:
+            now = self._now(db)
             cur = db.execute("UPDATE jobs SET lease_until = ?, updated = ? WHERE id = ? AND worker = ? AND state = 'running'",
                              (now + lease_s, now, job_id, worker))
             return cur.rowcount == 1
@@ -204,45 +202,45 @@ class JobQueue:
         """Record how a claimed job ended and return its new state; None if it was no longer this worker's.
         `retry_in`: a failure worth another attempt (the network failed) queues the job again, to be taken no
         sooner than that many seconds from now, unless it has had all its attempts."""
-        now = time.time()
         retry = exit_code != 0 and retry_in is not None
-        with self._write() as db:
+        with self._transaction() as db:
+            now = self._now(db)
             cur = db.execute(
                 "UPDATE jobs SET state = CASE WHEN ? = 0 THEN 'done' WHEN ? AND attempts < max_attempts THEN 'queued' "
                 "ELSE 'failed' END, exit_code = ?, error = ?, not_before = ?, worker = NULL, lease_until = NULL, "
                 "updated = ? WHERE id = ? AND worker = ? AND state = 'running'",
-                (exit_code, int(retry), exit_code, error, now + retry_in if retry else None, now, job_id, worker))
+                (exit_code, retry, exit_code, error, now + retry_in if retry else None, now, job_id, worker))
             return self._get(db, job_id).state if cur.rowcount == 1 else None
 
     def pending(self) -> int:
         """Jobs that are queued or running (a running one may come back if its worker died)."""
-        with self._db() as db:
-            return db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
+        with self._read() as db:
+            return db.execute("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running')").fetchone()["n"]
 
     # ------------------------------------------------------------------ people
     def retry(self, job_id: int) -> Job:
-        with self._write() as db:
+        with self._transaction() as db:
             job = self._get(db, job_id)
             if job.state not in ("failed", "cancelled"):
                 raise QuantkitError(f"job #{job_id} is {job.state}; only failed or cancelled jobs can be retried",
                                     "see `quantkit jobs show`" if job.state != "done" else
                                     "it is done; delete its build folder and retry it to build it again")
             db.execute("UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, exit_code = NULL, not_before = NULL, "
-                       "updated = ? WHERE id = ?", (time.time(), job_id))
+                       "updated = ? WHERE id = ?", (self._now(db), job_id))
             return self._get(db, job_id)
 
     def cancel(self, job_id: int) -> Job:
         """A queued job is never taken; a running one is stopped by its worker at the next lease renewal."""
-        with self._write() as db:
+        with self._transaction() as db:
             job = self._get(db, job_id)
             if job.state not in ("queued", "running"):
                 raise QuantkitError(f"job #{job_id} is already {job.state}", "nothing to cancel")
             db.execute("UPDATE jobs SET state = 'cancelled', worker = NULL, lease_until = NULL, updated = ? WHERE id = ?",
-                       (time.time(), job_id))
+                       (self._now(db), job_id))
             return self._get(db, job_id)
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row) -> Job:
     values = {f.name: row[f.name] for f in fields(Job)}
     values["needs_gpu"] = bool(values["needs_gpu"])
     return Job(**values)

@@ -68,7 +68,7 @@ class Worker:
     def run(self) -> WorkerSummary:
         summary = WorkerSummary()
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        self.log(f"worker {self.o.name}: queue {self.q.path}, up to {self.o.max_jobs} job(s), {self.threads} threads each, "
+        self.log(f"worker {self.o.name}: queue {self.q.where}, up to {self.o.max_jobs} job(s), {self.threads} threads each, "
                  f"{self.o.gpus} GPU(s)" + (f", build steps on Ray at {self.o.ray}" if self.o.ray else ""))
         try:
             next_renewal = 0.0

@@ -1,0 +1,144 @@
+"""The job queue's rules on both engines: an SQLite file and a real PostgreSQL server (tests/pg_server.py, started
+from the installed binaries). The same tests, the same public API (quantkit.jobs.queue.open_queue)."""
+
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from conftest import REPO, run_cli
+from pg_server import PostgresServer
+from quantkit.jobs.queue import open_queue
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue_at(request, tmp_path):
+    """Where a fresh queue is: an SQLite file, or a new database of the module's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "queue.db")
+    return _new_database(request.getfixturevalue("postgres"), tmp_path)
+
+
+def _new_database(server: PostgresServer, tmp_path) -> str:
+    name = f"q_{tmp_path.name.lower().replace('-', '_')}"[:60]
+    with psycopg.connect(server.url(), autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}"')
+    return server.url(database=name)
+
+
+_CLAIMER = """
+import sys
+from quantkit.jobs.queue import open_queue
+q = open_queue(sys.argv[1])
+while (job := q.claim(sys.argv[2], 60)) is not None:
+    print(job.id, flush=True)
+"""
+
+
+def test_claims_are_exclusive_across_processes_and_dead_leases_run_out(queue_at, tmp_path):
+    q = open_queue(queue_at)
+    ids = [q.enqueue(f"org/model-{i}", "a" * 40, "tiny", tmp_path).id for i in range(40)]
+    assert q.enqueue("org/model-0", "a" * 40, "tiny", tmp_path) is None  # the same commit and profile: not again
+
+    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, queue_at, f"w{i}"], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO) for i in range(4)]
+    claimed = [int(line) for p in procs for line in p.communicate(timeout=120)[0].split()]
+    assert sorted(claimed) == ids  # every job taken exactly once
+    assert {j.state for j in q.list()} == {"running"}
+
+    job = q.enqueue("org/crashy", "b" * 40, "tiny", tmp_path, max_attempts=2)
+    assert q.claim("w1", 0.3).id == job.id
+    assert q.claim("w2", 0.3) is None  # still w1's
+    time.sleep(0.5)
+    assert q.claim("w2", 0.3).id == job.id and q.get(job.id).attempts == 2
+    assert not q.renew(job.id, "w1", 60)  # w1 lost it
+    time.sleep(0.5)
+    assert q.claim("w3", 60) is None  # out of attempts
+    gone = q.get(job.id)
+    assert gone.state == "failed" and "worker w2 stopped renewing its lease" in gone.error
+
+    # Only a worker with a free GPU takes a GPU job; a worker short of memory leaves a big job to others.
+    big = q.enqueue("org/big", "c" * 40, "tiny", tmp_path, memory_bytes=20 << 30)
+    gpu = q.enqueue("org/exl2", "d" * 40, "exl2", tmp_path, needs_gpu=True)
+    assert q.claim("cpu-worker", 60, memory_bytes=8 << 30) is None
+    assert q.claim("gpu-worker", 60, gpu=True, memory_bytes=8 << 30).id == gpu.id
+    assert q.claim("roomy-worker", 60, memory_bytes=32 << 30).id == big.id
+
+    # How jobs end, and what people do with them, through the command line on the same queue.
+    assert q.finish(gpu.id, "gpu-worker", 0) == "done"
+    assert q.finish(big.id, "roomy-worker", 3, "error: the source is gone", retry_in=None) == "failed"
+    assert q.finish(big.id, "roomy-worker", 0) is None  # no longer that worker's
+    proc = run_cli("jobs", "retry", str(big.id), "--queue", queue_at, check=True)
+    assert q.get(big.id).state == "queued" and q.get(big.id).attempts == 0
+    proc = run_cli("jobs", "cancel", str(ids[0]), "--queue", queue_at, check=True)
+    proc = run_cli("jobs", "list", "--queue", queue_at, check=True)
+    assert "1 cancelled, 1 done, 1 failed, 1 queued, 39 running" in proc.stdout
+    assert f"#{gpu.id:<4} done      org/exl2@dddddddddddd" in proc.stdout
+
+
+def test_job_commands_refuse_clearly(tmp_path):
+    queue = tmp_path / "queue.db"
+    proc = run_cli("jobs", "retry", "7", "--queue", queue)
+    assert proc.returncode == 1 and "error: no job #7" in proc.stderr and "quantkit jobs list" in proc.stderr
+    proc = run_cli("worker", "--memory", "lots", "--queue", queue)
+    assert proc.returncode == 1 and "--memory 'lots' is not a size" in proc.stderr
+    proc = run_cli("watch", "alice", "--max-params", "huge", "--queue", queue)
+    assert proc.returncode == 1 and "not a parameter count: 'huge'" in proc.stderr
+    proc = run_cli("jobs", "list", "--queue", tmp_path)  # a folder, not a database file
+    assert proc.returncode == 10 and f"cannot open the job queue {tmp_path}" in proc.stderr and "--queue" in proc.stderr
+
+
+def test_a_postgresql_url_that_cannot_open_says_why_in_one_line_and_never_shows_the_password(postgres):
+    def refused(url: str, *words: str) -> str:
+        proc = run_cli("jobs", "list", "--queue", url)
+        assert proc.returncode == 10, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert lines[0].startswith("error: cannot open the job queue") or lines[0].startswith("error: the job queue")
+        assert all(w in proc.stderr for w in words), proc.stderr
+        assert "Traceback" not in proc.stderr and postgres.password not in proc.stderr + proc.stdout
+        return proc.stderr
+
+    wrong = postgres.url(password="not-the-password")
+    refused(wrong, "password authentication failed", "check the user and password")
+    assert "not-the-password" not in refused(wrong)
+    with PostgresServer() as stopped:
+        port = stopped.port
+    refused(f"postgresql://quantkit:{postgres.password}@127.0.0.1:{port}/postgres", "refused", "start PostgreSQL there")
+    refused(postgres.url(database="nothere"), '"nothere" does not exist', "createdb")
+    refused("postgresql://quantkit@127.0.0.1:5432/x?colour=blue", "is not a PostgreSQL URL", 'parameter: "colour"',
+            "write it like postgresql://USER:PASSWORD@HOST")
+    refused("postgresql://quantkit@127.0.0.1:notaport/x", 'invalid integer value "notaport"', "write it like")
+
+
+def test_quantkit_makes_its_postgresql_tables_and_refuses_a_newer_schema(postgres, tmp_path):
+    queue_at = _new_database(postgres, tmp_path)
+    q = open_queue(queue_at)
+    assert q.schema_version() == 1 and open_queue(queue_at).schema_version() == 1  # made once, then kept
+    with psycopg.connect(queue_at, autocommit=True) as db:
+        db.execute("UPDATE quantkit.schema_version SET version = 99")
+    proc = run_cli("jobs", "list", "--queue", queue_at)
+    assert proc.returncode == 10 and "has schema version 99, newer than this quantkit's (1)" in proc.stderr
+    assert "upgrade quantkit" in proc.stderr
+
+
+def test_a_worker_runs_a_job_from_either_queue_and_records_how_it_ended(queue_at, tmp_path, monkeypatch):
+    """The worker against each engine: it claims the job, runs its build (one that fails at once: offline, the
+    source is in no cache), keeps the build's log on its machine and records the build's one-line error."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where a PostgreSQL queue's logs go, here
+    q = open_queue(queue_at)
+    job = q.enqueue("nobody/Not-A-Model", "e" * 40, "files", tmp_path / "out", max_attempts=1)
+    proc = run_cli("worker", "--once", "--poll", "0.2", "--queue", queue_at,
+                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 1 and "worker: 0 job(s) done, 1 failed" in proc.stdout, proc.stdout[-2000:]
+    done = q.get(job.id)
+    assert done.state == "failed" and done.exit_code == 3 and done.attempts == 1, done
+    assert "nobody/Not-A-Model" in done.error and "not in the Hugging Face cache" in done.error, done.error
+    assert "=== attempt 1/1" in q.log_path(job.id).read_text()
