@@ -1,6 +1,9 @@
 """The job queue's rules on both engines: an SQLite file and a real PostgreSQL server (tests/pg_server.py, started
 from the installed binaries). The same tests, the same public API (quantkit.jobs.queue.open_queue)."""
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -8,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import PROFILES, REPO, SAMPLE_REPO, run_cli
 from pg_server import PostgresServer
 from quantkit.jobs.queue import open_queue
 
@@ -142,3 +145,61 @@ def test_a_worker_runs_a_job_from_either_queue_and_records_how_it_ended(queue_at
     assert done.state == "failed" and done.exit_code == 3 and done.attempts == 1, done
     assert "nobody/Not-A-Model" in done.error and "not in the Hugging Face cache" in done.error, done.error
     assert "=== attempt 1/1" in q.log_path(job.id).read_text()
+
+
+# A worker on a machine whose clock is off by argv[1] seconds: the process's time.time() is, nothing else.
+_SKEWED_WORKER = """
+import sys, time
+real, offset = time.time, float(sys.argv[1])
+time.time = lambda: real() + offset
+sys.argv = ["quantkit", *sys.argv[2:]]
+from quantkit.cli import main
+main()
+"""
+
+
+def test_a_killed_workers_job_is_taken_over_once_by_the_servers_clock_whatever_the_workers_clocks_say(
+        postgres, hub, tmp_path, monkeypatch):
+    """Worker A (its clock an hour slow) is killed with kill -9 mid-job; worker B (an hour fast) waits while A lives,
+    then takes the job over once A's lease has run out by the server's clock, and finishes it. With each worker's
+    own clock, B would have taken A's live job at once, and a slow worker's expired lease would look alive."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # both workers' logs: this machine's
+    queue_at, out = _new_database(postgres, tmp_path), tmp_path / "out"
+    q = open_queue(queue_at)
+    job = q.enqueue(SAMPLE_REPO, hub.commit, str(PROFILES / "files.yaml"), out)  # files only: leases, not scores
+    env = {**os.environ, **hub.env}
+
+    def worker(offset: float, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _SKEWED_WORKER, str(offset), "worker", "--queue", queue_at,
+                                 "--lease", "2", "--poll", "0.2", *args], env=env, cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    first = worker(-3600)
+    second = None
+    manifest = out / "SmolLM2-135M-Instruct" / ".quantkit" / "manifest.json"
+    try:
+        deadline = time.monotonic() + 300
+        while q.get(job.id).state != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = worker(3600, "--once")
+        # Mid-job (the F16 conversion recorded) and at least two lease periods after B started: still A's.
+        time.sleep(4)
+        while "artifact:SmolLM2-135M-Instruct-F16.gguf" not in (manifest.read_text() if manifest.exists() else ""):
+            assert time.monotonic() < deadline, "the first worker never finished the F16 conversion"
+            time.sleep(0.2)
+        held = q.get(job.id)
+        assert (held.state, held.attempts, held.worker) == ("running", 1, f"{socket.gethostname()}:{first.pid}")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        output = second.communicate(timeout=600)[0]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert second.returncode == 0, output[-3000:]
+    done = q.get(job.id)
+    assert (done.state, done.attempts, done.exit_code) == ("done", 2, 0), done
+    assert "(attempt 2/3)" in output and output.count("started (attempt") == 1
+    log = q.log_path(job.id).read_text()
+    assert log.count("=== attempt") == 2 and f"=== attempt 2/3 on {socket.gethostname()}:{second.pid}" in log
+    assert "✓ SmolLM2-135M-Instruct-F16.gguf (up to date)" in log.split("=== attempt 2")[1]  # A's conversion kept
