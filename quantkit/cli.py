@@ -261,10 +261,9 @@ def jobs_show(job_id: int, queue: Optional[str] = QueueOpt,
         if key in ("created", "updated", "lease_until") and value:
             value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
         typer.echo(f"{key:13} {value}")
-    log = q.log_path(job_id)
-    typer.echo(f"{'log':13} {log}")
-    if log.exists():
-        text = log.read_text(errors="replace").splitlines()
+    typer.echo(f"{'log':13} " + ("in the queue" if q.keeps_logs else str(q.log_path(job_id))))
+    if (log := q.log_text(job_id)) is not None:
+        text = log.splitlines()
         typer.echo("\n".join(text[-lines:] if lines else text))
 
 

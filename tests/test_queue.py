@@ -124,11 +124,20 @@ def test_a_postgresql_url_that_cannot_open_says_why_in_one_line_and_never_shows_
 def test_quantkit_makes_its_postgresql_tables_and_refuses_a_newer_schema(postgres, tmp_path):
     queue_at = _new_database(postgres, tmp_path)
     q = open_queue(queue_at)
-    assert q.schema_version() == 1 and open_queue(queue_at).schema_version() == 1  # made once, then kept
+    assert q.schema_version() == 2 and open_queue(queue_at).schema_version() == 2  # made once, then kept
+    # A queue of the first version (jobs, no logs table) is brought up to date as it opens, its jobs kept.
+    job = q.enqueue("org/old", "f" * 40, "tiny", tmp_path)
+    with psycopg.connect(queue_at, autocommit=True) as db:
+        db.execute("DROP TABLE quantkit.job_logs")
+        db.execute("UPDATE quantkit.schema_version SET version = 1")
+    again = open_queue(queue_at)
+    assert again.schema_version() == 2 and [j.id for j in again.list()] == [job.id]
+    again.append_log(job.id, "a line\n")
+    assert again.log_text(job.id) == "a line\n"
     with psycopg.connect(queue_at, autocommit=True) as db:
         db.execute("UPDATE quantkit.schema_version SET version = 99")
     proc = run_cli("jobs", "list", "--queue", queue_at)
-    assert proc.returncode == 10 and "has schema version 99, newer than this quantkit's (1)" in proc.stderr
+    assert proc.returncode == 10 and "has schema version 99, newer than this quantkit's (2)" in proc.stderr
     assert "upgrade quantkit" in proc.stderr
 
 
@@ -145,6 +154,12 @@ def test_a_worker_runs_a_job_from_either_queue_and_records_how_it_ended(queue_at
     assert done.state == "failed" and done.exit_code == 3 and done.attempts == 1, done
     assert "nobody/Not-A-Model" in done.error and "not in the Hugging Face cache" in done.error, done.error
     assert "=== attempt 1/1" in q.log_path(job.id).read_text()
+    # `jobs show` on another machine (no log file of its own): a PostgreSQL queue has the log; an SQLite queue's
+    # logs sit next to its file, on its one machine.
+    shown = run_cli("jobs", "show", str(job.id), "--queue", queue_at, env={"XDG_STATE_HOME": str(tmp_path / "other")},
+                    check=True).stdout
+    assert "=== attempt 1/1" in shown and "not in the Hugging Face cache" in shown
+    assert ("log           in the queue" in shown) == queue_at.startswith("postgresql://")
 
 
 # A worker on a machine whose clock is off by argv[1] seconds: the process's time.time() is, nothing else.
@@ -203,3 +218,7 @@ def test_a_killed_workers_job_is_taken_over_once_by_the_servers_clock_whatever_t
     log = q.log_path(job.id).read_text()
     assert log.count("=== attempt") == 2 and f"=== attempt 2/3 on {socket.gethostname()}:{second.pid}" in log
     assert "✓ SmolLM2-135M-Instruct-F16.gguf (up to date)" in log.split("=== attempt 2")[1]  # A's conversion kept
+    # The queue's copy: what A shipped before it was killed, then B's whole attempt.
+    kept = q.log_text(job.id)
+    assert kept.count("=== attempt") == 2 and kept.index("=== attempt 1/3") < kept.index("=== attempt 2/3")
+    assert "✓ SmolLM2-135M-Instruct-F16.gguf (up to date)" in kept.split("=== attempt 2")[1]

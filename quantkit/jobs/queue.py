@@ -118,8 +118,19 @@ class JobQueue:
     def _now(self, db) -> float:
         return time.time()
 
+    keeps_logs = False  # whether append_log keeps the logs where every machine reads them
+
     def log_path(self, job_id: int) -> Path:
+        """Where the worker that runs the job writes its log, on its own machine (every attempt appended)."""
         return self.logs / f"{job_id}.log"
+
+    def append_log(self, job_id: int, text: str) -> None:
+        """Add to a job's log where every machine reads it (keeps_logs); the SQLite queue's logs are the files."""
+
+    def log_text(self, job_id: int) -> str | None:
+        """A job's log: from the queue where it keeps them, else the file on this machine; None if neither has one."""
+        path = self.log_path(job_id)
+        return path.read_text(errors="replace") if path.exists() else None
 
     # ------------------------------------------------------------------ adding and reading
     def enqueue(self, repo_id: str, revision: str, profile: str, out: str | Path, *, needs_gpu: bool = False,

@@ -45,6 +45,7 @@ class _Running:
     proc: subprocess.Popen
     log: object
     started: float
+    shipped: int  # how much of the log file the queue has (JobQueue.append_log)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Worker:
         log_path = self.q.log_path(job.id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "a")
+        shipped = log.tell()  # earlier attempts' lines (this machine's), which their workers shipped
         log.write(f"\n=== attempt {job.attempts}/{job.max_attempts} on {self.o.name} at {time.ctime()}\n")
         log.flush()
         if job.kind == "retemplate":  # the build in `out` takes the revision's template; published if it was
@@ -125,12 +127,13 @@ class Worker:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=child_env({"PYTHONUNBUFFERED": "1", STATUS_ENV: str(status)}, hub=True),
                                 preexec_fn=die_with_parent())
-        self.running[job.id] = _Running(job, proc, log, time.monotonic())
+        self.running[job.id] = _Running(job, proc, log, time.monotonic(), shipped)
         self.log(f"#{job.id} {job.repo_id}@{job.revision[:12]}: started (attempt {job.attempts}/{job.max_attempts}), "
                  f"log {log_path}")
 
     def _renew(self) -> None:
         for r in list(self.running.values()):
+            self._ship_log(r)
             if not self.q.renew(r.job.id, self.o.name, self.o.lease_s):
                 self._kill(r, "it was cancelled or its lease was taken over")
                 del self.running[r.job.id]
@@ -142,6 +145,7 @@ class Worker:
                 continue
             del self.running[job_id]
             r.log.close()
+            self._ship_log(r, final=True)
             seconds = time.monotonic() - r.started
             status = read_status(_status_path(self.q, job_id)) if code else None
             error = None if code == 0 else (status and status.error) or _last_error(self.q.log_path(job_id)) or f"exit code {code}"
@@ -160,6 +164,24 @@ class Worker:
         self.log(f"#{r.job.id}: stopping its build: {why}")
         stop(r.proc, grace_s=20)
         r.log.close()
+        self._ship_log(r, final=True)
+
+    def _ship_log(self, r: _Running, final: bool = False) -> None:
+        """The log's new lines into the queue, where every machine reads them (a PostgreSQL queue keeps them):
+        whole lines only until the build has ended, so that no character is cut in two."""
+        if not self.q.keeps_logs:
+            return
+        try:
+            with open(self.q.log_path(r.job.id), "rb") as f:
+                f.seek(r.shipped)
+                chunk = f.read()
+        except OSError:
+            return
+        if not final:
+            chunk = chunk[:chunk.rfind(b"\n") + 1]
+        if chunk:
+            self.q.append_log(r.job.id, chunk.decode("utf-8", errors="replace"))
+            r.shipped += len(chunk)
 
 
 def _publishes(profile: str) -> bool:
