@@ -260,6 +260,8 @@ def jobs_show(job_id: int, queue: Optional[str] = QueueOpt,
     for key, value in dataclasses.asdict(job).items():
         if key in ("created", "updated", "lease_until") and value:
             value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        if key == "profile_text" and value:
+            value = f"({len(value.splitlines())} lines of YAML, kept in the queue)"
         typer.echo(f"{key:13} {value}")
     typer.echo(f"{'log':13} " + ("in the queue" if q.keeps_logs else str(q.log_path(job_id))))
     if (log := q.log_text(job_id)) is not None:

@@ -124,24 +124,26 @@ def test_a_postgresql_url_that_cannot_open_says_why_in_one_line_and_never_shows_
 def test_quantkit_makes_its_postgresql_tables_and_refuses_a_newer_schema(postgres, tmp_path):
     queue_at = _new_database(postgres, tmp_path)
     q = open_queue(queue_at)
-    assert q.schema_version() == 2 and open_queue(queue_at).schema_version() == 2  # made once, then kept
+    assert q.schema_version() == 3 and open_queue(queue_at).schema_version() == 3  # made once, then kept
     # A queue of the first version (jobs, no logs table) is brought up to date as it opens, its jobs kept.
     job = q.enqueue("org/old", "f" * 40, "tiny", tmp_path)
     with psycopg.connect(queue_at, autocommit=True) as db:
         db.execute("DROP TABLE quantkit.job_logs")
+        db.execute("ALTER TABLE quantkit.jobs DROP COLUMN profile_text")
         db.execute("UPDATE quantkit.schema_version SET version = 1")
     again = open_queue(queue_at)
-    assert again.schema_version() == 2 and [j.id for j in again.list()] == [job.id]
+    assert again.schema_version() == 3 and [(j.id, j.profile_text) for j in again.list()] == [(job.id, None)]
     again.append_log(job.id, "a line\n")
     assert again.log_text(job.id) == "a line\n"
     with psycopg.connect(queue_at, autocommit=True) as db:
         db.execute("UPDATE quantkit.schema_version SET version = 99")
     proc = run_cli("jobs", "list", "--queue", queue_at)
-    assert proc.returncode == 10 and "has schema version 99, newer than this quantkit's (2)" in proc.stderr
+    assert proc.returncode == 10 and "has schema version 99, newer than this quantkit's (3)" in proc.stderr
     assert "upgrade quantkit" in proc.stderr
 
 
-def test_a_worker_runs_a_job_from_either_queue_and_records_how_it_ended(queue_at, tmp_path, monkeypatch):
+def test_a_worker_runs_a_job_from_either_queue_and_records_how_it_ended(queue_at, sample_model, tmp_path,
+                                                                       monkeypatch):
     """The worker against each engine: it claims the job, runs its build (one that fails at once: offline, the
     source is in no cache), keeps the build's log on its machine and records the build's one-line error."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where a PostgreSQL queue's logs go, here
@@ -154,6 +156,13 @@ def test_a_worker_runs_a_job_from_either_queue_and_records_how_it_ended(queue_at
     assert done.state == "failed" and done.exit_code == 3 and done.attempts == 1, done
     assert "nobody/Not-A-Model" in done.error and "not in the Hugging Face cache" in done.error, done.error
     assert "=== attempt 1/1" in q.log_path(job.id).read_text()
+    # A profile queued as a file on another machine: the job keeps its YAML, and the worker builds with that. This
+    # one names a format that does not exist, which the build says; without the YAML it would say the file is missing.
+    elsewhere = q.enqueue(str(sample_model), "e" * 40, "/machine-a/profiles/broken.yaml", tmp_path / "out",
+                          max_attempts=1, profile_text="name: broken\nformats:\n  nosuchformat: {}\n")
+    run_cli("worker", "--once", "--poll", "0.2", "--queue", queue_at)
+    ran = q.get(elsewhere.id)
+    assert (ran.state, ran.exit_code) == ("failed", 4) and "unknown format 'nosuchformat'" in ran.error, ran
     # `jobs show` on another machine (no log file of its own): a PostgreSQL queue has the log; an SQLite queue's
     # logs sit next to its file, on its one machine.
     shown = run_cli("jobs", "show", str(job.id), "--queue", queue_at, env={"XDG_STATE_HOME": str(tmp_path / "other")},

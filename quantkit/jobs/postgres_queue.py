@@ -25,6 +25,8 @@ _MIGRATIONS = [
         job_id BIGINT NOT NULL REFERENCES {SCHEMA}.jobs (id) ON DELETE CASCADE,
         at DOUBLE PRECISION NOT NULL DEFAULT EXTRACT(EPOCH FROM now()), text TEXT NOT NULL);
         CREATE INDEX job_logs_job ON {SCHEMA}.job_logs (job_id, id)""",
+    # 3: a profile given as a file, kept in its job, so that a worker on another machine builds with it.
+    f"ALTER TABLE {SCHEMA}.jobs ADD COLUMN profile_text TEXT",
 ]
 URL_FORM = "postgresql://USER:PASSWORD@HOST:5432/DATABASE"
 

@@ -89,6 +89,9 @@ class Job:
     # "build": `quantkit build` of the revision. "retemplate": the revision changed only tokenizer or template files
     # since the build in `out` was made: `quantkit retemplate --from` that revision, nothing quantized again.
     kind: str = "build"
+    # A profile given as a file: its YAML, so that a worker on another machine builds with it (`profile` is then the
+    # file's path where it was queued, a name for the job). None for a profile name.
+    profile_text: str | None = None
 
     def render(self) -> str:
         who = f" on {self.worker}" if self.state == "running" else ""
@@ -134,16 +137,17 @@ class JobQueue:
 
     # ------------------------------------------------------------------ adding and reading
     def enqueue(self, repo_id: str, revision: str, profile: str, out: str | Path, *, needs_gpu: bool = False,
-                memory_bytes: int = 0, max_attempts: int = 3, kind: str = "build") -> Job | None:
+                memory_bytes: int = 0, max_attempts: int = 3, kind: str = "build",
+                profile_text: str | None = None) -> Job | None:
         """Add a job; None if this (repo, commit, profile) was ever queued before, whatever became of it."""
         with self._transaction() as db:
             now = self._now(db)
             row = db.execute(
                 "INSERT INTO jobs (repo_id, revision, profile, out, needs_gpu, memory_bytes, max_attempts, "
-                "kind, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "kind, profile_text, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (repo_id, revision, profile) DO NOTHING RETURNING id",
                 (repo_id, revision, profile, str(Path(out).absolute()), int(needs_gpu), memory_bytes, max_attempts,
-                 kind, now, now)).fetchone()
+                 kind, profile_text, now, now)).fetchone()
             return self._get(db, row["id"]) if row else None
 
     def last_done(self, repo_id: str, profile: str) -> Job | None:

@@ -11,7 +11,7 @@ from typing import Iterator
 from ..errors import QueueError
 from .queue import JOB_COLUMNS, JobQueue
 
-# Files made before not_before and kind existed get them as they open (SqliteQueue.__init__).
+# Files made before not_before, kind and profile_text existed get them as they open (SqliteQueue.__init__).
 _SCHEMA = f"CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, {JOB_COLUMNS})"
 
 
@@ -28,6 +28,8 @@ class SqliteQueue(JobQueue):
                     db.execute("ALTER TABLE jobs ADD COLUMN not_before REAL")  # a queue made before retries waited
                 if "kind" not in columns:  # a queue made before metadata-only jobs
                     db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'build'")
+                if "profile_text" not in columns:  # a queue made before profiles were kept in it
+                    db.execute("ALTER TABLE jobs ADD COLUMN profile_text TEXT")
         except (OSError, sqlite3.Error) as e:
             raise QueueError(f"cannot open the job queue {self.path}: {e}",
                                 "pass --queue (or set QUANTKIT_QUEUE) to a file in a folder you can write to") from e

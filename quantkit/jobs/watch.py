@@ -100,8 +100,13 @@ def template_only(api, repo_id: str, old: str, new: str) -> bool:
 
 
 def profile_ref(profile: str) -> str:
-    """How a job names its profile: a name as given, a file by its absolute path (workers run elsewhere)."""
+    """How a job names its profile: a name as given, a file by its absolute path (what makes a job unique)."""
     return str(Path(profile).absolute()) if Path(profile).is_file() else profile
+
+
+def profile_text(profile: str) -> str | None:
+    """A profile file's YAML, kept in the job: a worker on another machine has no such file."""
+    return Path(profile).read_text(encoding="utf-8") if Path(profile).is_file() else None
 
 
 def job_needs(profile: Profile, params: int) -> tuple[bool, int]:
@@ -151,7 +156,7 @@ def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Pat
                 and template_only(api, info.id, prev.revision, info.sha):
             kind, job_out, gpu, memory = "retemplate", prev.out, False, 0
         job = queue.enqueue(info.id, info.sha, profile_ref(profile), job_out, needs_gpu=gpu, memory_bytes=memory,
-                            max_attempts=max_attempts, kind=kind)
+                            max_attempts=max_attempts, kind=kind, profile_text=profile_text(profile))
         if job:
             result.enqueued.append(job)
         else:

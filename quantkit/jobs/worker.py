@@ -20,6 +20,7 @@ from typing import Callable
 from .. import network
 from ..cpus import usable_cpus
 from ..exits import STATUS_ENV, read_status
+from ..fsutil import write_text_atomic
 from ..memory import machine_memory
 from ..procs import child_env, die_with_parent, stop
 from .queue import Job, JobQueue
@@ -110,13 +111,14 @@ class Worker:
         shipped = log.tell()  # earlier attempts' lines (this machine's), which their workers shipped
         log.write(f"\n=== attempt {job.attempts}/{job.max_attempts} on {self.o.name} at {time.ctime()}\n")
         log.flush()
+        profile = self._profile(job)
         if job.kind == "retemplate":  # the build in `out` takes the revision's template; published if it was
             folder = Path(job.out) / job.repo_id.split("/")[-1]
             args = [sys.executable, "-m", "quantkit", "retemplate", str(folder), "--from", f"{job.repo_id}@{job.revision}",
-                    "--threads", str(self.threads)] + (["--publish"] if _publishes(job.profile) else [])
+                    "--threads", str(self.threads)] + (["--publish"] if _publishes(profile) else [])
         else:
             args = [sys.executable, "-m", "quantkit", "build", job.repo_id, "--revision", job.revision, "--profile",
-                    job.profile, "--out", job.out, "--threads", str(self.threads)]
+                    profile, "--out", job.out, "--threads", str(self.threads)]
             args += (["--ray", self.o.ray] if self.o.ray else []) + (["--store", self.o.store] if self.o.store else [])
         status = _status_path(self.q, job.id)
         status.unlink(missing_ok=True)
@@ -130,6 +132,15 @@ class Worker:
         self.running[job.id] = _Running(job, proc, log, time.monotonic(), shipped)
         self.log(f"#{job.id} {job.repo_id}@{job.revision[:12]}: started (attempt {job.attempts}/{job.max_attempts}), "
                  f"log {log_path}")
+
+    def _profile(self, job: Job) -> str:
+        """The job's profile: its name, or the YAML the job keeps, written beside its log (the file it was queued
+        from may be on another machine)."""
+        if job.profile_text is None:
+            return job.profile
+        path = self.q.logs / f"{job.id}.profile.yaml"
+        write_text_atomic(path, job.profile_text)
+        return str(path)
 
     def _renew(self) -> None:
         for r in list(self.running.values()):
