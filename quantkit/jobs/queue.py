@@ -23,8 +23,6 @@ from ..paths import state_dir
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 
-
-
 # The jobs table's columns besides `id` (whose type each engine gives), in types both engines read alike: BIGINT and
 # DOUBLE PRECISION are 8 bytes in PostgreSQL (its INTEGER and REAL are 4) and SQLite's INTEGER and REAL. These are
 # the first version's; a later column is added by each engine's own step (ALTER TABLE), never here.

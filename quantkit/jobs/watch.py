@@ -146,17 +146,18 @@ def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Pat
                                   "check the organisation name, HF_ENDPOINT and your network "
                                   "(HF_TOKEN for private repos)") from e
             raise
+    ref, text = profile_ref(profile), profile_text(profile)  # once a pass: the same for every job it queues
     for info in listed:
         if why := filters.reject(info):
             result.skipped.append((info.id, why))
             continue
         gpu, memory = job_needs(prof, info.safetensors.total)
         kind, job_out = "build", out
-        if (prev := queue.last_done(info.id, profile_ref(profile))) and prev.revision != info.sha \
+        if (prev := queue.last_done(info.id, ref)) and prev.revision != info.sha \
                 and template_only(api, info.id, prev.revision, info.sha):
             kind, job_out, gpu, memory = "retemplate", prev.out, False, 0
-        job = queue.enqueue(info.id, info.sha, profile_ref(profile), job_out, needs_gpu=gpu, memory_bytes=memory,
-                            max_attempts=max_attempts, kind=kind, profile_text=profile_text(profile))
+        job = queue.enqueue(info.id, info.sha, ref, job_out, needs_gpu=gpu, memory_bytes=memory,
+                            max_attempts=max_attempts, kind=kind, profile_text=text)
         if job:
             result.enqueued.append(job)
         else:
