@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import formats
 from .cpus import usable_cpus
-from .errors import DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
+from .errors import BuildFolderError, DiskSpaceError, ProfileError, QualityGateFailed, SmokeTestFailed
 from .evaluate.chat import smoke_messages
 from .evaluate.experts import is_moe, keeps_experts_mapped
 from .evaluate.integrity import CONVERSATIONS, ChatFacts, EngineVerdict, check_source_template, folder_facts, mismatches
@@ -191,10 +191,13 @@ def predict_reference_time(stats, prof: Profile, facts, scored_tokens: int, stre
 
 
 def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int | None = None,
-              converter: str | None = None, executor: Executor | None = None) -> BuildResult:
+              converter: str | None = None, executor: Executor | None = None, store: str | None = None) -> BuildResult:
     """Build what is missing, evaluate, judge, report. `executor`: where the artifact steps run (default: here,
-    one after another; quantkit.cluster.RayExecutor: as tasks on a Ray cluster). Artifacts that fail their
-    checks do not raise: the result lists them (BuildResult.error, raise_for_failures)."""
+    one after another; quantkit.cluster.RayExecutor: as tasks on a Ray cluster). `store`: an artifact store URL
+    (store.py) that keeps the build for other machines: a local build uploads each artifact once it is made and
+    mirrors its manifest and reports there, so a worker elsewhere resumes or publishes it from the store alone (a
+    RayExecutor has its own, which this must then be). Artifacts that fail their checks do not raise: the result
+    lists them (BuildResult.error, raise_for_failures)."""
     from .evaluate.evaluator import Evaluator
 
     reporter = reporter or Reporter()
@@ -213,7 +216,10 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         raise DiskSpaceError(f"cannot write to the output folder {out}: {e.strerror or e}",
                              "pass --out to a folder you can write to") from e
     executor = executor or LocalExecutor()
-    manifest = _open_manifest(out, executor.store_url, reporter)
+    if store and executor.store_url and store != executor.store_url:
+        raise BuildFolderError(f"the build's store {store} is not its Ray executor's ({executor.store_url})",
+                               "pass one store")
+    manifest = _open_manifest(out, executor.store_url or store, reporter, steps_here=not executor.store_url)
     if manifest.upgraded:
         reporter.info(f"{out.name} was built by an older quantkit (manifest schema {manifest.schema}, now {SCHEMA}): "
                       "what it keyed differently is made again, the rest is kept")
@@ -247,6 +253,7 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
                                 evaluation_text=plan.profile.evaluation.text, evaluation=tokens)
     executor.prepare(plan, context, manifest)
     built, keys, tools = [], {}, {}
+    keep_here = manifest.store is not None and not executor.store_url  # a local build with a store: upload each artifact
     made: dict[str, Built] = {}
 
     def record(item: ArtifactPlan, facts: dict, stored: Made | None = None) -> None:
@@ -260,6 +267,8 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         made[item.filename] = result = Built.make(item, described, manifest.sha256(path), facts, tools[item.filename])
         manifest.record(f"artifact:{item.filename}", keys[item.filename], path, facts=facts, result=result.to_dict(),
                         **chat)
+        if keep_here:
+            _store_artifact(manifest, path, reporter)
 
     def admit(item: ArtifactPlan) -> bool:
         """Whether `item` is still to build (its inputs are recorded, so its key can be made)."""
@@ -285,6 +294,9 @@ def run_build(plan: BuildPlan, *, reporter: Reporter | None = None, threads: int
         built.append(item.filename)
     for p in remove_partials(out):  # an attempt on a node that was lost: its step was made again elsewhere
         reporter.info(f"removed {p.name} left by a lost attempt")
+    if keep_here:  # and those made before the build had its store
+        for item in plan.artifacts:
+            _store_artifact(manifest, out / item.filename, reporter)
 
     # Measured: the chat integrity of every model a runner can load, and its evaluation (the runs go out together).
     integrity: dict[str, list[str]] = {}
@@ -354,10 +366,11 @@ def engine_verdicts(items: list[ArtifactPlan] | list[Judged], out: Path, manifes
     return verdicts
 
 
-def _open_manifest(out: Path, store_url: str | None, reporter: Reporter) -> Manifest:
+def _open_manifest(out: Path, store_url: str | None, reporter: Reporter, steps_here: bool) -> Manifest:
     """The build folder's manifest, locked. With a store: taken from the store when this folder has none (another
-    coordinator's build, resumed), and mirrored there after every change. A folder built with a store and carried
-    on without one gets its artifacts from the store first (a local step reads its inputs here)."""
+    coordinator's build, resumed), and mirrored there after every change. When the steps run here (`steps_here`:
+    not as tasks that read the store themselves), the artifacts the build keeps only in its store are fetched
+    first: a local step reads its inputs here."""
     if store_url and not (out / STATE_DIR / "manifest.json").exists():
         from .store import ArtifactStore
 
@@ -367,9 +380,19 @@ def _open_manifest(out: Path, store_url: str | None, reporter: Reporter) -> Mani
     manifest.lock()
     if store := manifest.open_store(store_url):
         manifest.mirror = lambda path: store.put_state(out.name, f"{STATE_DIR}/{path.name}", path)
-        if not store_url:
+        if steps_here:
             manifest.fetch_stored(reporter.info)
     return manifest
+
+
+def _store_artifact(manifest: Manifest, path: Path, reporter: Reporter) -> None:
+    """A local build with a store: an artifact made here, uploaded unless the store has it as it is now."""
+    rel = path.relative_to(manifest.out_dir).as_posix()
+    if not path.exists() or manifest.stored.get(rel) == manifest.hashes.sha256(path):
+        return
+    reporter.info(f"storing {rel} in {manifest.store_url}")
+    manifest.keep_stored(path, manifest.store.put(path, manifest.hashes).digest)
+    manifest.save()
 
 
 def _chat_facts(item: ArtifactPlan, out: Path, manifest: Manifest) -> ChatFacts:

@@ -82,8 +82,9 @@ def plan(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: O
     p.check_memory()
 
 
-StoreOpt = typer.Option(None, "--store", help="With --ray: keep the artifacts in this artifact store, an fsspec URL "
-                        "(file:///path, s3://bucket/prefix), so the nodes need share no filesystem (docs/cluster.md).",
+StoreOpt = typer.Option(None, "--store", help="Keep the build in this artifact store too, an fsspec URL "
+                        "(file:///path, s3://bucket/prefix): with --ray, the nodes need then share no filesystem; "
+                        "without, another machine can resume or publish it from there (docs/cluster.md).",
                         show_default=False)
 
 
@@ -106,8 +107,6 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
 
     reporter = Reporter(quiet=quiet)
     executor = None
-    if store and not ray:
-        raise QuantkitError("--store keeps a Ray build's artifacts: it needs --ray", "give --ray ADDRESS too, or leave --store out")
     if ray:
         from .cluster import RayExecutor
 
@@ -120,7 +119,8 @@ def build(source: Optional[str] = SourceArg, sample: bool = SampleOpt, profile: 
                   remote_gpus=bool(executor and executor.max_gpus), memory_limit=limit, memory_where=where,
                   reporter=reporter)
     reporter.info(p.render())
-    result = run_build(p, reporter=reporter, threads=threads or None, converter=llama_cpp, executor=executor)
+    result = run_build(p, reporter=reporter, threads=threads or None, converter=llama_cpp, executor=executor,
+                       store=store)
     typer.echo(Path(result.report_md).read_text().split("\n## ")[0].rstrip())
     typer.echo(f"\nbuilt {len(result.built)}, evaluated {len(result.evaluated)} in {result.seconds:.1f}s -> {p.out_dir}")
     result.raise_for_failures()
@@ -205,7 +205,10 @@ def _queue(where: Optional[str]):
 @app.command()
 def watch(orgs: list[str] = typer.Argument(..., help="Hub users or organisations whose models to watch."),
           profile: str = typer.Option(DEFAULT_PROFILE, "--profile", "-p", help="Profile every job builds with."),
-          out: Path = OutOpt, queue: Optional[str] = QueueOpt,
+          out: str = typer.Option("builds", "--out", "-o", help="Where the jobs' builds go: a folder (OUT/<Model>/; "
+                                  "every worker must see it at this path), or an artifact store URL (file:///path, "
+                                  "s3://bucket/prefix) that each worker builds into and uploads to."),
+          queue: Optional[str] = QueueOpt,
           architecture: list[str] = typer.Option([], "--architecture", help="Only these config architectures "
                                                  "(repeatable), e.g. LlamaForCausalLM."),
           license_: list[str] = typer.Option([], "--license", help="Only these licences (repeatable), e.g. apache-2.0."),

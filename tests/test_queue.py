@@ -124,21 +124,22 @@ def test_a_postgresql_url_that_cannot_open_says_why_in_one_line_and_never_shows_
 def test_quantkit_makes_its_postgresql_tables_and_refuses_a_newer_schema(postgres, tmp_path):
     queue_at = _new_database(postgres, tmp_path)
     q = open_queue(queue_at)
-    assert q.schema_version() == 3 and open_queue(queue_at).schema_version() == 3  # made once, then kept
+    assert q.schema_version() == 4 and open_queue(queue_at).schema_version() == 4  # made once, then kept
     # A queue of the first version (jobs, no logs table) is brought up to date as it opens, its jobs kept.
     job = q.enqueue("org/old", "f" * 40, "tiny", tmp_path)
     with psycopg.connect(queue_at, autocommit=True) as db:
         db.execute("DROP TABLE quantkit.job_logs")
         db.execute("ALTER TABLE quantkit.jobs DROP COLUMN profile_text")
+        db.execute("ALTER TABLE quantkit.jobs DROP COLUMN fix")
         db.execute("UPDATE quantkit.schema_version SET version = 1")
     again = open_queue(queue_at)
-    assert again.schema_version() == 3 and [(j.id, j.profile_text) for j in again.list()] == [(job.id, None)]
+    assert again.schema_version() == 4 and [(j.id, j.profile_text) for j in again.list()] == [(job.id, None)]
     again.append_log(job.id, "a line\n")
     assert again.log_text(job.id) == "a line\n"
     with psycopg.connect(queue_at, autocommit=True) as db:
         db.execute("UPDATE quantkit.schema_version SET version = 99")
     proc = run_cli("jobs", "list", "--queue", queue_at)
-    assert proc.returncode == 10 and "has schema version 99, newer than this quantkit's (3)" in proc.stderr
+    assert proc.returncode == 10 and "has schema version 99, newer than this quantkit's (4)" in proc.stderr
     assert "upgrade quantkit" in proc.stderr
 
 
@@ -155,6 +156,7 @@ def test_a_worker_runs_a_job_from_either_queue_and_records_how_it_ended(queue_at
     done = q.get(job.id)
     assert done.state == "failed" and done.exit_code == 3 and done.attempts == 1, done
     assert "nobody/Not-A-Model" in done.error and "not in the Hugging Face cache" in done.error, done.error
+    assert done.fix and "HF_HUB_OFFLINE" in done.fix, done.fix  # the build's own fix line, kept beside its error
     assert "=== attempt 1/1" in q.log_path(job.id).read_text()
     # A profile queued as a file on another machine: the job keeps its YAML, and the worker builds with that. This
     # one names a format that does not exist, which the build says; without the YAML it would say the file is missing.
@@ -231,3 +233,55 @@ def test_a_killed_workers_job_is_taken_over_once_by_the_servers_clock_whatever_t
     kept = q.log_text(job.id)
     assert kept.count("=== attempt") == 2 and kept.index("=== attempt 1/3") < kept.index("=== attempt 2/3")
     assert "✓ SmolLM2-135M-Instruct-F16.gguf (up to date)" in kept.split("=== attempt 2")[1]
+
+
+def test_a_job_kept_in_a_store_names_no_machine_and_any_machine_resumes_or_serves_it(postgres, sample_model, tmp_path):
+    """A job whose `out` is an artifact store URL: the row holds the URL, not a path. A worker (machine B: its own
+    state folder) builds it in scratch of its own, keeps it in the store and drops the scratch; machine C resumes the
+    build from the store alone, and `quantkit serve --builds URL` shows it."""
+    import json
+    import urllib.request
+
+    from quantkit.fsutil import sha256_file
+    from quantkit.jobs.worker import _local_out
+
+    queue_at, store = _new_database(postgres, tmp_path), f"file://{tmp_path}/store"
+    q = open_queue(queue_at)
+    profile = PROFILES / "files.yaml"  # kept in the job as YAML, as watch keeps a profile file
+    job = q.enqueue(str(sample_model), "e" * 40, str(profile), store, max_attempts=1, profile_text=profile.read_text())
+    assert job.out == store
+    proc = run_cli("worker", "--once", "--poll", "0.2", "--queue", queue_at,
+                   env={"XDG_STATE_HOME": str(tmp_path / "machine-b")})
+    done = q.get(job.id)
+    assert (proc.returncode, done.state) == (0, "done"), (q.log_text(job.id) or "")[-3000:]
+    assert not (_local_out(done) / sample_model.name).exists()  # B's scratch is gone; the store has the build
+    name = sample_model.name
+    kept = tmp_path / "store" / "builds" / name
+    report = json.loads((kept / "report.json").read_text())
+    stored = json.loads((kept / ".quantkit" / "manifest.json").read_text())["stored"]
+    assert sorted(stored) == sorted(a["filename"] for a in report["artifacts"]) and len(stored) == 2
+    for artifact in report["artifacts"]:  # each file's bytes, by the digest its report gives
+        tree = json.loads((tmp_path / "store" / "trees" / f"{stored[artifact['filename']]}.json").read_text())
+        blob = tmp_path / "store" / "objects" / tree["files"][0]["sha256"]
+        assert blob.stat().st_size == artifact["size_bytes"] and sha256_file(blob) == artifact["sha256"]
+
+    # Machine C: an empty folder and the store. Everything is up to date; nothing is made again.
+    again = run_cli("build", sample_model, "--profile", PROFILES / "files.yaml", "--out", tmp_path / "machine-c",
+                    "--store", store, check=True)
+    assert f"resuming {name} from the manifest in {store}" in again.stderr
+    assert "built 0, evaluated 0" in again.stdout, again.stdout[-2000:]
+    assert sha256_file(tmp_path / "machine-c" / name / f"{name}-Q8_0.gguf") == next(
+        a["sha256"] for a in report["artifacts"] if a["variant"] == "Q8_0")
+
+    # The dashboard reads the store like a folder of builds.
+    serve = subprocess.Popen([sys.executable, "-m", "quantkit", "serve", "--queue", queue_at, "--builds", store,
+                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        url = serve.stdout.readline().split("at ", 1)[1].split()[0]
+        page = urllib.request.urlopen(f"{url}builds/{name}", timeout=30).read().decode()
+        jobs = json.loads(urllib.request.urlopen(f"{url}api/jobs", timeout=30).read())
+    finally:
+        serve.terminate()
+        serve.wait(10)
+    assert f'data-file="{name}-Q8_0.gguf"' in page and str(tmp_path) not in page
+    assert [(j["id"], j["state"], j["build"]) for j in jobs["jobs"]] == [(job.id, "done", name)]

@@ -27,6 +27,8 @@ _MIGRATIONS = [
         CREATE INDEX job_logs_job ON {SCHEMA}.job_logs (job_id, id)""",
     # 3: a profile given as a file, kept in its job, so that a worker on another machine builds with it.
     f"ALTER TABLE {SCHEMA}.jobs ADD COLUMN profile_text TEXT",
+    # 4: a failure's fix beside its error line, as the failed command printed it (jobs show, the dashboard).
+    f"ALTER TABLE {SCHEMA}.jobs ADD COLUMN fix TEXT",
 ]
 URL_FORM = "postgresql://USER:PASSWORD@HOST:5432/DATABASE"
 

@@ -47,6 +47,12 @@ JOB_COLUMNS = """
     UNIQUE (repo_id, revision, profile)"""
 
 
+def is_store(out: str | Path) -> bool:
+    """Whether a job's `out` is an artifact store URL (file:///..., s3://...): no machine's path, so any worker on
+    any machine builds the job (into a folder of its own) and keeps the build there."""
+    return "://" in str(out)
+
+
 def default_queue_path() -> Path:
     """$XDG_STATE_HOME/quantkit/queue.db: state to keep, not a cache to wipe."""
     return state_dir() / "queue.db"
@@ -71,7 +77,7 @@ class Job:
     repo_id: str
     revision: str  # the source commit the job builds; a new commit is a new job
     profile: str  # a profile name, or an absolute path to a profile file
-    out: str  # absolute parent folder of the build (OUT/<Model>/)
+    out: str  # where the build goes: an absolute parent folder (OUT/<Model>/), or an artifact store URL (is_store)
     state: str
     attempts: int
     max_attempts: int
@@ -90,12 +96,14 @@ class Job:
     # A profile given as a file: its YAML, so that a worker on another machine builds with it (`profile` is then the
     # file's path where it was queued, a name for the job). None for a profile name.
     profile_text: str | None = None
+    fix: str | None = None  # what to do about `error`, as the failed command said it
 
     def render(self) -> str:
         who = f" on {self.worker}" if self.state == "running" else ""
         if self.state == "queued" and self.not_before and self.not_before > time.time():
             who = f", next attempt at {time.strftime('%H:%M:%S', time.localtime(self.not_before))}"
         why = f": {self.error}" if self.error and self.state in ("failed", "queued") else ""
+        why += f" (fix: {self.fix})" if why and self.fix else ""
         what = "  (template and tokenizer only)" if self.kind == "retemplate" else ""
         return (f"#{self.id:<4} {self.state:9} {self.repo_id}@{self.revision[:12]}{what}  profile {self.profile}  "
                 f"attempt {self.attempts}/{self.max_attempts}{who}{why}")
@@ -118,6 +126,11 @@ class JobQueue:
 
     def _now(self, db) -> float:
         return time.time()
+
+    def now(self) -> float:
+        """The clock the queue's rules use (PostgreSQL's: the server's), so that a wait is shown as it will be kept."""
+        with self._read() as db:
+            return self._now(db)
 
     keeps_logs = False  # whether append_log keeps the logs where every machine reads them
 
@@ -144,7 +157,7 @@ class JobQueue:
                 "INSERT INTO jobs (repo_id, revision, profile, out, needs_gpu, memory_bytes, max_attempts, "
                 "kind, profile_text, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (repo_id, revision, profile) DO NOTHING RETURNING id",
-                (repo_id, revision, profile, str(Path(out).absolute()), int(needs_gpu), memory_bytes, max_attempts,
+                (repo_id, revision, profile, str(out) if is_store(out) else str(Path(out).absolute()), int(needs_gpu), memory_bytes, max_attempts,
                  kind, profile_text, now, now)).fetchone()
             return self._get(db, row["id"]) if row else None
 
@@ -199,6 +212,7 @@ class JobQueue:
         """Jobs whose worker stopped renewing: back to the queue, or failed after their last attempt."""
         db.execute("UPDATE jobs SET state = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END, "
                    "error = 'worker ' || worker || ' stopped renewing its lease (crashed or killed)', "
+                   "fix = 'see the end of its log (quantkit jobs show) and that machine''s memory and logs', "
                    "worker = NULL, lease_until = NULL, updated = ? "
                    "WHERE state = 'running' AND lease_until < ?", (now, now))
 
@@ -211,7 +225,7 @@ class JobQueue:
             return cur.rowcount == 1
 
     def finish(self, job_id: int, worker: str, exit_code: int, error: str | None = None, *,
-               retry_in: float | None = None) -> str | None:
+               retry_in: float | None = None, fix: str | None = None) -> str | None:
         """Record how a claimed job ended and return its new state; None if it was no longer this worker's.
         `retry_in`: a failure worth another attempt (the network failed) queues the job again, to be taken no
         sooner than that many seconds from now, unless it has had all its attempts."""
@@ -220,9 +234,9 @@ class JobQueue:
             now = self._now(db)
             cur = db.execute(
                 "UPDATE jobs SET state = CASE WHEN ? = 0 THEN 'done' WHEN ? AND attempts < max_attempts THEN 'queued' "
-                "ELSE 'failed' END, exit_code = ?, error = ?, not_before = ?, worker = NULL, lease_until = NULL, "
+                "ELSE 'failed' END, exit_code = ?, error = ?, fix = ?, not_before = ?, worker = NULL, lease_until = NULL, "
                 "updated = ? WHERE id = ? AND worker = ? AND state = 'running'",
-                (exit_code, retry, exit_code, error, now + retry_in if retry else None, now, job_id, worker))
+                (exit_code, retry, exit_code, error, fix, now + retry_in if retry else None, now, job_id, worker))
             return self._get(db, job_id).state if cur.rowcount == 1 else None
 
     def pending(self) -> int:
@@ -238,7 +252,7 @@ class JobQueue:
                 raise QuantkitError(f"job #{job_id} is {job.state}; only failed or cancelled jobs can be retried",
                                     "see `quantkit jobs show`" if job.state != "done" else
                                     "it is done; delete its build folder and retry it to build it again")
-            db.execute("UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, exit_code = NULL, not_before = NULL, "
+            db.execute("UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, fix = NULL, exit_code = NULL, not_before = NULL, "
                        "updated = ? WHERE id = ?", (self._now(db), job_id))
             return self._get(db, job_id)
 

@@ -11,7 +11,7 @@ from typing import Iterator
 from ..errors import QueueError
 from .queue import JOB_COLUMNS, JobQueue
 
-# Files made before not_before, kind and profile_text existed get them as they open (SqliteQueue.__init__).
+# Files made before not_before, kind, profile_text and fix existed get them as they open (SqliteQueue.__init__).
 _SCHEMA = f"CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, {JOB_COLUMNS})"
 
 
@@ -30,6 +30,8 @@ class SqliteQueue(JobQueue):
                     db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'build'")
                 if "profile_text" not in columns:  # a queue made before profiles were kept in it
                     db.execute("ALTER TABLE jobs ADD COLUMN profile_text TEXT")
+                if "fix" not in columns:  # a queue made before failures kept their fix
+                    db.execute("ALTER TABLE jobs ADD COLUMN fix TEXT")
         except (OSError, sqlite3.Error) as e:
             raise QueueError(f"cannot open the job queue {self.path}: {e}",
                                 "pass --queue (or set QUANTKIT_QUEUE) to a file in a folder you can write to") from e

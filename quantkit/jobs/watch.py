@@ -19,7 +19,7 @@ from ..errors import QuantkitError, SourceError
 from ..fsutil import parse_scaled
 from ..memory import job_peak
 from ..profiles import Profile, load_profile
-from .queue import Job, JobQueue
+from .queue import Job, JobQueue, is_store
 
 _EXPAND = ["sha", "lastModified", "config", "safetensors", "cardData", "tags", "gated", "private"]
 
@@ -153,7 +153,9 @@ def watch_once(queue: JobQueue, orgs: list[str], profile: str, *, out: str | Pat
             continue
         gpu, memory = job_needs(prof, info.safetensors.total)
         kind, job_out = "build", out
-        if (prev := queue.last_done(info.id, ref)) and prev.revision != info.sha \
+        # A template-only change is retemplated in the earlier build's folder; a build kept in a store has no folder
+        # a worker can count on, so the new revision is built again.
+        if (prev := queue.last_done(info.id, ref)) and prev.revision != info.sha and not is_store(prev.out) \
                 and template_only(api, info.id, prev.revision, info.sha):
             kind, job_out, gpu, memory = "retemplate", prev.out, False, 0
         job = queue.enqueue(info.id, info.sha, ref, job_out, needs_gpu=gpu, memory_bytes=memory,

@@ -7,7 +7,9 @@ resumable, so a job taken over from a dead worker continues from the files that 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,8 +24,9 @@ from ..cpus import usable_cpus
 from ..exits import STATUS_ENV, read_status
 from ..fsutil import write_text_atomic
 from ..memory import machine_memory
+from ..paths import cache_dir
 from ..procs import child_env, die_with_parent, stop
-from .queue import Job, JobQueue
+from .queue import Job, JobQueue, is_store
 
 
 @dataclass
@@ -87,7 +90,8 @@ class Worker:
         finally:
             for r in list(self.running.values()):
                 self._kill(r, "the worker is stopping")
-                self.q.finish(r.job.id, self.o.name, 130, "stopped with its worker; `quantkit jobs retry` queues it again")
+                self.q.finish(r.job.id, self.o.name, 130, "stopped with its worker",
+                              fix=f"quantkit jobs retry {r.job.id} queues it again")
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return summary
@@ -117,9 +121,12 @@ class Worker:
             args = [sys.executable, "-m", "quantkit", "retemplate", str(folder), "--from", f"{job.repo_id}@{job.revision}",
                     "--threads", str(self.threads)] + (["--publish"] if _publishes(profile) else [])
         else:
+            # A job whose `out` is a store is built in a folder of this worker's and kept in the store (the build
+            # uploads as it goes): its row names no machine's path, so any worker of the fleet can take it.
+            out, store = (str(_local_out(job)), job.out) if is_store(job.out) else (job.out, self.o.store)
             args = [sys.executable, "-m", "quantkit", "build", job.repo_id, "--revision", job.revision, "--profile",
-                    profile, "--out", job.out, "--threads", str(self.threads)]
-            args += (["--ray", self.o.ray] if self.o.ray else []) + (["--store", self.o.store] if self.o.store else [])
+                    profile, "--out", out, "--threads", str(self.threads)]
+            args += (["--ray", self.o.ray] if self.o.ray else []) + (["--store", store] if store else [])
         status = _status_path(self.q, job.id)
         status.unlink(missing_ok=True)
         # hub=True: the build downloads its source (and any Hub dataset it calibrates or evaluates on), and
@@ -159,10 +166,18 @@ class Worker:
             self._ship_log(r, final=True)
             seconds = time.monotonic() - r.started
             status = read_status(_status_path(self.q, job_id)) if code else None
-            error = None if code == 0 else (status and status.error) or _last_error(self.q.log_path(job_id)) or f"exit code {code}"
+            if code == 0:
+                error = fix = None
+                if is_store(r.job.out):  # the store has the build now; this machine's copy was scratch
+                    shutil.rmtree(_local_out(r.job) / r.job.repo_id.split("/")[-1], ignore_errors=True)
+            elif status:
+                error, fix = status.error, status.hint or None
+            else:  # a build that could not write its status file: its log's "error:" and "  fix:" lines
+                error, fix = _last_error(self.q.log_path(job_id))
+                error = error or f"exit code {code}"
             # A build the network failed may work later: queued again, after a pause that doubles each attempt.
             retry_in = 30 * network.backoff_s() * 2 ** (r.job.attempts - 1) if status and status.retryable else None
-            state = self.q.finish(job_id, self.o.name, code, error, retry_in=retry_in)
+            state = self.q.finish(job_id, self.o.name, code, error, retry_in=retry_in, fix=fix)
             if state == "queued":
                 self.log(f"#{job_id} {r.job.repo_id}@{r.job.revision[:12]}: failed (exit {code}): {error}; queued again, "
                          f"attempt {r.job.attempts + 1}/{r.job.max_attempts} in {retry_in:.0f}s or later")
@@ -206,14 +221,24 @@ def _publishes(profile: str) -> bool:
         return False
 
 
+def _local_out(job: Job) -> Path:
+    """Where this machine builds a job kept in a store: one folder per store, so that a job that failed here and
+    is taken again here resumes from what it left (elsewhere, it resumes from the store)."""
+    return cache_dir() / "store-builds" / hashlib.sha256(job.out.encode()).hexdigest()[:16]
+
+
 def _status_path(q: JobQueue, job_id: int) -> Path:
     return q.logs / f"{job_id}.status.json"
 
 
-def _last_error(log: Path) -> str | None:
-    """The build's own one-line cause ("error: ..."), from the end of its log."""
+def _last_error(log: Path) -> tuple[str | None, str | None]:
+    """The build's own one-line cause ("error: ...") from the end of its log, and the fix printed after it."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
-        return None
-    return next((l[7:].strip() for l in reversed(lines) if l.startswith("error: ")), None)
+        return None, None
+    at = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("error: ")), None)
+    if at is None:
+        return None, None
+    after = lines[at + 1] if at + 1 < len(lines) else ""
+    return lines[at][7:].strip(), after.strip()[5:].strip() if after.startswith("  fix: ") else None
