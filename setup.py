@@ -6,5 +6,6 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["quantkit*"]) + ["quantkit.builtin_profiles"],
     package_dir={"quantkit.builtin_profiles": "profiles"},
-    package_data={"quantkit": ["data/*"], "quantkit.builtin_profiles": ["*.yaml"]},
+    package_data={"quantkit": ["data/*"], "quantkit.dashboard": ["templates/*.html", "static/*"],
+                  "quantkit.builtin_profiles": ["*.yaml"]},
 )

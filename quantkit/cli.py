@@ -285,6 +285,22 @@ def jobs_cancel(job_id: int, queue: Optional[str] = QueueOpt) -> None:
 
 
 @app.command()
+def serve(queue: Optional[str] = QueueOpt,
+          builds: str = typer.Option("builds", "--builds", help="Where the builds are: a folder of builds (as "
+                                     "`build --out` makes them), one build folder, or an artifact store URL "
+                                     "(`watch --out`, `build --store`)."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; another machine reaches the "
+                                   "dashboard only if this is not a loopback address (it has no login)."),
+          port: int = typer.Option(8750, "--port", help="Port to listen on (0: any free one).")) -> None:
+    """A read-only web dashboard of the job queue and the builds: jobs refreshing live, and per build its file
+    table, size-vs-KLD plot, inversions and provenance."""
+    from .dashboard.app import DashboardOptions
+    from .dashboard.serve import serve as run_dashboard
+
+    run_dashboard(DashboardOptions(queue=queue, builds=builds, host=host, port=port), say=typer.echo)
+
+
+@app.command()
 def worker(queue: Optional[str] = QueueOpt,
            jobs: int = typer.Option(1, "--jobs", "-j", help="Jobs to run at once (within --memory and the GPUs)."),
            once: bool = typer.Option(False, "--once", help="Exit when no job is queued or running (for cron)."),

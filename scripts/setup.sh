@@ -18,9 +18,9 @@ if [ -z "$LLAMA_SHA256" ]; then
 fi
 # Optional parts to install (pyproject's extras): test, gptq (GPTQ/AWQ through GPTQModel, about
 # 6 GB with the torch it needs), exl2 (exllamav2; it installs anywhere but runs only on a CUDA
-# GPU), mlx (mlx and mlx-lm, CPU wheels on Linux), ray (build steps on a Ray cluster) and postgres (the job queue
-# on PostgreSQL). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
-EXTRAS=${QUANTKIT_EXTRAS:-test,gptq,exl2,mlx,ray,postgres}
+# GPU), mlx (mlx and mlx-lm, CPU wheels on Linux), ray (build steps on a Ray cluster), postgres (the job queue
+# on PostgreSQL) and serve (the web dashboard). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
+EXTRAS=${QUANTKIT_EXTRAS:-test,gptq,exl2,mlx,ray,postgres,serve}
 # GPTQModel needs torch>=2.14.1; without it, the CPU wheel of 2.13.0 (a plain `torch` would pull a
 # multi-GB CUDA build anyway).
 case ",$EXTRAS," in
@@ -140,16 +140,25 @@ if [ ! -f "$tools/.complete" ]; then
 fi
 ln -sfn "$tools" "$venv/llama-tools"
 
-# The PostgreSQL queue's tests run a server from the installed binaries (tests/pg_server.py): Debian's package
-# where there are none and this runs as root (CI); otherwise a line saying how.
-if [[ ",$EXTRAS," == *,postgres,* && ",$EXTRAS," == *,test,* ]] && ! command -v initdb >/dev/null \
-   && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+# System programs the tests drive, from Debian where they are missing and this runs as root (CI); otherwise a line
+# saying how: PostgreSQL's server for the queue's tests (tests/pg_server.py starts one from the installed binaries),
+# and headless Chromium with its driver for the dashboard's browser tests (no browser is downloaded at test time).
+debs=()
+if [[ ",$EXTRAS," == *,test,* ]]; then
+  if [[ ",$EXTRAS," == *,postgres,* ]] && ! command -v initdb >/dev/null \
+     && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    debs+=(postgresql)
+  fi
+  if [[ ",$EXTRAS," == *,serve,* ]] && ! command -v chromium >/dev/null; then debs+=(chromium); fi
+  if [[ ",$EXTRAS," == *,serve,* ]] && ! command -v chromedriver >/dev/null; then debs+=(chromium-driver); fi
+fi
+if [ ${#debs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    say "installing Debian's postgresql (the server the job queue's tests start)"
+    say "installing Debian's ${debs[*]} (for the tests: the queue's PostgreSQL, the dashboard's browser)"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null
   else
-    say "note: no PostgreSQL server (initdb): the PostgreSQL queue's tests need one: sudo apt-get install postgresql"
+    say "note: the tests need ${debs[*]}, missing here: sudo apt-get install ${debs[*]}"
   fi
 fi
 

@@ -14,7 +14,8 @@ def test_the_wheel_carries_the_profiles_and_an_installed_quantkit_finds_them(tmp
     # A copy of the checkout: building in place would leave build/ and *.egg-info in it.
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "builds", "__pycache__", "*.egg-info",
-                                                               "build", ".pytest_cache", "logs"))
+                                                               "build", ".pytest_cache", "logs",
+                                                               "test-output"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", str(src),
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=600)
     [wheel] = (tmp_path / "dist").glob("quantkit-*.whl")
@@ -25,6 +26,7 @@ def test_the_wheel_carries_the_profiles_and_an_installed_quantkit_finds_them(tmp
     assert {"quantkit/data/botchan-eval.txt", "quantkit/data/botchan-calibration.txt"} <= names
     assert "quantkit/py.typed" not in names  # not declared: quantkit does not claim to be checked by a type checker
     assert {"quantkit/formats/gguf/__init__.py", "quantkit/formats/mlx/tool.py"} <= names  # every format folder
+    assert {"quantkit/dashboard/templates/build.html", "quantkit/dashboard/static/dashboard.js"} <= names  # serve
     assert not any(n.startswith(("tests/", "scripts/", "profiles/")) for n in names)
 
     # Installed on its own, run from a folder with no profiles/: the built-in profiles come from the wheel.
