@@ -49,8 +49,12 @@ def plugin(module_dir):
 
 class SimulatedCluster:
     def __init__(self, root: Path, plugin: str) -> None:
+        from ray._common.utils import get_default_ray_temp_dir
         from ray.cluster_utils import Cluster
 
+        # Cluster writes the head's address into Ray's default temp folder (/tmp/ray) without making it, and a
+        # machine where Ray never ran has none (ray 2.60, ray._private.utils.write_ray_address).
+        os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
         os.environ["RAY_AUTH_MODE"] = "disabled"  # else a local ray.init() writes ~/.ray/auth_token for every later start
         self.root, self.plugin = root, plugin
         self.temp = tempfile.mkdtemp(prefix="qkc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
