@@ -19,8 +19,9 @@ fi
 # Optional parts to install (pyproject's extras): test, gptq (GPTQ/AWQ through GPTQModel, about
 # 6 GB with the torch it needs), exl2 (exllamav2; it installs anywhere but runs only on a CUDA
 # GPU), mlx (mlx and mlx-lm, CPU wheels on Linux), ray (build steps on a Ray cluster), postgres (the job queue
-# on PostgreSQL) and serve (the web dashboard). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
-EXTRAS=${QUANTKIT_EXTRAS:-test,gptq,exl2,mlx,ray,postgres,serve}
+# on PostgreSQL), serve (the web dashboard) and ctensors (compressed-tensors folders: llm-compressor in an environment
+# of its own, below). QUANTKIT_EXTRAS=test gives a lean GGUF-only environment.
+EXTRAS=${QUANTKIT_EXTRAS:-test,gptq,exl2,mlx,ray,postgres,serve,ctensors}
 # GPTQModel needs torch>=2.14.1; without it, the CPU wheel of 2.13.0 (a plain `torch` would pull a
 # multi-GB CUDA build anyway).
 case ",$EXTRAS," in
@@ -139,6 +140,29 @@ if [ ! -f "$tools/.complete" ]; then
   rm -rf "$work"
 fi
 ln -sfn "$tools" "$venv/llama-tools"
+
+# Environments of their own (pyproject's [tool.quantkit.environments]) for tools whose pins the main one cannot take,
+# each keyed by a hash of its list and linked as $venv/envs/NAME, where quantkit looks for it.
+make_env() {  # NAME: the environment pyproject lists under that name
+  local name=$1 spec key env
+  spec=$($PY -c 'import json, sys, tomllib; print(json.dumps(tomllib.load(open("pyproject.toml", "rb"))["tool"]["quantkit"]["environments"][sys.argv[1]]))' "$name")
+  key=$( { echo "$spec"; $PY --version; echo "$RECIPE"; } | sha256sum | cut -c1-16)
+  env="$CACHE/venvs/$name-$key"
+  if [ ! -f "$env/.complete" ]; then
+    say "creating the $name environment $env (first run on this machine: a few minutes)"
+    rm -rf "$env"
+    $PY -m venv "$env"
+    "$env/bin/pip" install --quiet --upgrade pip
+    # One resolve, torch first in the list: pip then keeps the version asked (a CPU build where one is on disk).
+    SPEC="$spec" "$env/bin/python" -c 'import json, os; print("\n".join(json.loads(os.environ["SPEC"])))' > "$env/requirements.txt"
+    "$env/bin/pip" install --quiet "$(head -1 "$env/requirements.txt")"
+    "$env/bin/pip" install --quiet -r "$env/requirements.txt"
+    touch "$env/.complete"
+  fi
+  mkdir -p "$venv/envs"
+  ln -sfn "$env" "$venv/envs/$name"
+}
+case ",$EXTRAS," in *,ctensors,*) make_env llmcompressor ;; esac
 
 # System programs the tests drive, from Debian where they are missing and this runs as root (CI); otherwise a line
 # saying how: PostgreSQL's server for the queue's tests (tests/pg_server.py starts one from the installed binaries),

@@ -153,6 +153,8 @@ TYPOS = {
     "awq": ("{calibration: {text: builtin:botchan, sample: 8}}", "awq.calibration: unknown key(s) ['sample']"),
     "exl2": ("{bits: [4.0], measurment: {rows: 4}}", "exl2: unknown key(s) ['measurment']"),
     "mlx": ("{variants: [{bits: 4, group: 32}]}", "mlx.variants[0]: unknown key(s) ['group']"),
+    "compressed_tensors": ("{schemes: [{scheme: W4A16, group: 32}]}",
+                           "compressed_tensors.schemes[0]: unknown key(s) ['group']"),
 }
 
 

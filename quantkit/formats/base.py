@@ -81,6 +81,9 @@ class Card:
     tags: tuple[str, ...] = ()  # besides the format's name, "quantized" and "quantkit"
     library_name: str | None = None
     featured: tuple[str, ...] = ()  # variants the usage snippet shows first, when built
+    # The format's own repo names, where the profile keeps publish.repo's default ("{owner}/{model}-{format}"), in
+    # its fields ({owner}, {model}, {format}, {variant}); "": that default. compressed-tensors: {model}-FP8-Dynamic.
+    repo: str = ""
     # The shell command that runs a downloaded variant, for the card's "Run" section: {repo_id}, {local_dir},
     # {filename} and {variant} are filled in, shell-quoted. Empty: a transformers snippet (usage()).
     command: str = ""

@@ -17,6 +17,7 @@ from .. import network
 from ..errors import QuantkitError
 from ..results import Judged, Report, models
 from ..fsutil import folder_digest, human_size, sha256_file, write_text_atomic
+from ..profiles import PublishOptions
 from ..progress import Reporter
 from .. import formats
 from .card import PLOT, model_card
@@ -120,7 +121,7 @@ def plan_publish(build_dir: Path, *, owner: str | None = None, token: str | None
     for name in dict.fromkeys(a.backend for a in report.artifacts):
         fmt = formats.get(name)
         arts = [a for a in report.artifacts if a.backend == name]
-        pattern = opts.repo
+        pattern = fmt.card.repo if fmt.card.repo and opts.repo == PublishOptions().repo else opts.repo
         message = f"quantkit: {report.model} {fmt.card.display}"
         if fmt.card.layout == "repos":  # a repo per variant, its folder on main (mlx-community's way)
             if "{variant}" not in pattern:

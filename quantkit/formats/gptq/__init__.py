@@ -103,10 +103,7 @@ class GPTQModelFormat(Format):
         return super().vocabulary() | {"GPTQModel"}
 
     def validate(self, options: Options) -> None:
-        text = options.calibration.text
-        if text.startswith("builtin:") and text.split(":", 1)[1] not in CALIBRATION:
-            raise ProfileError(f"{self.name}.calibration.text: unknown built-in calibration text {text!r}",
-                               f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, or a text file")
+        check_calibration_name(self.name, options.calibration)
         for i, v in enumerate(options.variants):
             if v.bits not in self.method.bits:
                 raise ProfileError(f"{self.name}.variants[{i}]: {v.bits}-bit is not supported",
@@ -194,6 +191,15 @@ class AWQFormat(GPTQModelFormat, name="awq"):
     method = Method("awq", "AWQ", (4,))
     card = GPTQCard(display="AWQ", made_with="GPTQModel", featured=("4bit-g32", "4bit-g128"),
                     loads_in="They load in transformers (with GPTQModel installed) and vLLM.")
+
+
+def check_calibration_name(where: str, calibration: Calibration) -> None:
+    """A `builtin:` calibration text quantkit does not ship is refused at plan time (shared by the formats that
+    calibrate on these options)."""
+    text = calibration.text
+    if text.startswith("builtin:") and text.split(":", 1)[1] not in CALIBRATION:
+        raise ProfileError(f"{where}.calibration.text: unknown built-in calibration text {text!r}",
+                           f"use one of: {', '.join('builtin:' + n for n in CALIBRATION)}, or a text file")
 
 
 def _linear_widths(source: Source) -> set[int]:
