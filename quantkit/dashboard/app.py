@@ -76,8 +76,8 @@ def make_app(options: DashboardOptions):
     def page(request, name: str, status_code: int = 200, **context):
         return templates.TemplateResponse(request, name, context, status_code=status_code, headers=HEADERS)
 
-    def report(name: str) -> Report:
-        found = builds.read(name)
+    def report(name: str, listing: dict[str, str] | None = None) -> Report:
+        found = builds.read(name, listing)
         if found is None:
             raise HTTPException(404, f"no build {name!r} in the dashboard's builds folder")
         return found
@@ -90,9 +90,10 @@ def make_app(options: DashboardOptions):
 
     def builds_page(request):
         views, problems = [], []
-        for name in builds.reports():
+        listing = builds.reports()
+        for name in listing:
             try:
-                views.append(build_view(name, report(name)))
+                views.append(build_view(name, report(name, listing)))
             except QuantkitError as e:
                 problems.append(f"{name}: {e}")
         return page(request, "builds.html", views=views, problems=problems, section="builds")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from markupsafe import Markup  # Jinja's own string type (a dependency of jinja2)
+
 # A local absolute path: a "/" that starts a word (not one inside a URL, after "scheme:" or a host name), then at
 # least one more component. Windows drive paths too. Each is shown as its last component, which names the file.
 _POSIX_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"<>()\[\]{},;]+/)+([^\s/'\"<>()\[\]{},;]*)")
@@ -28,6 +30,4 @@ def public_text(text: str) -> str:
 def public_value(value):
     """The templates' finalize hook: strings made public, anything else as it is (Jinja escapes what follows).
     Markup is what a filter made of values a view already made public (tojson, join): changing it could break it."""
-    from markupsafe import Markup
-
     return public_text(value) if isinstance(value, str) and not isinstance(value, Markup) else value

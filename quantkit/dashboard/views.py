@@ -39,7 +39,7 @@ class JobRow:
     build: str | None  # the name of its build page, when the dashboard has that build's report
 
     @classmethod
-    def of(cls, job: Job, now: float, progress: str | None, builds: "BuildIndex") -> "JobRow":
+    def of(cls, job: Job, now: float, progress: str | None, builds: set[str]) -> "JobRow":
         wait = job.not_before - now if job.state == "queued" and job.not_before else 0
         model = job.repo_id.split("/")[-1]
         return cls(
@@ -52,7 +52,7 @@ class JobRow:
             fix=public_text(job.fix) if job.fix and job.state != "done" else None,
             progress=public_text(progress) if progress else None,
             updated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.updated)),
-            build=model if model in builds.names() else None)
+            build=model if model in builds else None)
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ def jobs_view(queue: JobQueue | None, queue_error: QuantkitError | None, builds:
     if queue is None:
         return JobsView("—", {}, [], problem=_problem(queue_error))
     try:
-        jobs, now = queue.list(), queue.now()
-        rows = [JobRow.of(j, now, _last_line(queue, j) if j.state == "running" else None, builds) for j in jobs]
+        jobs, now, names = queue.list(), queue.now(), set(builds.reports())
+        rows = [JobRow.of(j, now, _last_line(queue, j) if j.state == "running" else None, names) for j in jobs]
     except QuantkitError as e:  # the server went away while the dashboard runs: said on the page, retried
         return JobsView(public_text(queue.where), {}, [], problem=_problem(e))
     counts: dict[str, int] = {}
@@ -123,12 +123,9 @@ class BuildIndex:
                 found.setdefault(path.rsplit("/", 2)[-2], path)
         return found
 
-    def names(self) -> set[str]:
-        return set(self.reports())
-
-    def read(self, name: str) -> Report | None:
-        """The build's report; None when there is no build of that name."""
-        path = self.reports().get(name)
+    def read(self, name: str, reports: dict[str, str] | None = None) -> Report | None:
+        """The build's report; None when there is no build of that name. `reports`: a listing already made."""
+        path = (self.reports() if reports is None else reports).get(name)
         if path is None:
             return None
         try:

@@ -151,14 +151,15 @@ class JobQueue:
                 memory_bytes: int = 0, max_attempts: int = 3, kind: str = "build",
                 profile_text: str | None = None) -> Job | None:
         """Add a job; None if this (repo, commit, profile) was ever queued before, whatever became of it."""
+        where = str(out) if is_store(out) else str(Path(out).absolute())
         with self._transaction() as db:
             now = self._now(db)
             row = db.execute(
                 "INSERT INTO jobs (repo_id, revision, profile, out, needs_gpu, memory_bytes, max_attempts, "
                 "kind, profile_text, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (repo_id, revision, profile) DO NOTHING RETURNING id",
-                (repo_id, revision, profile, str(out) if is_store(out) else str(Path(out).absolute()), int(needs_gpu), memory_bytes, max_attempts,
-                 kind, profile_text, now, now)).fetchone()
+                (repo_id, revision, profile, where, int(needs_gpu), memory_bytes, max_attempts, kind, profile_text, now,
+                 now)).fetchone()
             return self._get(db, row["id"]) if row else None
 
     def last_done(self, repo_id: str, profile: str) -> Job | None:
